@@ -1,0 +1,16 @@
+"""sonic_rt: an inference runtime for Sonic (Tencent, CVPR 2025, arXiv 2411.16331).
+
+One portrait photo plus a speech recording in, a lip-synced talking-head video out::
+
+    import sonic_rt
+    rt = sonic_rt.Runtime("checkpoints")            # the official Sonic checkpoint layout
+    result = rt.animate("face.png", "speech.wav", "out.mp4")
+"""
+
+from .errors import (AudioError, CheckpointError, FaceNotFoundError, ImageError, InputError, OutputPathError,
+                     SonicError)
+from .runtime import AnimateResult, Runtime
+
+__all__ = ["Runtime", "AnimateResult", "SonicError", "InputError", "ImageError", "AudioError", "FaceNotFoundError",
+           "OutputPathError", "CheckpointError"]
+__version__ = "0.1.0"

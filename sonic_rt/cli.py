@@ -1,0 +1,137 @@
+"""Command line: ``python -m sonic_rt {animate,demo-model,convert}`` (also installed as ``sonic-rt``).
+
+Bad input ends with a one-line ``error: <file>: <problem>`` on stderr and exit code 2; Ctrl-C exits 130
+and leaves no partial output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DESCRIPTION = """Sonic talking-head runtime: one portrait + one speech recording -> lip-synced mp4.
+
+  python -m sonic_rt animate --demo --image face.png --audio speech.wav --out out.mp4
+  python -m sonic_rt animate --model checkpoints --image face.png --audio speech.wav --out out.mp4
+
+--model takes a directory in the official Sonic checkpoint layout (Sonic/, RIFE/,
+stable-video-diffusion-img2vid-xt/, whisper-tiny/, optional yoloface_v5m.pt). --demo uses a small
+RANDOM-WEIGHT checkpoint in that layout (created on first use in ~/.cache/sonic_rt): it checks the
+install, its video is not a talking face."""
+
+
+def _add_animate(sub) -> None:
+    p = sub.add_parser("animate", help="animate a portrait with speech and write an mp4",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Animate a portrait with a speech recording (official Sonic defaults).")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", type=Path, help="official-layout Sonic checkpoint directory")
+    src.add_argument("--demo", action="store_true",
+                     help="use the random-weight demo checkpoint (install check; not a talking face)")
+    p.add_argument("--image", required=True, help="portrait image (PNG, JPEG, WebP; RGB, grey or RGBA)")
+    p.add_argument("--audio", required=True, help="speech audio (wav, mp3, m4a, flac, or a video's audio track)")
+    p.add_argument("--out", required=True, help="output .mp4 (written atomically)")
+    p.add_argument("--steps", type=int, default=25, help="denoising steps")
+    p.add_argument("--seed", type=int, default=72589, help="seed of the initial noise (official default)")
+    p.add_argument("--dynamic-scale", type=float, default=1.0, help="motion strength (gradio range 0.5-2.0)")
+    p.add_argument("--shift-offset", type=int, default=7, help="window shift per step, frames")
+    p.add_argument("--frames-per-window", type=int, default=25, help="window length, frames at 12.5 fps")
+    p.add_argument("--min-resolution", type=int, default=None,
+                   help="short side of the video in pixels (default 512; 128 for the demo checkpoint)")
+    p.add_argument("--no-interpolate", action="store_true", help="skip RIFE: N frames at 12.5 fps")
+    p.add_argument("--face-box", default=None, metavar="X,Y,W,H", help="face box in image pixels (skips detection)")
+    p.add_argument("--no-crop", action="store_true", help="use the whole image instead of a square face crop")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", default=None, choices=["fp16", "bf16", "fp32"],
+                   help="UNet/VAE/CLIP dtype (default: fp16 on cuda, fp32 on cpu)")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow checkpoint pickles that need arbitrary code (only for files you trust)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; returns the exit code (0 ok, 2 bad input or checkpoint, 130 interrupted)."""
+    parser = argparse.ArgumentParser(prog="sonic-rt", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_animate(sub)
+    demo = sub.add_parser("demo-model", help="write the random-weight demo checkpoint (official layout)")
+    demo.add_argument("--out", required=True, type=Path, help="directory to create")
+    demo.add_argument("--overwrite", action="store_true", help="replace an existing directory")
+    conv = sub.add_parser("convert", help="rewrite the official .pth/.pkl checkpoints as .safetensors")
+    conv.add_argument("--model", required=True, type=Path, help="official-layout checkpoint directory")
+    conv.add_argument("--trust-pickle", action="store_true", help="allow pickles that need arbitrary code")
+    args = parser.parse_args(argv)
+
+    from .errors import SonicError
+
+    try:
+        if args.command == "demo-model":
+            return _demo_model(args)
+        if args.command == "convert":
+            return _convert(args)
+        return _animate(args)
+    except SonicError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except FileExistsError as exc:
+        print(f"error: {exc} (pass --overwrite to replace it)", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: no output written", file=sys.stderr)
+        return 130
+
+
+def _demo_model(args) -> int:
+    from .demo import write_demo_model
+
+    out = write_demo_model(args.out, overwrite=args.overwrite)
+    print(f"wrote the RANDOM-WEIGHT demo checkpoint to {out} (for install checks and tests; not a talking face)")
+    return 0
+
+
+def _convert(args) -> int:
+    from .checkpoint import convert_checkpoints, resolve_model_dir
+
+    resolve_model_dir(args.model)
+    written = convert_checkpoints(args.model, trust_pickle=args.trust_pickle)
+    for path in written:
+        print(f"wrote {path}")
+    if not written:
+        print("nothing to convert: every checkpoint already has a .safetensors copy")
+    return 0
+
+
+def _animate(args) -> int:
+    from . import media
+    from .face import FaceBox
+    from .runtime import Runtime
+
+    # Cheap checks first, so a typo fails before the models load.
+    media.check_output_path(args.out)
+    media.load_image(args.image)
+    media.probe_audio(args.audio)
+    face_box = FaceBox.from_user(args.face_box) if args.face_box is not None else None
+    if args.demo:
+        from .demo import ensure_demo_model
+
+        model_dir = ensure_demo_model()
+        print(f"using the RANDOM-WEIGHT demo checkpoint at {model_dir}: the video checks the install, "
+              "it is not a talking face", file=sys.stderr)
+    else:
+        model_dir = args.model
+    runtime = Runtime(model_dir, device=args.device, dtype=args.dtype, trust_pickle=args.trust_pickle)
+    result = runtime.animate(args.image, args.audio, args.out, steps=args.steps, seed=args.seed,
+                             dynamic_scale=args.dynamic_scale, shift_offset=args.shift_offset,
+                             frames_per_window=args.frames_per_window, min_resolution=args.min_resolution,
+                             interpolate=not args.no_interpolate, face_box=face_box, crop=not args.no_crop,
+                             progress=not args.quiet)
+    stages = ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items())
+    print(f"wrote {result.path}: {result.num_frames} frames at {result.fps:g} fps, {result.width}x{result.height} "
+          f"({stages})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

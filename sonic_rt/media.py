@@ -1,0 +1,553 @@
+"""Media input and output: portrait images, speech audio and the output mp4.
+
+All audio and video decoding and encoding goes through PyAV (FFmpeg linked in-process, no ``ffmpeg``
+binary); resampling uses ``soxr``; images use Pillow. Every problem a user can cause with a bad input
+raises a typed error from :mod:`sonic_rt.errors` whose message starts with the file name.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Union
+
+import av
+import numpy as np
+import soxr
+from PIL import Image, ImageOps
+
+from sonic_rt.errors import AudioError, ImageError, OutputPathError
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+#: Largest portrait (width * height, pixels) :func:`load_image` decodes by default.
+MAX_IMAGE_PIXELS: int = 64_000_000
+
+# Sample rates the FFmpeg AAC encoder accepts (Hz); other rates are resampled to 48000.
+_AAC_RATES = frozenset(av.Codec("aac", "w").audio_rates or ())
+_AAC_FRAME_SIZE = 1024  # samples per AAC frame
+
+
+# --------------------------------------------------------------------------------------------------
+# Images
+# --------------------------------------------------------------------------------------------------
+
+
+def load_image(
+    image: PathLike | Image.Image | np.ndarray, *, max_pixels: int = MAX_IMAGE_PIXELS
+) -> Image.Image:
+    """Load a portrait as an RGB Pillow image.
+
+    Args:
+        image: a file path (anything Pillow opens: PNG, JPEG, WebP, ...), a ``PIL.Image.Image``, or a
+            numpy ``uint8`` array of shape ``[H, W]`` (grey), ``[H, W, 3]`` (RGB) or ``[H, W, 4]``
+            (RGBA).
+        max_pixels: largest accepted ``width * height`` in pixels; checked from the file header before
+            any pixel data is decoded.
+
+    Returns:
+        A new mode ``"RGB"`` image, ``width x height`` pixels, with the EXIF orientation applied (so a
+        JPEG tagged "rotate 90" comes back with width and height swapped). Alpha is dropped, as in the
+        official Sonic code (``Image.open(p).convert("RGB")``).
+
+    Raises:
+        ImageError: the file is missing, a directory, empty, truncated or not an image; the image has
+            more than ``max_pixels`` pixels (or trips Pillow's decompression-bomb guard); an array has
+            the wrong dtype or shape (``path`` is None then).
+    """
+    if isinstance(image, np.ndarray):
+        return _image_from_array(image, max_pixels)
+    if isinstance(image, Image.Image):
+        name = getattr(image, "filename", None) or None  # set when it came from Image.open
+        _check_pixels(image.size, max_pixels, name)
+        try:
+            return _to_rgb(image, name)
+        except OSError as e:  # a lazily opened image whose pixel data is corrupt
+            raise ImageError(f"cannot decode image ({e})", name) from e
+    if not isinstance(image, (str, os.PathLike)):
+        raise ImageError(
+            f"expected a path, PIL.Image.Image or numpy uint8 array, got {type(image).__name__}"
+        )
+
+    path = os.fspath(image)
+    if not os.path.exists(path):
+        raise ImageError("image file does not exist", path)
+    if os.path.isdir(path):
+        raise ImageError("is a directory, not an image file", path)
+    if os.path.getsize(path) == 0:
+        raise ImageError("image file is empty (0 bytes)", path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                _check_pixels(im.size, max_pixels, path)
+                im.load()
+                return _to_rgb(im, path)
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"image is too large to decode safely ({e})", path) from e
+    except Image.UnidentifiedImageError as e:
+        raise ImageError("not a recognised image file (PNG, JPEG, WebP, ...)", path) from e
+    except OSError as e:
+        raise ImageError(f"cannot read image, the file may be truncated or corrupt ({e})", path) from e
+    except Exception as e:  # Pillow decoders also raise SyntaxError, ValueError, struct.error, ...
+        raise ImageError(f"corrupt image ({type(e).__name__}: {e})", path) from e
+
+
+def _check_pixels(size: tuple[int, int], max_pixels: int, path: str | None) -> None:
+    width, height = size
+    if width * height > max_pixels:
+        raise ImageError(
+            f"image is {width}x{height} = {width * height} pixels, more than the limit of "
+            f"{max_pixels}; downscale it first",
+            path,
+        )
+    if width == 0 or height == 0:
+        raise ImageError(f"image has no pixels ({width}x{height})", path)
+
+
+def _to_rgb(im: Image.Image, path: str | None) -> Image.Image:
+    """EXIF-transpose and convert to RGB; always returns a new image."""
+    try:
+        im = ImageOps.exif_transpose(im)
+    except Exception as e:  # malformed EXIF block
+        raise ImageError(f"cannot apply the EXIF orientation ({type(e).__name__}: {e})", path) from e
+    return im.convert("RGB")
+
+
+def _image_from_array(arr: np.ndarray, max_pixels: int) -> Image.Image:
+    if arr.dtype != np.uint8:
+        raise ImageError(f"image array must have dtype uint8, got {arr.dtype}")
+    if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4))):
+        raise ImageError(f"image array must have shape [H, W], [H, W, 3] or [H, W, 4], got {arr.shape}")
+    height, width = arr.shape[:2]
+    _check_pixels((width, height), max_pixels, None)
+    mode = {2: "L", 3: "RGB", 4: "RGBA"}[arr.ndim if arr.ndim == 2 else arr.shape[2]]
+    return Image.fromarray(np.ascontiguousarray(arr), mode=mode).convert("RGB")
+
+
+# --------------------------------------------------------------------------------------------------
+# Audio
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    """Header facts of an audio file.
+
+    Attributes:
+        duration_s: duration in seconds as the container header states it (an estimate for some
+            formats such as mp3 without a Xing header; 0.0 when the header has none).
+        sample_rate: native sample rate of the first audio stream, Hz.
+        channels: channel count of the first audio stream.
+    """
+
+    duration_s: float
+    sample_rate: int
+    channels: int
+
+
+def _reason(e: Exception) -> str:
+    """Short reason of an FFmpeg/OS error, without the errno and file name PyAV puts in ``str(e)``."""
+    return getattr(e, "strerror", None) or str(e)
+
+
+def _open_audio(path: PathLike) -> tuple[av.container.InputContainer, av.audio.stream.AudioStream]:
+    """Open ``path`` and return (container, first audio stream); the caller closes the container."""
+    p = os.fspath(path)
+    if not os.path.exists(p):
+        raise AudioError("audio file does not exist", p)
+    if os.path.isdir(p):
+        raise AudioError("is a directory, not an audio file", p)
+    if os.path.getsize(p) == 0:
+        raise AudioError("audio file is empty (0 bytes)", p)
+    try:
+        container = av.open(p, mode="r", metadata_errors="ignore")
+    except (av.FFmpegError, OSError, ValueError) as e:
+        raise AudioError(f"cannot open as audio ({_reason(e)})", p) from e
+    if not container.streams.audio:
+        container.close()
+        raise AudioError("has no audio stream", p)
+    stream = container.streams.audio[0]
+    if not stream.codec_context.sample_rate or not stream.codec_context.channels:
+        container.close()
+        raise AudioError("audio stream has no sample rate or channel count; the file may be corrupt", p)
+    return container, stream
+
+
+def probe_audio(path: PathLike) -> AudioInfo:
+    """Read the header of an audio (or video) file without decoding it.
+
+    Args:
+        path: file containing at least one audio stream (wav, mp3, m4a, flac, ogg, mp4, ...).
+
+    Returns:
+        :class:`AudioInfo` of the first audio stream.
+
+    Raises:
+        AudioError: the file is missing, cannot be opened, or has no audio stream.
+    """
+    container, stream = _open_audio(path)
+    try:
+        if stream.duration is not None and stream.time_base is not None:
+            duration = float(stream.duration * stream.time_base)
+        elif container.duration is not None:
+            duration = container.duration / av.time_base
+        else:
+            duration = 0.0
+        return AudioInfo(
+            duration_s=duration,
+            sample_rate=int(stream.codec_context.sample_rate),
+            channels=int(stream.codec_context.channels),
+        )
+    finally:
+        container.close()
+
+
+def _decode_audio(path: PathLike) -> tuple[np.ndarray, int]:
+    """Decode the first audio stream of ``path``.
+
+    Returns:
+        (samples float32 ``[channels, n]`` in [-1, 1], native sample rate in Hz).
+    """
+    p = os.fspath(path)
+    container, stream = _open_audio(p)
+    # Convert to planar float at the native rate and layout (sample values unchanged, s16 -> x / 32768).
+    resampler = av.AudioResampler(format="fltp")
+    chunks: list[np.ndarray] = []
+    try:
+        for frame in container.decode(stream):
+            for out in resampler.resample(frame):
+                chunks.append(out.to_ndarray())
+        for out in resampler.resample(None):
+            chunks.append(out.to_ndarray())
+        rate = int(stream.codec_context.sample_rate)
+    except (av.FFmpegError, ValueError) as e:
+        raise AudioError(f"cannot decode audio, the file may be corrupt ({_reason(e)})", p) from e
+    finally:
+        container.close()
+    if not chunks or sum(c.shape[1] for c in chunks) == 0:
+        raise AudioError("no audio samples could be decoded", p)
+    samples = np.concatenate(chunks, axis=1).astype(np.float32, copy=False)
+    return samples, rate
+
+
+def load_audio(path: PathLike, sample_rate: int = 16000) -> np.ndarray:
+    """Decode an audio file to mono float32 at ``sample_rate``, like ``librosa.load(path, sr=sample_rate)``.
+
+    All frames of the first audio stream are decoded, channels are averaged to mono, and the result is
+    resampled with soxr quality "HQ" (librosa's default ``soxr_hq``) to exactly
+    ``ceil(n * sample_rate / native_rate)`` samples (librosa's ``fix_length``).
+
+    Args:
+        path: wav, mp3, m4a/aac, flac, ogg, or any file with an audio track (e.g. an mp4).
+        sample_rate: output sample rate, Hz.
+
+    Returns:
+        float32 array of shape ``[n]``, nominally in [-1, 1], at ``sample_rate`` Hz.
+
+    Raises:
+        AudioError: the file is missing, unreadable or corrupt, has no audio stream, decodes to zero
+            samples, or contains NaN or infinite samples.
+    """
+    if sample_rate <= 0:
+        raise ValueError(f"sample_rate must be positive, got {sample_rate}")
+    samples, native_rate = _decode_audio(path)
+    if not np.isfinite(samples).all():
+        raise AudioError("contains NaN or infinite samples", os.fspath(path))
+    mono = np.mean(samples, axis=0)
+    if native_rate == sample_rate:
+        return np.ascontiguousarray(mono, dtype=np.float32)
+    y = soxr.resample(mono, native_rate, sample_rate, quality="HQ")
+    n_out = int(math.ceil(mono.shape[0] * sample_rate / native_rate))
+    if y.shape[0] < n_out:
+        y = np.pad(y, (0, n_out - y.shape[0]))
+    return np.ascontiguousarray(y[:n_out], dtype=np.float32)
+
+
+# --------------------------------------------------------------------------------------------------
+# Output video
+# --------------------------------------------------------------------------------------------------
+
+
+def check_output_path(out: PathLike) -> Path:
+    """Check, before any heavy work, that an mp4 can be written at ``out``.
+
+    Args:
+        out: output file path; must end in ``.mp4``.
+
+    Returns:
+        The resolved absolute path.
+
+    Raises:
+        OutputPathError: the suffix is not ``.mp4``, ``out`` is an existing directory, or its parent
+            directory is missing, not a directory, or not writable.
+    """
+    p = Path(os.fspath(out)).expanduser()
+    if p.suffix.lower() != ".mp4":
+        raise OutputPathError("output file must end in .mp4", p)
+    p = p.resolve()
+    if p.is_dir():
+        raise OutputPathError("is an existing directory; give a file name ending in .mp4", p)
+    parent = p.parent
+    if not parent.exists():
+        raise OutputPathError(f"output directory {parent} does not exist; create it first", p)
+    if not parent.is_dir():
+        raise OutputPathError(f"{parent} is not a directory", p)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputPathError(f"output directory {parent} is not writable", p)
+    return p
+
+
+class VideoWriter:
+    """Write an H.264 (+ AAC) mp4 atomically.
+
+    Frames go to a uniquely named temporary file in the output directory
+    (``.<name>.<random>.partial.mp4``); :meth:`close` finishes it and ``os.replace``-s it onto ``out``.
+    :meth:`abort` (or any exception, including ``KeyboardInterrupt``, inside a ``with`` block) deletes
+    the temporary file and leaves ``out`` untouched. Without ``with``, call :meth:`close` or
+    :meth:`abort` yourself.
+
+    Video: libx264, yuv420p, ``crf``; stream time base ``1/fps`` and frame ``i`` has pts ``i``, so the
+    frame count and frame rate read back exactly. Audio (optional): the first audio stream of ``audio``
+    is re-encoded in full (not trimmed to the video) as AAC at the source rate (48000 Hz when AAC does
+    not support it), mono or stereo (more channels are downmixed to stereo). Decoders see up to 1023
+    extra samples of AAC padding at the end.
+
+    Args:
+        out: final ``.mp4`` path (checked with :func:`check_output_path`).
+        fps: frames per second (a float is turned into the nearest fraction with denominator <= 10000,
+            so 29.97002997 becomes 30000/1001).
+        width: frame width in pixels, positive and even.
+        height: frame height in pixels, positive and even.
+        audio: file whose first audio stream is muxed in, or None for a silent video.
+        crf: x264 constant rate factor, 0 (lossless) to 51.
+
+    Raises:
+        OutputPathError: ``out`` cannot be written.
+        AudioError: ``audio`` is missing, unreadable or has no audio stream (checked here; a decode
+            error found while muxing is raised by :meth:`close`).
+        ValueError: bad ``fps``, ``width``, ``height`` or ``crf``.
+    """
+
+    def __init__(
+        self,
+        out: PathLike,
+        *,
+        fps: Fraction | float,
+        width: int,
+        height: int,
+        audio: PathLike | None = None,
+        crf: int = 18,
+    ) -> None:
+        self._path = check_output_path(out)
+        try:
+            rate = Fraction(fps).limit_denominator(10000)
+        except (TypeError, ValueError, OverflowError) as e:
+            raise ValueError(f"fps must be a positive number, got {fps!r}") from e
+        if rate <= 0:
+            raise ValueError(f"fps must be positive, got {fps}")
+        for name, v in (("width", width), ("height", height)):
+            if not isinstance(v, (int, np.integer)) or v <= 0 or v % 2:
+                raise ValueError(f"{name} must be a positive even integer for yuv420p, got {v!r}")
+        if not 0 <= int(crf) <= 51:
+            raise ValueError(f"crf must be in 0..51, got {crf}")
+        self._audio_src = os.fspath(audio) if audio is not None else None
+        audio_info = probe_audio(self._audio_src) if self._audio_src is not None else None
+
+        self._fps = rate
+        self._width, self._height = int(width), int(height)
+        self._frames = 0
+        self._done = False
+        fd, tmp = tempfile.mkstemp(
+            prefix=f".{self._path.stem}.", suffix=".partial.mp4", dir=self._path.parent
+        )
+        os.close(fd)
+        self._temp_path = Path(tmp)
+        self._container: av.container.OutputContainer | None = None
+        try:
+            self._container = av.open(tmp, mode="w", format="mp4")
+            v = self._container.add_stream("libx264", rate=rate, options={"crf": str(int(crf))})
+            v.width, v.height, v.pix_fmt = self._width, self._height, "yuv420p"
+            v.time_base = 1 / rate
+            v.codec_context.time_base = 1 / rate
+            self._video = v
+            self._audio = None
+            if audio_info is not None:
+                out_rate = audio_info.sample_rate if audio_info.sample_rate in _AAC_RATES else 48000
+                layout = "mono" if audio_info.channels == 1 else "stereo"
+                a = self._container.add_stream("aac", rate=out_rate, layout=layout)
+                a.time_base = Fraction(1, out_rate)
+                self._audio = a
+        except BaseException:
+            self.abort()
+            raise
+
+    @property
+    def path(self) -> Path:
+        """Final output path (resolved)."""
+        return self._path
+
+    @property
+    def temp_path(self) -> Path:
+        """Temporary file the video is written to until :meth:`close` renames it onto :attr:`path`."""
+        return self._temp_path
+
+    @property
+    def frames_written(self) -> int:
+        """Number of video frames passed to :meth:`write` so far."""
+        return self._frames
+
+    def write(self, frames: np.ndarray) -> None:
+        """Encode frames.
+
+        Args:
+            frames: uint8 RGB, shape ``[n, height, width, 3]`` or a single ``[height, width, 3]`` frame.
+
+        Raises:
+            ValueError: wrong dtype or shape, or the writer is already closed or aborted.
+        """
+        if self._done or self._container is None:
+            raise ValueError("VideoWriter is already closed")
+        if not isinstance(frames, np.ndarray) or frames.dtype != np.uint8:
+            got = getattr(frames, "dtype", type(frames).__name__)
+            raise ValueError(f"frames must be a uint8 numpy array, got {got}")
+        if frames.ndim == 3:
+            frames = frames[None]
+        expected = (self._height, self._width, 3)
+        if frames.ndim != 4 or frames.shape[1:] != expected:
+            raise ValueError(
+                f"frames must have shape [n, {self._height}, {self._width}, 3], got {frames.shape}"
+            )
+        for rgb in frames:
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+            frame.pts = self._frames
+            frame.time_base = self._video.codec_context.time_base
+            self._container.mux(self._video.encode(frame))
+            self._frames += 1
+
+    def close(self) -> None:
+        """Flush the encoders, mux the audio, and move the finished file onto :attr:`path`.
+
+        Does nothing if already closed. On any failure the temporary file is removed and the error
+        re-raised.
+
+        Raises:
+            ValueError: no frames were written.
+            AudioError: the audio file could not be decoded.
+        """
+        if self._done:
+            return
+        try:
+            if self._frames == 0:
+                raise ValueError(f"{self._path}: no video frames were written")
+            self._container.mux(self._video.encode(None))
+            if self._audio is not None:
+                self._mux_audio()
+            self._container.close()
+            self._container = None
+            os.replace(self._temp_path, self._path)
+            self._done = True
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        """Discard the output: close the encoder and delete the temporary file; ``out`` is untouched."""
+        self._done = True
+        if self._container is not None:
+            try:
+                self._container.close()
+            except Exception:
+                pass
+            self._container = None
+        try:
+            os.unlink(self._temp_path)
+        except FileNotFoundError:
+            pass
+
+    def _mux_audio(self) -> None:
+        """Decode the whole source audio, re-encode it as AAC and mux it."""
+        assert self._audio is not None and self._container is not None
+        codec = self._audio.codec_context
+        resampler = av.AudioResampler(
+            format="fltp", layout=codec.layout.name, rate=codec.sample_rate, frame_size=_AAC_FRAME_SIZE
+        )
+        src, stream = _open_audio(self._audio_src)
+        n = 0
+
+        def encode(frames: list[av.AudioFrame]) -> None:
+            nonlocal n
+            for f in frames:
+                f.pts = n
+                f.time_base = codec.time_base
+                n += f.samples
+                self._container.mux(self._audio.encode(f))
+
+        try:
+            for frame in src.decode(stream):
+                frame.pts = None  # the resampler keeps its own clock; we number samples ourselves
+                encode(resampler.resample(frame))
+            encode(resampler.resample(None))
+        except (av.FFmpegError, ValueError) as e:
+            raise AudioError(
+                f"cannot decode audio, the file may be corrupt ({_reason(e)})", self._audio_src
+            ) from e
+        finally:
+            src.close()
+        if n == 0:
+            raise AudioError("no audio samples could be decoded", self._audio_src)
+        self._container.mux(self._audio.encode(None))
+
+    def __enter__(self) -> VideoWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def read_video(path: PathLike) -> tuple[np.ndarray, float, float | None]:
+    """Decode an mp4 completely (test and inspection helper).
+
+    Args:
+        path: video file.
+
+    Returns:
+        (frames uint8 ``[n, H, W, 3]`` RGB, video frame rate in frames per second, audio duration in
+        seconds = decoded samples / sample rate, or None when there is no audio stream).
+
+    Raises:
+        OSError / av.FFmpegError: the file cannot be opened or decoded (this helper does not wrap them).
+        ValueError: the file has no video stream.
+    """
+    with av.open(os.fspath(path)) as container:
+        if not container.streams.video:
+            raise ValueError(f"{path}: no video stream")
+        vstream = container.streams.video[0]
+        astream = container.streams.audio[0] if container.streams.audio else None
+        frames: list[np.ndarray] = []
+        samples = 0
+        streams = [vstream] + ([astream] if astream is not None else [])
+        for packet in container.demux(streams):
+            for frame in packet.decode():
+                if packet.stream is vstream:
+                    frames.append(frame.to_ndarray(format="rgb24"))
+                else:
+                    samples += frame.samples
+        rate = vstream.average_rate or vstream.guessed_rate or vstream.base_rate
+        fps = float(rate) if rate else 0.0
+        audio_s = samples / astream.codec_context.sample_rate if astream is not None else None
+    if frames:
+        video = np.stack(frames)
+    else:
+        video = np.zeros((0, vstream.height, vstream.width, 3), np.uint8)
+    return video, fps, audio_s

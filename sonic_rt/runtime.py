@@ -1,0 +1,361 @@
+"""``sonic_rt.Runtime``: load Sonic once, animate many portraits.
+
+The pipeline reads as numbered steps (:meth:`Runtime.animate`): 1. check inputs, 2. reference image,
+3. audio features, 4. conditioning, 5. initial latents, 6. denoising loop, 7. decode -> interpolate -> encode
+(streamed in VAE chunks, so memory does not grow with video length beyond the latents).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import threading
+import time
+import wave
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from . import media
+from .audio_features import SAMPLE_RATE, SAMPLES_PER_AUDIO_FRAME, encode_audio, num_generated_frames, \
+    whisper_hidden_states
+from .checkpoint import resolve_model_dir
+from .errors import AudioError, InputError
+from .face import FaceBox, Reference, load_face_detector, prepare_reference
+from .loading import SonicModels, load_models
+from .sampling import SamplingConfig, Window, combine_guidance, karras_schedule, sample, scale_model_input, \
+    window_starts
+
+DEFAULT_SEED = 72589          # official config `seed`
+DEFAULT_MIN_RESOLUTION = 512  # official `image_size` / `min_resolution`
+DECODE_CHUNK_SIZE = 8         # official `decode_chunk_size`: the temporal VAE mixes frames within a chunk
+OUTPUT_FPS = Fraction(25)     # after RIFE x2; Fraction(25, 2) without interpolation
+
+
+@dataclass
+class AnimateResult:
+    """What :meth:`Runtime.animate` produced.
+
+    Attributes:
+        path: the written ``.mp4`` (None when ``out`` was None).
+        fps: output frame rate (25.0 with interpolation, 12.5 without).
+        num_frames: frames in the output video (2N-1 with interpolation, N without).
+        num_generated_frames: N, frames generated at 12.5 fps (``samples // 640 // 2``).
+        width, height: output size in pixels.
+        timings: seconds per stage (``preprocess``, ``audio_features``, ``conditioning``, ``denoise``,
+            ``decode``, ``interpolate``, ``encode``, ``total``).
+        frames: decoded frames before interpolation, uint8 [N, H, W, 3] RGB (when requested).
+        seed: the seed the initial noise was drawn from (None when ``latents`` was given).
+        reference: the prepared reference (crop box, face box, detector used).
+    """
+
+    path: Path | None
+    fps: float
+    num_frames: int
+    num_generated_frames: int
+    width: int
+    height: int
+    timings: dict[str, float]
+    frames: np.ndarray | None
+    seed: int | None
+    reference: Reference = field(repr=False)
+
+
+def _default_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("device 'cuda' requested but no CUDA GPU is available (this torch build: "
+                         f"{torch.__version__})")
+    return device
+
+
+def _default_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.float16 if device.type == "cuda" else torch.float32  # official: fp16 on GPU
+    if isinstance(dtype, str):
+        names = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16,
+                 "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
+        if dtype not in names:
+            raise InputError(f"unknown dtype {dtype!r}; use one of {', '.join(names)}")
+        dtype = names[dtype]
+    return dtype
+
+
+class _Timer:
+    def __init__(self, device: torch.device):
+        self.device, self.times = device, {}
+
+    def add(self, stage: str, seconds: float) -> None:
+        self.times[stage] = self.times.get(stage, 0.0) + seconds
+
+    def stage(self, name: str):
+        timer = self
+
+        class _Ctx:
+            def __enter__(self):
+                self.t = time.perf_counter()
+
+            def __exit__(self, *exc):
+                if timer.device.type == "cuda":
+                    torch.cuda.synchronize(timer.device)  # stage boundary: the only syncs we add
+                timer.add(name, time.perf_counter() - self.t)
+
+        return _Ctx()
+
+
+class Runtime:
+    """Sonic inference runtime.
+
+    Args:
+        model_dir: an official-layout Sonic weights directory (see :mod:`sonic_rt.checkpoint`), or the
+            demo checkpoint (``python -m sonic_rt demo-model``).
+        device: ``"cuda"``, ``"cpu"`` or None (CUDA when available).
+        dtype: UNet/VAE/CLIP dtype; None means fp16 on CUDA (official) and fp32 on CPU.
+        trust_pickle: allow checkpoint pickles that need arbitrary code (only for trusted files).
+
+    Raises:
+        CheckpointError: a model file is missing or does not match (names the file and the keys).
+        InputError: an unusable device or dtype.
+
+    One Runtime may be shared between threads: :meth:`animate` calls are serialised by a lock.
+    """
+
+    def __init__(self, model_dir: str | os.PathLike, device: str | torch.device | None = None,
+                 dtype: str | torch.dtype | None = None, *, trust_pickle: bool = False):
+        self.device = _default_device(device)
+        self.dtype = _default_dtype(dtype, self.device)
+        self.paths = resolve_model_dir(model_dir)
+        self.models: SonicModels = load_models(self.paths, self.device, self.dtype, trust_pickle=trust_pickle)
+        self.face_detector = load_face_detector(self.paths.root)
+        marker = json.loads(self.paths.demo_marker.read_text()) if self.paths.demo_marker else None
+        self.is_demo = bool(marker and marker.get("random_weights"))
+        self.default_min_resolution = int(marker["min_resolution"]) if self.is_demo else DEFAULT_MIN_RESOLUTION
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def animate(self, image, audio, out: str | os.PathLike | None = None, *, steps: int = 25,
+                seed: int = DEFAULT_SEED, dynamic_scale: float = 1.0, shift_offset: int = 7,
+                frames_per_window: int = 25, min_resolution: int | None = None, interpolate: bool = True,
+                face_box=None, crop: bool = True, latents: torch.Tensor | None = None, progress: bool = True,
+                return_frames: bool = False) -> AnimateResult:
+        """Animate ``image`` with ``audio`` and write an H.264 + AAC mp4 to ``out``.
+
+        Args:
+            image: portrait path (PNG/JPEG/WebP...), PIL image, or uint8 array (HxW, HxWx3 RGB, HxWx4).
+            audio: speech file (anything PyAV decodes: wav, mp3, m4a, flac, a video's audio track), or a
+                float32 mono array at 16 kHz.
+            out: ``.mp4`` path, or None to write nothing (the decoded frames are then returned).
+            steps: denoising steps (official 25).
+            seed: seed of the initial noise (CPU generator, so the same seed gives the same noise on any
+                machine). The official code ignores its seed; this one is honoured.
+            dynamic_scale: motion bucket scale (official ``dynamic_scale``, 1.0; gradio allows 0.5-2.0).
+            shift_offset: window shift per step in frames (official 7).
+            frames_per_window: window length in frames at 12.5 fps (official 25).
+            min_resolution: short side of the generated video in pixels, rounded to multiples of 64
+                (None: 512, or the demo checkpoint's own small default).
+            interpolate: RIFE x2 to 25 fps (2N-1 frames); False writes N frames at 12.5 fps.
+            face_box: explicit face ``(x, y, w, h)`` in image pixels (or "x,y,w,h"); skips detection.
+            crop: square-crop around the face (official gradio behaviour) or use the whole image.
+            latents: initial noise ``[1, N, 4, H/8, W/8]`` as diffusers pipelines accept it; None draws
+                it from ``seed``.
+            progress: show progress bars on stderr.
+            return_frames: also return the decoded frames before interpolation (always when out is None).
+
+        Returns:
+            an :class:`AnimateResult`.
+
+        Raises:
+            ImageError, AudioError, FaceNotFoundError, OutputPathError, InputError: bad input, raised
+            before any model runs; no output file is left behind on any error or interruption.
+        """
+        with self._lock:
+            return self._animate(image, audio, out, steps=steps, seed=seed, dynamic_scale=dynamic_scale,
+                                 shift_offset=shift_offset, frames_per_window=frames_per_window,
+                                 min_resolution=min_resolution, interpolate=interpolate, face_box=face_box,
+                                 crop=crop, latents=latents, progress=progress, return_frames=return_frames)
+
+    def _animate(self, image, audio, out, *, steps, seed, dynamic_scale, shift_offset, frames_per_window,
+                 min_resolution, interpolate, face_box, crop, latents, progress, return_frames) -> AnimateResult:
+        from tqdm.auto import tqdm
+
+        m, device, dtype = self.models, self.device, self.dtype
+        timer = _Timer(device)
+        t_start = time.perf_counter()
+
+        # 1. Check inputs (cheap, before any model runs)
+        with timer.stage("preprocess"):
+            try:
+                config = SamplingConfig(steps=steps, frames_per_window=frames_per_window, shift_offset=shift_offset)
+            except ValueError as exc:
+                raise InputError(str(exc)) from None
+            if not (isinstance(dynamic_scale, (int, float)) and math.isfinite(dynamic_scale) and dynamic_scale >= 0):
+                raise InputError(f"dynamic_scale must be a finite number >= 0, got {dynamic_scale!r}")
+            out_path = media.check_output_path(out) if out is not None else None
+            image_source = os.fspath(image) if isinstance(image, (str, os.PathLike)) else None
+            pil_image = media.load_image(image)
+            samples, audio_source = self._load_audio(audio)
+            audio_frames = len(samples) // SAMPLES_PER_AUDIO_FRAME
+            num_frames = num_generated_frames(len(samples))
+            if num_frames < 1:
+                raise AudioError(f"audio is {len(samples) / SAMPLE_RATE:.3f} s long, shorter than one generated "
+                                 "frame (80 ms)", audio_source)
+            # 2. Reference image: detect the face, crop, mask, resize, CLIP pixels
+            reference = prepare_reference(
+                pil_image, self.face_detector, face_box=FaceBox.from_user(face_box) if face_box is not None else None,
+                crop=crop, min_resolution=min_resolution or self.default_min_resolution, source=image_source)
+            width, height = reference.size
+            factor = m.vae_scale_factor
+            latent_shape = (1, num_frames, m.unet.config.out_channels, height // factor, width // factor)
+            if latents is not None and tuple(latents.shape) != latent_shape:
+                raise InputError(f"latents must have shape {list(latent_shape)} for this image and audio, "
+                                 f"got {list(latents.shape)}")
+
+        # 3. Audio features: Whisper once per 30 s chunk, then the per-frame adapter windows
+        with timer.stage("audio_features"):
+            hidden, last = whisper_hidden_states(samples, m.feature_extractor, m.whisper_encoder, device)
+
+        # 4. Conditioning: CLIP embedding, VAE latents of the reference, audio tokens and buckets
+        with timer.stage("conditioning"):
+            clip_embeds = m.image_encoder(reference.clip_pixels.to(device, dtype)).image_embeds  # [1, D]
+            cond_tokens, uncond_tokens, buckets = encode_audio(
+                hidden, last, audio_frames, clip_embeds, m.audio2token, m.audio2bucket, dynamic_scale=dynamic_scale)
+            del hidden, last
+            ref = reference.ref_img.to(device, dtype)
+            scaling = m.vae.config.scaling_factor
+            image_latents = m.vae.encode(ref).latent_dist.mean  # [1, 4, h, w]; == mode(), noise_aug_strength 0
+            ref_latents = image_latents * scaling
+            # CFG rows [uncond, drop_audio, cond]: image latents and CLIP are zero for uncond only
+            image_rows = torch.cat([torch.zeros_like(image_latents), image_latents, image_latents])  # [3, 4, h, w]
+            clip_rows = torch.cat([torch.zeros_like(clip_embeds), clip_embeds, clip_embeds]).unsqueeze(1)  # [3,1,D]
+            cond_tokens, uncond_tokens = cond_tokens.to(dtype), uncond_tokens.to(dtype)
+            face_mask = reference.face_mask.to(device, dtype)
+            fps_id = torch.tensor([config.fps], device=device)
+
+        # 5. Initial latents: reference latents + sigma_max * noise (scheduler.add_noise at t[0])
+        sigmas, timesteps = karras_schedule(m.scheduler_config, config.steps)
+        if latents is None:
+            noise = torch.randn(latent_shape, generator=torch.Generator().manual_seed(int(seed)))
+        else:
+            noise, seed = latents, None
+        init = ref_latents.unsqueeze(1) + noise.to(device, dtype) * sigmas[0].item()
+
+        def denoise(x: torch.Tensor, window: Window) -> torch.Tensor:
+            frames = x.shape[1]
+            # [1, T, 4, h, w] -> [3, T, 8, h, w]: scaled latents for the 3 CFG rows + image latents
+            inp = scale_model_input(torch.cat([x] * 3), window.sigma)
+            inp = torch.cat([inp, image_rows.unsqueeze(1).expand(-1, frames, -1, -1, -1)], dim=2)
+            audio_rows = torch.cat([uncond_tokens.expand(1, frames, -1, -1), uncond_tokens.expand(1, frames, -1, -1),
+                                    cond_tokens[:, window.index]])  # [3, T, 32, D]
+            bucket = buckets[0, window.index].mean(dim=0)  # per-window mean, [2]
+            # official builds added_time_ids as an fp16 tensor: the values are quantised to fp16
+            time_ids = torch.cat([fps_id, bucket]).half().to(dtype).expand(3, -1)  # [3, 3]
+            v = m.unet(inp, window.timestep, clip_rows, audio_rows, time_ids, face_mask)
+            return combine_guidance(v, config.image_guidance_scale, config.audio_guidance_scale)
+
+        # 6. Denoising loop with time-aware position shift fusion
+        windows_per_step = len(window_starts(num_frames, config.frames_per_window, 0, config.shift_offset))
+        with timer.stage("denoise"), tqdm(total=config.steps * windows_per_step, desc="denoising", unit="window",
+                                          disable=not progress, dynamic_ncols=True) as bar:
+            final = sample(init, sigmas, timesteps, config, denoise, on_window=lambda w: bar.update())
+
+        # 7. Decode -> interpolate -> encode, streamed in VAE chunks
+        fps = OUTPUT_FPS if interpolate else OUTPUT_FPS / 2
+        keep = [] if (return_frames or out_path is None) else None
+        n_out = 0
+        with ExitStack() as stack:
+            writer = None
+            if out_path is not None:
+                writer = stack.enter_context(media.VideoWriter(out_path, fps=fps, width=width, height=height,
+                                                               audio=self._audio_for_mux(audio, samples, stack)))
+            bar = stack.enter_context(tqdm(total=num_frames, desc="decoding", unit="frame", disable=not progress,
+                                           dynamic_ncols=True))
+            for chunk in self._decoded_frames(final, timer, interpolate):
+                if keep is not None:
+                    keep.append(chunk.generated)
+                if writer is not None:
+                    with timer.stage("encode"):
+                        writer.write(chunk.output)
+                n_out += len(chunk.output)
+                bar.update(len(chunk.generated))
+        timer.add("total", time.perf_counter() - t_start)
+        return AnimateResult(path=out_path, fps=float(fps), num_frames=n_out, num_generated_frames=num_frames,
+                             width=width, height=height, timings=dict(timer.times),
+                             frames=np.concatenate(keep) if keep is not None else None, seed=seed,
+                             reference=reference)
+
+    # ------------------------------------------------------------------------------------------------
+    def _load_audio(self, audio) -> tuple[np.ndarray, str | None]:
+        """Audio as float32 mono 16 kHz samples, plus the source path (None for arrays)."""
+        if isinstance(audio, (str, os.PathLike)):
+            media.probe_audio(audio)
+            return media.load_audio(audio, SAMPLE_RATE), os.fspath(audio)
+        array = np.asarray(audio)
+        if array.ndim != 1 or not np.issubdtype(array.dtype, np.floating):
+            raise AudioError(f"an audio array must be 1-D float mono at {SAMPLE_RATE} Hz, got shape "
+                             f"{array.shape} dtype {array.dtype}")
+        if not np.isfinite(array).all():
+            raise AudioError("the audio array contains NaN or infinite samples")
+        return array.astype(np.float32), None
+
+    @staticmethod
+    def _audio_for_mux(audio, samples: np.ndarray, stack: ExitStack) -> str | os.PathLike:
+        """The file to mux: the input file itself, or a temporary 16 kHz WAV of an input array."""
+        if isinstance(audio, (str, os.PathLike)):
+            return audio
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="sonic_rt_audio_"))
+        path = Path(tmp) / "audio.wav"
+        with wave.open(str(path), "wb") as wav:
+            wav.setnchannels(1)
+            wav.setsampwidth(2)
+            wav.setframerate(SAMPLE_RATE)
+            wav.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
+        return path
+
+    def _decoded_frames(self, latents: torch.Tensor, timer: _Timer, interpolate: bool) -> Iterator["_Chunk"]:
+        """VAE-decode ``latents`` [1, N, 4, h, w] in chunks of 8 frames and interleave RIFE middles.
+
+        Yields per chunk the generated frames (uint8 [n, H, W, 3]) and the output frames: with
+        interpolation [f0, m01, f1, ...] where each chunk starts with the middle between the previous
+        chunk's last frame and its own first, so the whole video is 2N-1 frames.
+        """
+        m = self.models
+        scaling = m.vae.config.scaling_factor
+        previous = None
+        for start in range(0, latents.shape[1], DECODE_CHUNK_SIZE):
+            z = latents[0, start:start + DECODE_CHUNK_SIZE]
+            with timer.stage("decode"):
+                decoded = m.vae.decode(z / scaling, num_frames=z.shape[0]).sample  # [n, 3, H, W]
+                frames = (decoded.float() * 0.5 + 0.5).clamp(0, 1)
+            if not interpolate:
+                yield _Chunk(_to_uint8(frames), _to_uint8(frames))
+                continue
+            with timer.stage("interpolate"):
+                seq = frames if previous is None else torch.cat([previous, frames])
+                middles = m.rife(seq[:-1], seq[1:]).clamp(0, 1)  # RIFE in fp32, pairs batched
+                # interleave: [m(prev,f0), f0, m(f0,f1), f1, ...] (no leading middle for the first chunk)
+                out = torch.stack([middles, seq[1:]], dim=1).flatten(0, 1)
+                if previous is None:
+                    out = torch.cat([frames[:1], out])
+                previous = frames[-1:]
+            yield _Chunk(_to_uint8(frames), _to_uint8(out))
+
+
+@dataclass
+class _Chunk:
+    generated: np.ndarray
+    output: np.ndarray
+
+
+def _to_uint8(frames: torch.Tensor) -> np.ndarray:
+    """[n, 3, H, W] float in [0, 1] -> uint8 [n, H, W, 3]; truncation as official ``(x*255).astype(uint8)``."""
+    return (frames * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()

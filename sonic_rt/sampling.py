@@ -1,0 +1,155 @@
+"""Sonic's sampler: Euler (Karras sigmas, v-prediction), 3-way CFG and time-aware position shift fusion.
+
+Everything here is the algorithm of official ``SonicPipeline.__call__`` (sonic_reference.md sections 3-5);
+how windows are dispatched (sequentially here) is kept apart in :func:`sample`'s ``run_window`` argument so a
+scheduler can batch or parallelise them later without touching the math.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Sampling settings; defaults are official ``config/inference/sonic.yaml`` values.
+
+    Attributes:
+        steps: ``num_inference_steps`` (25).
+        frames_per_window: ``n_sample_frames`` = window length T (25 frames at 12.5 fps).
+        shift_offset: alpha, frames the window starts move per step (7).
+        image_guidance_scale: g1 = ``min/max_appearance_guidance_scale`` (2.0).
+        audio_guidance_scale: g2 = ``audio_guidance_scale`` (7.5).
+        fps: UNet fps conditioning, first ``added_time_id`` (12.5; not decremented).
+    """
+
+    steps: int = 25
+    frames_per_window: int = 25
+    shift_offset: int = 7
+    image_guidance_scale: float = 2.0
+    audio_guidance_scale: float = 7.5
+    fps: float = 12.5
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.frames_per_window < 1:
+            raise ValueError(f"frames_per_window must be >= 1, got {self.frames_per_window}")
+        if self.shift_offset < 0:
+            raise ValueError(f"shift_offset must be >= 0, got {self.shift_offset}")
+
+
+def karras_schedule(scheduler_config: dict, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sigmas and UNet timesteps of the SVD-xt ``EulerDiscreteScheduler`` for ``steps`` steps.
+
+    Uses diffusers' own scheduler on the official ``scheduler_config.json`` (Karras, rho 7, sigma_min 0.002,
+    sigma_max 700, continuous timesteps ``0.25 * ln(sigma)``).
+
+    Returns:
+        sigmas [steps + 1] float32 (last is 0), timesteps [steps] float32.
+    """
+    from diffusers import EulerDiscreteScheduler
+
+    scheduler = EulerDiscreteScheduler.from_config(scheduler_config)
+    scheduler.set_timesteps(steps, device="cpu")
+    return scheduler.sigmas.to(torch.float32), scheduler.timesteps.to(torch.float32)
+
+
+def window_starts(num_frames: int, frames_per_window: int, step: int, shift_offset: int) -> list[int]:
+    """Window start frames at denoising step ``step``: ``range(0, N, T)`` shifted by ``-step * alpha``.
+
+    The shift is not reduced modulo T (official behaviour); indices wrap modulo N in :func:`window_indices`.
+    """
+    return [start - step * shift_offset for start in range(0, num_frames, frames_per_window)]
+
+
+def window_indices(num_frames: int, frames_per_window: int, step: int, shift_offset: int) -> list[list[int]]:
+    """Frame indices of every window at ``step``: ``[(s + k) mod N for k in range(T)]`` per start s.
+
+    With N not a multiple of T the last window wraps past the end to the start; with N < T a window holds
+    repeated frames. A frame that appears twice in one window is counted twice when averaging.
+    """
+    return [[(s + k) % num_frames for k in range(frames_per_window)]
+            for s in window_starts(num_frames, frames_per_window, step, shift_offset)]
+
+
+def euler_v_step(v: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor | float,
+                 sigma_next: torch.Tensor | float) -> torch.Tensor:
+    """One Euler step of a v-prediction model (diffusers ``EulerDiscreteScheduler.step``, no churn).
+
+    ``x0 = v * (-sigma / sqrt(sigma^2 + 1)) + x / (sigma^2 + 1)``;
+    ``x_next = x + (x - x0) / sigma * (sigma_next - sigma)``. Computed in fp32, returned in ``v.dtype``.
+    """
+    x32 = x.float()
+    x0 = v.float() * (-sigma / (sigma**2 + 1) ** 0.5) + x32 / (sigma**2 + 1)
+    return (x32 + (x32 - x0) / sigma * (sigma_next - sigma)).to(v.dtype)
+
+
+def combine_guidance(v: torch.Tensor, image_scale: float, audio_scale: float) -> torch.Tensor:
+    """3-way classifier-free guidance over batch rows [uncond, drop_audio, cond]:
+    ``u + g1 * (d - u) + g2 * (c - d)``. ``v`` [3, ...] -> [1, ...]."""
+    u, d, c = v.chunk(3)
+    return u + image_scale * (d - u) + audio_scale * (c - d)
+
+
+@dataclass(frozen=True)
+class Window:
+    """One window of one step, as handed to ``run_window``.
+
+    Attributes:
+        step: denoising step index i.
+        index: frame indices [T] (long tensor on the latents' device).
+        timestep: 0-dim UNet timestep.
+        sigma, sigma_next: the step's (sigma_i, sigma_{i+1}).
+    """
+
+    step: int
+    index: torch.Tensor
+    timestep: torch.Tensor
+    sigma: float
+    sigma_next: float
+
+
+def sample(latents: torch.Tensor, sigmas: torch.Tensor, timesteps: torch.Tensor, config: SamplingConfig,
+           denoise: Callable[[torch.Tensor, Window], torch.Tensor],
+           on_window: Callable[[Window], None] | None = None) -> torch.Tensor:
+    """Shift-fusion denoising loop over the whole video.
+
+    Args:
+        latents: [1, N, C, h, w] initial latents (reference latents + sigma_max * noise).
+        sigmas: [steps + 1]; timesteps: [steps].
+        denoise: ``denoise(x, window) -> v`` returns the guided v-prediction [1, T, C, h, w] for the window
+            latents ``x`` = ``latents[:, window.index]`` (CFG already combined).
+        on_window: called after each window (progress).
+
+    Returns:
+        [1, N, C, h, w]: after every step each frame is the mean of its stepped copies over the windows
+        that hold it (``acc / count``), in the latents' dtype.
+    """
+    num_frames = latents.shape[1]
+    device = latents.device
+    for i in range(len(timesteps)):
+        acc = torch.zeros_like(latents)
+        count = torch.zeros(1, num_frames, 1, 1, 1, dtype=latents.dtype, device=device)
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        for idx in window_indices(num_frames, config.frames_per_window, i, config.shift_offset):
+            window = Window(step=i, index=torch.tensor(idx, device=device), timestep=timesteps[i].to(device),
+                            sigma=sigma, sigma_next=sigma_next)
+            x = latents[:, window.index]
+            v = denoise(x, window)
+            stepped = euler_v_step(v, x, sigma, sigma_next).to(latents.dtype)
+            acc.index_add_(1, window.index, stepped)
+            count.index_add_(1, window.index, count.new_ones(1, len(idx), 1, 1, 1))
+            if on_window is not None:
+                on_window(window)
+        latents = acc / count
+    return latents
+
+
+def scale_model_input(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """diffusers ``scale_model_input``: ``x / sqrt(sigma^2 + 1)``."""
+    return x / math.sqrt(sigma**2 + 1)
