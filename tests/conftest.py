@@ -1,0 +1,68 @@
+"""Shared fixtures: the demo checkpoint, a real portrait and real speech, all made once per session."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory) -> Path:
+    from sonic_rt.demo import write_demo_model
+
+    return write_demo_model(tmp_path_factory.mktemp("models") / "demo")
+
+
+@pytest.fixture(scope="session")
+def runtime(demo_dir):
+    import sonic_rt
+
+    return sonic_rt.Runtime(demo_dir)
+
+
+@pytest.fixture(scope="session")
+def portrait(tmp_path_factory) -> Path:
+    """skimage's astronaut: a real (public-domain) portrait photo, 512x512 RGB."""
+    from PIL import Image
+    from skimage import data
+
+    path = tmp_path_factory.mktemp("inputs") / "astronaut.png"
+    Image.fromarray(data.astronaut()).save(path)
+    return path
+
+
+def _espeak(text: str, path: Path) -> Path:
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng)")
+    subprocess.run(["espeak-ng", "-w", str(path), text], check=True, capture_output=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def speech(tmp_path_factory) -> Path:
+    """Real synthetic speech (espeak-ng), about 2.5 s, 22.05 kHz mono wav."""
+    return _espeak("Hello there. This is Sonic.", tmp_path_factory.mktemp("inputs") / "speech.wav")
+
+
+@pytest.fixture(scope="session")
+def long_speech(tmp_path_factory) -> Path:
+    """About 4 s of speech: N > 25 generated frames, so several windows per step."""
+    return _espeak("Hello, this is a test of the sonic runtime. It should animate a face.",
+                   tmp_path_factory.mktemp("inputs") / "long_speech.wav")
+
+
+def write_wav(path: Path, samples: np.ndarray, rate: int = 16000) -> Path:
+    import wave
+
+    with wave.open(str(path), "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(rate)
+        wav.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
+    return path
