@@ -7,6 +7,7 @@ and leaves no partial output.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -66,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from .errors import SonicError
 
+    # SIGTERM unwinds like Ctrl-C, so the writer removes its temporary file and no partial mp4 is left.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         if args.command == "demo-model":
             return _demo_model(args)
@@ -81,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: no output written", file=sys.stderr)
         return 130
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _demo_model(args) -> int:

@@ -181,3 +181,29 @@ def test_cli_demo_end_to_end_with_defaults(portrait, long_speech, tmp_path):
     frames, fps, audio_seconds = read_video(out)
     n = len(sonic_rt.media.load_audio(long_speech)) // 640 // 2
     assert len(frames) == 2 * n - 1 and fps == 25.0 and audio_seconds is not None
+
+
+def test_cli_sigterm_during_sampling_leaves_no_output(demo_dir, portrait, long_speech, tmp_path):
+    """A real CLI process gets SIGTERM mid-run: it exits 130 and leaves nothing in the output folder."""
+    import signal
+    import time
+
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "sonic_rt", "animate", "--model", str(demo_dir), "--image",
+                             str(portrait), "--audio", str(long_speech), "--out", str(outdir / "o.mp4")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    err = b""
+    while time.time() < deadline and b"denoising:" not in err:  # the progress bar (stderr, \r-separated)
+        chunk = os.read(proc.stderr.fileno(), 256)
+        if not chunk:
+            break
+        err += chunk
+    assert b"denoising:" in err and b"decoding" not in err  # still sampling
+    proc.send_signal(signal.SIGTERM)
+    _, rest = proc.communicate(timeout=120)
+    rest = rest.decode()
+    assert proc.returncode == 130, err.decode() + rest
+    assert "no output written" in rest
+    assert only(outdir) == []

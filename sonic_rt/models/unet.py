@@ -75,6 +75,13 @@ class _AudioAttnProcessor(nn.Module):
         self.to_v_ip = nn.ModuleList([nn.Linear(cross_attention_dim, hidden_size, bias=False)])
         self.conditioning = conditioning
 
+    @staticmethod
+    def _clip_branch(attn: Attention, hidden_states: torch.Tensor,
+                     encoder_hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The SVD cross-attention to the CLIP token: returns (query, SDPA(q, to_k(clip), to_v(clip)))."""
+        query = attn.to_q(hidden_states)
+        return query, _attention(attn, query, attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states))
+
     def _finish(self, attn: Attention, hidden_states: torch.Tensor) -> torch.Tensor:
         hidden_states = attn.to_out[0](hidden_states)
         return attn.to_out[1](hidden_states)
@@ -89,8 +96,7 @@ class SpatialAudioAttnProcessor(_AudioAttnProcessor):
     def forward(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None) -> torch.Tensor:
         cond = self.conditioning
-        query = attn.to_q(hidden_states)
-        out = _attention(attn, query, attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states))
+        query, out = self._clip_branch(attn, hidden_states, encoder_hidden_states)
         audio = cond.audio_tokens
         audio_out = _attention(attn, query, self.to_k_ip[0](audio), self.to_v_ip[0](audio))
         # [1, 1, H, W] -> [B*F, H_l*W_l, C], recomputed every call exactly as the official processor does
@@ -109,8 +115,7 @@ class TemporalAudioAttnProcessor(_AudioAttnProcessor):
     def forward(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None) -> torch.Tensor:
         cond = self.conditioning
-        query = attn.to_q(hidden_states)
-        out = _attention(attn, query, attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states))
+        query, out = self._clip_branch(attn, hidden_states, encoder_hidden_states)
         audio = cond.audio_tokens
         tokens, dim = audio.shape[-2:]
         positions = hidden_states.shape[0] // cond.batch
