@@ -551,3 +551,16 @@ def read_video(path: PathLike) -> tuple[np.ndarray, float, float | None]:
     else:
         video = np.zeros((0, vstream.height, vstream.width, 3), np.uint8)
     return video, fps, audio_s
+
+
+def write_wav(path: PathLike, samples: np.ndarray, sample_rate: int = 16000) -> Path:
+    """Write float mono ``samples`` [n] in [-1, 1] (clipped) as a 16-bit PCM WAV at ``sample_rate`` Hz."""
+    import wave
+
+    path = Path(path)
+    with wave.open(str(path), "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(sample_rate)
+        wav.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
+    return path

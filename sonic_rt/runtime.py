@@ -13,7 +13,6 @@ import os
 import tempfile
 import threading
 import time
-import wave
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -313,13 +312,7 @@ class Runtime:
         if isinstance(audio, (str, os.PathLike)):
             return audio
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="sonic_rt_audio_"))
-        path = Path(tmp) / "audio.wav"
-        with wave.open(str(path), "wb") as wav:
-            wav.setnchannels(1)
-            wav.setsampwidth(2)
-            wav.setframerate(SAMPLE_RATE)
-            wav.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
-        return path
+        return media.write_wav(Path(tmp) / "audio.wav", samples, SAMPLE_RATE)
 
     def _decoded_frames(self, latents: torch.Tensor, timer: _Timer, interpolate: bool) -> Iterator["_Chunk"]:
         """VAE-decode ``latents`` [1, N, 4, h, w] in chunks of 8 frames and interleave RIFE middles.

@@ -58,11 +58,6 @@ def long_speech(tmp_path_factory) -> Path:
 
 
 def write_wav(path: Path, samples: np.ndarray, rate: int = 16000) -> Path:
-    import wave
+    from sonic_rt.media import write_wav as _write
 
-    with wave.open(str(path), "wb") as wav:
-        wav.setnchannels(1)
-        wav.setsampwidth(2)
-        wav.setframerate(rate)
-        wav.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
-    return path
+    return _write(path, samples, rate)
