@@ -21,7 +21,7 @@ import numpy as np
 import soxr
 from PIL import Image, ImageOps
 
-from sonic_rt.errors import AudioError, ImageError, OutputPathError
+from .errors import AudioError, ImageError, InputError, OutputPathError
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -36,6 +36,18 @@ _AAC_FRAME_SIZE = 1024  # samples per AAC frame
 # --------------------------------------------------------------------------------------------------
 # Images
 # --------------------------------------------------------------------------------------------------
+
+
+def _check_input_file(path: PathLike, kind: str, error: type[InputError]) -> str:
+    """Return ``path`` as a string if it is a non-empty regular file, else raise ``error`` naming it."""
+    p = os.fspath(path)
+    if not os.path.exists(p):
+        raise error(f"{kind} file does not exist", p)
+    if os.path.isdir(p):
+        raise error(f"is a directory, not an {kind} file", p)
+    if os.path.getsize(p) == 0:
+        raise error(f"{kind} file is empty (0 bytes)", p)
+    return p
 
 
 def load_image(
@@ -74,13 +86,7 @@ def load_image(
             f"expected a path, PIL.Image.Image or numpy uint8 array, got {type(image).__name__}"
         )
 
-    path = os.fspath(image)
-    if not os.path.exists(path):
-        raise ImageError("image file does not exist", path)
-    if os.path.isdir(path):
-        raise ImageError("is a directory, not an image file", path)
-    if os.path.getsize(path) == 0:
-        raise ImageError("image file is empty (0 bytes)", path)
+    path = _check_input_file(image, "image", ImageError)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -160,13 +166,7 @@ def _reason(e: Exception) -> str:
 
 def _open_audio(path: PathLike) -> tuple[av.container.InputContainer, av.audio.stream.AudioStream]:
     """Open ``path`` and return (container, first audio stream); the caller closes the container."""
-    p = os.fspath(path)
-    if not os.path.exists(p):
-        raise AudioError("audio file does not exist", p)
-    if os.path.isdir(p):
-        raise AudioError("is a directory, not an audio file", p)
-    if os.path.getsize(p) == 0:
-        raise AudioError("audio file is empty (0 bytes)", p)
+    p = _check_input_file(path, "audio", AudioError)
     try:
         container = av.open(p, mode="r", metadata_errors="ignore")
     except (av.FFmpegError, OSError, ValueError) as e:
