@@ -21,6 +21,7 @@ import torch
 
 from .architectures import SVD_XT_SCHEDULER_CONFIG, SVD_XT_UNET_CONFIG, SVD_XT_VAE_CONFIG
 from .checkpoint import DEMO_MARKER, SVD_DIR, WHISPER_DIR
+from .face import clip_image_processor
 from .models.audio_adapters import Audio2bucketModel, AudioProjModel
 from .models.rife import IFNet
 from .models.unet import SonicUNet
@@ -63,8 +64,13 @@ def write_demo_model(out: str | Path, *, overwrite: bool = False) -> Path:
     Returns the directory. Raises FileExistsError if ``out`` exists and ``overwrite`` is False.
     """
     from diffusers import AutoencoderKLTemporalDecoder, EulerDiscreteScheduler
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection,
+    from transformers import (CLIPVisionConfig, CLIPVisionModelWithProjection,
                               WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration)
+    from transformers.utils import logging as transformers_logging
+
+    # Library chatter (save progress bars, the torchvision fallback notice) is not for our users.
+    transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
 
     out = Path(out).expanduser().resolve()
     if out.exists() and not overwrite:
@@ -82,7 +88,7 @@ def write_demo_model(out: str | Path, *, overwrite: bool = False) -> Path:
         clip = CLIPVisionModelWithProjection(CLIPVisionConfig(**DEMO_CLIP)).half()
         clip.save_pretrained(svd / "image_encoder", variant="fp16")
         EulerDiscreteScheduler.from_config(SVD_XT_SCHEDULER_CONFIG).save_pretrained(svd / "scheduler")
-        CLIPImageProcessor().save_pretrained(svd / "feature_extractor")
+        clip_image_processor().save_pretrained(svd / "feature_extractor")  # CLIPImageProcessor defaults
 
         # whisper-tiny layout: a WhisperForConditionalGeneration save (keys model.encoder.* / model.decoder.*).
         _seeded(3)

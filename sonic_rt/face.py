@@ -58,6 +58,7 @@ __all__ = [
     "face_mask_image",
     "generation_size",
     "clip_pixels",
+    "clip_image_processor",
     "Reference",
     "prepare_reference",
 ]
@@ -628,7 +629,7 @@ _clip_processor: Any = None
 _clip_lock = threading.Lock()
 
 
-def _get_clip_processor() -> Any:
+def clip_image_processor() -> Any:
     """``CLIPImageProcessor()`` with its defaults, created once.
 
     transformers 5 maps ``CLIPImageProcessor`` to a torchvision backend and falls back (with a
@@ -676,7 +677,7 @@ def clip_pixels(image: Image.Image) -> torch.Tensor:
     if image.mode != "RGB":
         image = image.convert("RGB")
     small = image.resize((224, 224), Image.LANCZOS)
-    out = _get_clip_processor()(images=small, return_tensors="pt").pixel_values
+    out = clip_image_processor()(images=small, return_tensors="pt").pixel_values
     return out.to(torch.float32).reshape(1, 3, 224, 224)
 
 
