@@ -6,6 +6,8 @@ Timeline: 16 kHz samples; 25 "audio frames" per second (640 samples each); Whisp
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 
@@ -25,14 +27,15 @@ def num_generated_frames(num_samples: int) -> int:
 
 
 @torch.no_grad()
-def whisper_hidden_states(samples: np.ndarray, feature_extractor, encoder: torch.nn.Module,
+def whisper_hidden_states(samples: np.ndarray, feature_extractor, encoder: Callable[[torch.Tensor], torch.Tensor],
                           device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the Whisper encoder once per 30 s chunk.
 
     Args:
         samples: float32 mono audio at 16 kHz, shape [S].
         feature_extractor: ``transformers.WhisperFeatureExtractor`` (80 mel bins, 3000 frames per chunk).
-        encoder: the Whisper encoder (fp32).
+        encoder: the ``whisper_encoder`` graph: input_features [1, 80, 3000] -> every hidden state stacked,
+            [1, 1500, layers+1, d_model] (:class:`sonic_rt.graphs.modules.WhisperEncoderGraph`).
 
     Returns:
         ``hidden`` [1, 1500*n_chunks, layers+1, d_model] (every hidden state stacked on dim 2) and
@@ -43,8 +46,7 @@ def whisper_hidden_states(samples: np.ndarray, feature_extractor, encoder: torch
     for start in range(0, max(len(samples), 1), WHISPER_CHUNK_SAMPLES):
         chunk = samples[start:start + WHISPER_CHUNK_SAMPLES]
         features = feature_extractor(chunk, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
-        states = encoder(features.to(device), output_hidden_states=True).hidden_states
-        stacked = torch.stack(states, dim=2)  # [1, 1500, layers+1, d_model]
+        stacked = encoder(features.to(device)).float()  # [1, 1500, layers+1, d_model]
         hidden.append(stacked)
         last.append(stacked[:, :, -1:])
     return torch.cat(hidden, dim=1), torch.cat(last, dim=1)

@@ -46,3 +46,12 @@ class OutputPathError(InputError):
 
 class CheckpointError(SonicError):
     """A model file is missing, does not match the expected keys and shapes, or is not trusted."""
+
+
+class EngineError(SonicError):
+    """An engine directory cannot be used: missing or corrupted artifact, or built for another GPU, library
+    version or precision. The message says how to rebuild it."""
+
+
+class BackendUnavailableError(SonicError):
+    """The chosen backend's library or device is not available here; the message names what to install."""

@@ -25,16 +25,17 @@ import torch
 from . import media
 from .audio_features import SAMPLE_RATE, SAMPLES_PER_AUDIO_FRAME, encode_audio, num_generated_frames, \
     whisper_hidden_states
+from .backends import Graphs
 from .checkpoint import resolve_model_dir
 from .errors import AudioError, InputError
 from .face import FaceBox, Reference, load_face_detector, prepare_reference
-from .loading import SonicModels, load_models
+from .manifest import is_engine_dir, open_engine_dir
+from .models.unet import level_face_masks
 from .sampling import SamplingConfig, Window, combine_guidance, karras_schedule, sample, scale_model_input, \
     window_starts
 
 DEFAULT_SEED = 72589          # official config `seed`
 DEFAULT_MIN_RESOLUTION = 512  # official `image_size` / `min_resolution`
-DECODE_CHUNK_SIZE = 8         # official `decode_chunk_size`: the temporal VAE mixes frames within a chunk
 OUTPUT_FPS = Fraction(25)     # after RIFE x2; Fraction(25, 2) without interpolation
 
 
@@ -77,9 +78,7 @@ def _default_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
-def _default_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    if dtype is None:
-        return torch.float16 if device.type == "cuda" else torch.float32  # official: fp16 on GPU
+def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if isinstance(dtype, str):
         names = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16,
                  "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
@@ -87,6 +86,12 @@ def _default_dtype(dtype: str | torch.dtype | None, device: torch.device) -> tor
             raise InputError(f"unknown dtype {dtype!r}; use one of {', '.join(names)}")
         dtype = names[dtype]
     return dtype
+
+
+def _default_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.float16 if device.type == "cuda" else torch.float32  # official: fp16 on GPU
+    return _parse_dtype(dtype)
 
 
 class _Timer:
@@ -115,27 +120,56 @@ class Runtime:
     """Sonic inference runtime.
 
     Args:
-        model_dir: an official-layout Sonic weights directory (see :mod:`sonic_rt.checkpoint`), or the
-            demo checkpoint (``python -m sonic_rt demo-model``).
-        device: ``"cuda"``, ``"cpu"`` or None (CUDA when available).
-        dtype: UNet/VAE/CLIP dtype; None means fp16 on CUDA (official) and fp32 on CPU.
+        model_dir: an official-layout Sonic weights directory (see :mod:`sonic_rt.checkpoint`), the demo
+            checkpoint (``python -m sonic_rt demo-model``), or an engine directory written by
+            ``python -m export.build_engines`` (its ``manifest.json`` picks the backend: onnxruntime or
+            tensorrt). A weights directory runs on the torch backend (the reference).
+        device: ``"cuda"``, ``"cpu"`` or None (CUDA when available; for engines, when the backend can use it).
+        dtype: UNet/VAE/CLIP dtype; None means fp16 on CUDA (official) and fp32 on CPU for weights, and the
+            manifest's precision for engines (asking for another precision than an engine's is an error).
         trust_pickle: allow checkpoint pickles that need arbitrary code (only for trusted files).
+        providers: ONNX Runtime execution providers for an onnxruntime engine directory (None: CPU on CPU,
+            CUDA on CUDA; e.g. ``["TensorrtExecutionProvider", "CUDAExecutionProvider"]``).
 
     Raises:
         CheckpointError: a model file is missing or does not match (names the file and the keys).
+        EngineError: an engine directory is corrupted or built for another GPU, TensorRT version or precision.
+        BackendUnavailableError: the engine's backend library or device is missing here.
         InputError: an unusable device or dtype.
 
     One Runtime may be shared between threads: :meth:`animate` calls are serialised by a lock.
     """
 
     def __init__(self, model_dir: str | os.PathLike, device: str | torch.device | None = None,
-                 dtype: str | torch.dtype | None = None, *, trust_pickle: bool = False):
-        self.device = _default_device(device)
-        self.dtype = _default_dtype(dtype, self.device)
-        self.paths = resolve_model_dir(model_dir)
-        self.models: SonicModels = load_models(self.paths, self.device, self.dtype, trust_pickle=trust_pickle)
-        self.face_detector = load_face_detector(self.paths.root)
-        marker = json.loads(self.paths.demo_marker.read_text()) if self.paths.demo_marker else None
+                 dtype: str | torch.dtype | None = None, *, trust_pickle: bool = False,
+                 providers: list[str] | None = None):
+        if is_engine_dir(model_dir):
+            requested = _parse_dtype(dtype)
+            precision = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(requested)
+            engine = open_engine_dir(model_dir, _default_device(device) if device is not None else None, precision,
+                                     providers)
+            self.graphs: Graphs = engine.graphs
+            self.device = engine.graphs.unet.device
+            self.feature_extractor = engine.feature_extractor()
+            self.scheduler_config = engine.scheduler_config
+            self.face_detector = load_face_detector(engine.root)
+            marker = engine.demo
+            self.source = engine.root
+        else:
+            from .backends.torch_backend import TorchBackend
+            from .loading import load_models
+
+            self.device = _default_device(device)
+            paths = resolve_model_dir(model_dir)
+            models = load_models(paths, self.device, _default_dtype(dtype, self.device), trust_pickle=trust_pickle)
+            self.graphs = TorchBackend.from_models(models)
+            self.feature_extractor = models.feature_extractor
+            self.scheduler_config = models.scheduler_config
+            self.face_detector = load_face_detector(paths.root)
+            marker = json.loads(paths.demo_marker.read_text()) if paths.demo_marker else None
+            self.source = paths.root
+        self.backend = self.graphs.backend
+        self.dtype = self.graphs.unet.spec.inputs[0].torch_dtype  # the working dtype of latents (official: fp16)
         self.is_demo = bool(marker and marker.get("random_weights"))
         self.default_min_resolution = int(marker["min_resolution"]) if self.is_demo else DEFAULT_MIN_RESOLUTION
         self._lock = threading.Lock()
@@ -187,7 +221,8 @@ class Runtime:
                  min_resolution, interpolate, face_box, crop, latents, progress, return_frames) -> AnimateResult:
         from tqdm.auto import tqdm
 
-        m, device, dtype = self.models, self.device, self.dtype
+        g, device, dtype = self.graphs, self.device, self.dtype
+        cfg = g.config
         timer = _Timer(device)
         t_start = time.perf_counter()
 
@@ -213,35 +248,36 @@ class Runtime:
                 pil_image, self.face_detector, face_box=FaceBox.from_user(face_box) if face_box is not None else None,
                 crop=crop, min_resolution=min_resolution or self.default_min_resolution, source=image_source)
             width, height = reference.size
-            factor = m.vae_scale_factor
-            latent_shape = (1, num_frames, m.unet.config.out_channels, height // factor, width // factor)
+            self._check_engine_shapes(width, height, config.frames_per_window)
+            factor = cfg.vae_scale_factor
+            latent_shape = (1, num_frames, cfg.latent_channels, height // factor, width // factor)
             if latents is not None and tuple(latents.shape) != latent_shape:
                 raise InputError(f"latents must have shape {list(latent_shape)} for this image and audio, "
                                  f"got {list(latents.shape)}")
 
         # 3. Audio features: Whisper once per 30 s chunk, then the per-frame adapter windows
         with timer.stage("audio_features"):
-            hidden, last = whisper_hidden_states(samples, m.feature_extractor, m.whisper_encoder, device)
+            hidden, last = whisper_hidden_states(samples, self.feature_extractor, g.whisper_encoder, device)
 
         # 4. Conditioning: CLIP embedding, VAE latents of the reference, audio tokens and buckets
         with timer.stage("conditioning"):
-            clip_embeds = m.image_encoder(reference.clip_pixels.to(device, dtype)).image_embeds  # [1, D]
+            clip_embeds = g.image_encoder(reference.clip_pixels).to(dtype)  # [1, D]
             cond_tokens, uncond_tokens, buckets = encode_audio(
-                hidden, last, audio_frames, clip_embeds, m.audio2token, m.audio2bucket, dynamic_scale=dynamic_scale)
+                hidden, last, audio_frames, clip_embeds, g.audio2token, g.audio2bucket, dynamic_scale=dynamic_scale)
             del hidden, last
-            ref = reference.ref_img.to(device, dtype)
-            scaling = m.vae.config.scaling_factor
-            image_latents = m.vae.encode(ref).latent_dist.mean  # [1, 4, h, w]; == mode(), noise_aug_strength 0
-            ref_latents = image_latents * scaling
+            image_latents = g.vae_encoder(reference.ref_img).to(dtype)  # [1, 4, h, w]; mean, noise_aug_strength 0
+            ref_latents = image_latents * cfg.vae_scaling_factor
             # CFG rows [uncond, drop_audio, cond]: image latents and CLIP are zero for uncond only
             image_rows = torch.cat([torch.zeros_like(image_latents), image_latents, image_latents])  # [3, 4, h, w]
             clip_rows = torch.cat([torch.zeros_like(clip_embeds), clip_embeds, clip_embeds]).unsqueeze(1)  # [3,1,D]
             cond_tokens, uncond_tokens = cond_tokens.to(dtype), uncond_tokens.to(dtype)
-            face_mask = reference.face_mask.to(device, dtype)
+            # the face mask of every UNet level, once per resolution (official: per layer and call)
+            face_masks = [mask.to(device, dtype) for mask in level_face_masks(
+                reference.face_mask, latent_shape[-2:], cfg.attention_levels)]
             fps_id = torch.tensor([config.fps], device=device)
 
         # 5. Initial latents: reference latents + sigma_max * noise (scheduler.add_noise at t[0])
-        sigmas, timesteps = karras_schedule(m.scheduler_config, config.steps)
+        sigmas, timesteps = karras_schedule(self.scheduler_config, config.steps)
         if latents is None:
             noise = torch.randn(latent_shape, generator=torch.Generator().manual_seed(int(seed)))
         else:
@@ -257,8 +293,8 @@ class Runtime:
                                     cond_tokens[:, window.index]])  # [3, T, 32, D]
             bucket = buckets[0, window.index].mean(dim=0)  # per-window mean, [2]
             # official builds added_time_ids as an fp16 tensor: the values are quantised to fp16
-            time_ids = torch.cat([fps_id, bucket]).half().to(dtype).expand(3, -1)  # [3, 3]
-            v = m.unet(inp, window.timestep, clip_rows, audio_rows, time_ids, face_mask)
+            time_ids = torch.cat([fps_id, bucket]).half().float().expand(3, -1)  # [3, 3]
+            v = g.unet(inp, window.timestep.reshape(1).float(), clip_rows, audio_rows, time_ids, *face_masks)
             return combine_guidance(v, config.image_guidance_scale, config.audio_guidance_scale)
 
         # 6. Denoising loop with time-aware position shift fusion
@@ -293,6 +329,22 @@ class Runtime:
                              reference=reference)
 
     # ------------------------------------------------------------------------------------------------
+    def _check_engine_shapes(self, width: int, height: int, frames_per_window: int) -> None:
+        """Engines with optimisation profiles (TensorRT) accept only the shapes they were built for: say so
+        before any model runs."""
+        unet = self.graphs.unet
+        if not unet.check_ranges:
+            return
+        factor = self.graphs.config.vae_scale_factor
+        for dim, value in (("height", height // factor), ("width", width // factor), ("frames", frames_per_window)):
+            rng = unet.spec.dims[dim]
+            if not rng.min <= value <= rng.max:
+                unit = "frames" if dim == "frames" else "pixels"
+                scale = 1 if dim == "frames" else factor
+                raise InputError(f"the engines in {self.source} take a {dim} of {rng.min * scale}..{rng.max * scale} "
+                                 f"{unit}, this video needs {value * scale}; rebuild them with a wider range "
+                                 "(python -m export.build_engines --resolution/--frames)")
+
     def _load_audio(self, audio) -> tuple[np.ndarray, str | None]:
         """Audio as float32 mono 16 kHz samples, plus the source path (None for arrays)."""
         if isinstance(audio, (str, os.PathLike)):
@@ -321,20 +373,21 @@ class Runtime:
         interpolation [f0, m01, f1, ...] where each chunk starts with the middle between the previous
         chunk's last frame and its own first, so the whole video is 2N-1 frames.
         """
-        m = self.models
-        scaling = m.vae.config.scaling_factor
+        g = self.graphs
+        scaling = g.config.vae_scaling_factor
+        chunk_size = g.vae_decoder.spec.dims["frames"].max  # official decode_chunk_size (8)
         previous = None
-        for start in range(0, latents.shape[1], DECODE_CHUNK_SIZE):
-            z = latents[0, start:start + DECODE_CHUNK_SIZE]
+        for start in range(0, latents.shape[1], chunk_size):
+            z = latents[0, start:start + chunk_size]
             with timer.stage("decode"):
-                decoded = m.vae.decode(z / scaling, num_frames=z.shape[0]).sample  # [n, 3, H, W]
+                decoded = g.vae_decoder(z / scaling)  # [n, 3, H, W]
                 frames = (decoded.float() * 0.5 + 0.5).clamp(0, 1)
             if not interpolate:
                 yield _Chunk(_to_uint8(frames), _to_uint8(frames))
                 continue
             with timer.stage("interpolate"):
                 seq = frames if previous is None else torch.cat([previous, frames])
-                middles = m.rife(seq[:-1], seq[1:]).clamp(0, 1)  # RIFE in fp32, pairs batched
+                middles = g.rife(seq[:-1], seq[1:]).clamp(0, 1)  # RIFE in fp32, pairs batched
                 # interleave: [m(prev,f0), f0, m(f0,f1), f1, ...] (no leading middle for the first chunk)
                 out = torch.stack([middles, seq[1:]], dim=1).flatten(0, 1)
                 if previous is None:

@@ -35,22 +35,17 @@ def test_windows_are_the_official_slices_with_zero_padding(window, pad):
 
 
 class _CountingEncoder(torch.nn.Module):
-    """Stand-in encoder: hidden states are functions of the mel input; counts its calls."""
+    """Stand-in for the whisper_encoder graph: stacked hidden states are functions of the mel input; counts calls."""
 
     def __init__(self):
         super().__init__()
         self.calls = 0
 
-    def forward(self, features, output_hidden_states=False):
+    def forward(self, features):
         self.calls += 1
         assert features.shape == (1, 80, 3000)
         base = features.mean(dim=1, keepdim=True).transpose(1, 2)[:, ::2]  # [1, 1500, 1]
-        states = tuple(base.expand(1, 1500, 4) * (k + 1) for k in range(3))
-
-        class Out:
-            hidden_states = states
-
-        return Out()
+        return torch.stack([base.expand(1, 1500, 4) * (k + 1) for k in range(3)], dim=2)  # [1, 1500, 3, 4]
 
 
 def test_whisper_runs_once_per_30_s_chunk():

@@ -135,7 +135,7 @@ def test_failure_during_sampling_leaves_no_file(runtime, portrait, speech, tmp_p
     def boom(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(runtime.models.rife, "forward", boom)
+    monkeypatch.setattr(runtime.graphs.rife, "run", boom)
     with pytest.raises(KeyboardInterrupt):
         runtime.animate(portrait, speech, tmp_path / "o.mp4", **FAST)
     assert only(tmp_path) == []

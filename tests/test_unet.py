@@ -9,7 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from sonic_rt.demo import DEMO_UNET_CONFIG
-from sonic_rt.models.unet import SonicUNet, SpatialAudioAttnProcessor, TemporalAudioAttnProcessor
+from diffusers.image_processor import IPAdapterMaskProcessor
+
+from sonic_rt.models.unet import (AudioAttention, SonicUNet, SpatialAudioAttnProcessor, TemporalAudioAttnProcessor,
+                                  level_face_masks)
 
 
 def attention(q, k, v, heads):
@@ -48,7 +51,8 @@ def test_every_attn2_has_a_sonic_processor_and_attn1_is_plain(unet):
 
 
 @torch.no_grad()
-def test_spatial_processor_matches_explicit_masked_attention(unet):
+@pytest.mark.parametrize("impl", list(AudioAttention))
+def test_spatial_processor_matches_explicit_masked_attention(unet, impl):
     attn = find(unet, SpatialAudioAttnProcessor)
     proc = attn.processor
     b, f, hw, c = 3, 4, 16 * 16, attn.to_q.out_features
@@ -59,7 +63,8 @@ def test_spatial_processor_matches_explicit_masked_attention(unet):
     mask = torch.zeros(1, 1, 128, 128)
     mask[..., 30:90, 40:100] = 1.0
     cond = unet.conditioning
-    cond.audio_tokens, cond.batch, cond.frames, cond.face_mask, cond.scale = audio, b, f, mask, 1.0
+    masks = level_face_masks(mask, (16, 16), [proc.level])
+    cond.audio_tokens, cond.face_masks, cond.scale, cond.attention = audio.view(b, f, 32, 32), masks, 1.0, impl
     got = attn(x, encoder_hidden_states=clip)
     q = attn.to_q(x)
     # one CLIP key: softmax over a single token is 1, so the CLIP branch is to_v(clip) at every query
@@ -69,7 +74,7 @@ def test_spatial_processor_matches_explicit_masked_attention(unet):
     want = attn.to_out[0](h)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     # queries whose mask is exactly 0 ignore the audio entirely
-    cond.audio_tokens = torch.randn_like(audio)
+    cond.audio_tokens = torch.randn_like(audio).view(b, f, 32, 32)
     other = attn(x, encoder_hidden_states=clip)
     outside = (mask_l[0, :, 0] == 0)
     assert outside.any() and not outside.all()
@@ -78,16 +83,18 @@ def test_spatial_processor_matches_explicit_masked_attention(unet):
 
 
 @torch.no_grad()
-def test_temporal_processor_attends_to_the_window_mean_audio(unet):
+@pytest.mark.parametrize("impl", list(AudioAttention))
+def test_temporal_processor_attends_to_the_window_mean_audio(unet, impl):
     attn = find(unet, TemporalAudioAttnProcessor)
     proc = attn.processor
     b, f, hw, c = 3, 5, 6, attn.to_q.out_features
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(b * hw, f, c, generator=gen)
-    clip = torch.randn(b * hw, 1, 32, generator=gen)
+    # diffusers repeats each batch row's CLIP context for all of its positions
+    clip = torch.randn(b, 1, 1, 32, generator=gen).expand(b, hw, 1, 32).reshape(b * hw, 1, 32)
     audio = torch.randn(b * f, 32, 32, generator=gen)
     cond = unet.conditioning
-    cond.audio_tokens, cond.batch, cond.frames, cond.face_mask, cond.scale = audio, b, f, None, 1.0
+    cond.audio_tokens, cond.face_masks, cond.scale, cond.attention = audio.view(b, f, 32, 32), None, 1.0, impl
     got = attn(x, encoder_hidden_states=clip)
     mean = audio.view(b, f, 32, 32).mean(dim=1)  # [B, 32, D]
     want = torch.empty_like(got)
@@ -108,11 +115,66 @@ def test_unet_forward_shapes_and_audio_dependence(unet):
     clip = torch.randn(3, 1, 32, generator=gen)
     audio = torch.randn(3, 25, 32, 32, generator=gen)
     ids = torch.tensor([[12.5, 20.0, 24.0]] * 3)
-    mask = torch.ones(1, 1, 64, 64)
-    out = unet(sample, torch.tensor(1.2), clip, audio, ids, mask)
+    masks = level_face_masks(torch.ones(1, 1, 64, 64), (8, 8), unet.attention_levels)
+    out = unet(sample, torch.tensor(1.2), clip, audio, ids, *masks)
     assert out.shape == (3, 25, 4, 8, 8)
-    again = unet(sample, torch.tensor(1.2), clip, audio, ids, mask)
+    again = unet(sample, torch.tensor(1.2), clip, audio, ids, *masks)
     assert torch.equal(out, again)
-    changed = unet(sample, torch.tensor(1.2), clip, audio.flip(0), ids, mask)
+    changed = unet(sample, torch.tensor(1.2), clip, audio.flip(0), ids, *masks)
     assert not torch.allclose(changed, out)
     assert unet.conditioning.audio_tokens is None  # cleared after the call
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("size", [(8, 8), (8, 12), (16, 8)])
+def test_level_masks_equal_the_per_layer_downsampling_of_every_attention_layer(unet, size):
+    """The masks computed once per resolution are exactly what each spatial layer's official
+    IPAdapterMaskProcessor.downsample call gives for its own query count (the per-layer computation)."""
+    gen = torch.Generator().manual_seed(4)
+    h, w = size
+    mask = torch.zeros(1, 1, 8 * h, 8 * w)
+    mask[..., 5:8 * h - 9, 13:8 * w - 3] = 1.0
+    masks = level_face_masks(mask, size, unet.attention_levels)
+    seen = []
+
+    def spy(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if isinstance(module.processor, SpatialAudioAttnProcessor):
+            level = module.processor.level
+            want = IPAdapterMaskProcessor.downsample(mask[:, 0], 1, hidden.shape[1], 1)
+            assert torch.equal(masks[level].reshape(1, -1, 1), want)
+            seen.append(level)
+
+    handles = [m.register_forward_pre_hook(spy, with_kwargs=True) for n, m in unet.unet.named_modules()
+               if n.endswith(".attn2")]
+    try:
+        unet(torch.randn(3, 2, 8, h, w, generator=gen), torch.tensor(0.3), torch.randn(3, 1, 32, generator=gen),
+             torch.randn(3, 2, 32, 32, generator=gen), torch.tensor([[12.5, 20.0, 24.0]] * 3), *masks)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert sorted(set(seen)) == list(unet.attention_levels) and len(seen) == 4
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("batch,frames,size", [(3, 25, (8, 8)), (6, 7, (8, 12)), (3, 1, (16, 8))])
+def test_simplified_attention_unet_matches_the_reference_structure(unet, batch, frames, size):
+    """AudioAttention.SDPA (to_v(clip) broadcast, temporal K/V once per window) is the same function as the
+    official structure: equal to fp32 rounding (tolerance 1e-5 abs+rel on v of magnitude ~1)."""
+    gen = torch.Generator().manual_seed(5)
+    h, w = size
+    mask = torch.zeros(1, 1, 8 * h, 8 * w)
+    mask[..., 8:40, 16:48] = 1.0
+    masks = level_face_masks(mask, size, unet.attention_levels)
+    args = (torch.randn(batch, frames, 8, h, w, generator=gen), torch.tensor([0.7]),
+            torch.randn(batch, 1, 32, generator=gen), torch.randn(batch, frames, 32, 32, generator=gen),
+            torch.tensor([[12.5, 20.0, 24.0]] * batch), *masks)
+    try:
+        unet.attention = AudioAttention.REFERENCE
+        want = unet(*args)
+        unet.attention = AudioAttention.SDPA
+        got = unet(*args)
+    finally:
+        unet.attention = AudioAttention.REFERENCE
+    assert got.shape == (batch, frames, 4, h, w)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

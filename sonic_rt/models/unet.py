@@ -17,16 +17,31 @@ Sonic changes only the 32 ``attn2`` attention processors of the SVD UNet (sonic_
 ``to_k_ip.0`` / ``to_v_ip.0`` live on the processors, so the state-dict keys are exactly the official
 ``...attn2.processor.to_k_ip.0.weight``. Everything else is diffusers' own code.
 
-The per-frame audio tokens and the face mask do not fit diffusers' UNet signature, so :class:`SonicUNet`
+Two implementations of the same function (:class:`AudioAttention`):
+
+- ``REFERENCE`` follows the official structure: full SDPA over the single CLIP token, and the temporal
+  window-mean context repeated for and projected at every spatial position;
+- ``SDPA`` uses the exact simplifications of performance.md ("exact-math savings" 2-3): softmax over one
+  key is exactly 1, so the CLIP branch is ``to_v(clip)`` broadcast to every query; the temporal audio K/V
+  are projected once per window and shared by all positions. This is what the exported graphs contain.
+
+Both read the face mask of their level from :func:`level_face_masks`, computed once per resolution with
+the official downsampling (performance.md saving 4) instead of once per layer and call.
+
+The per-frame audio tokens and the masks do not fit diffusers' UNet signature, so :class:`SonicUNet`
 hands them to its processors through :class:`AudioConditioning`, a thread-local set for the duration of
-one forward call (safe when several threads share one UNet). The processors here follow the official
-structure (mask recomputed per layer, temporal context repeated per position): this is the reference.
+one forward call (safe when several threads share one UNet; captured as graph inputs by ONNX tracing).
+Batch and frame counts are read from tensor shapes, never stored as Python ints, so a traced graph keeps
+them dynamic.
 """
 
 from __future__ import annotations
 
+import enum
+import math
+import re
 import threading
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,22 +51,28 @@ from diffusers.models.attention_processor import Attention
 from torch import nn
 
 
+class AudioAttention(enum.Enum):
+    """Implementation of Sonic's audio attention (same function, different cost)."""
+
+    REFERENCE = "reference"  # the official structure
+    SDPA = "sdpa"            # exact simplifications, torch SDPA
+
+
 class AudioConditioning(threading.local):
     """Per-call, per-thread inputs of the audio attention processors.
 
     Attributes:
-        audio_tokens: ``[B*F, T, D]`` audio tokens of every frame of the window (T = 32 officially).
-        batch: B (3 with classifier-free guidance).
-        frames: F (the window length).
-        face_mask: ``[1, 1, H, W]`` face mask in [0, 1] at pixel resolution.
+        audio_tokens: ``[B, F, T, D]`` audio tokens of every frame of the window (T = 32 officially).
+        face_masks: per UNet level l, ``[1, 1, h_l, w_l]`` face mask on the level's token grid
+            (:func:`level_face_masks`).
         scale: the audio branch scale (official ``ip_audio_scale`` = 1.0).
+        attention: which implementation the processors run.
     """
 
     audio_tokens: torch.Tensor | None = None
-    batch: int = 0
-    frames: int = 0
-    face_mask: torch.Tensor | None = None
+    face_masks: Sequence[torch.Tensor] | None = None
     scale: float = 1.0
+    attention: AudioAttention = AudioAttention.REFERENCE
 
 
 def _attention(attn: Attention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -67,20 +88,18 @@ def _attention(attn: Attention, query: torch.Tensor, key: torch.Tensor, value: t
 
 
 class _AudioAttnProcessor(nn.Module):
-    """Shared weights of Sonic's audio processors: ``to_k_ip.0`` and ``to_v_ip.0`` (Linear, no bias)."""
+    """Shared weights of Sonic's audio processors: ``to_k_ip.0`` and ``to_v_ip.0`` (Linear, no bias).
 
-    def __init__(self, hidden_size: int, cross_attention_dim: int, conditioning: AudioConditioning):
+    Args:
+        level: the UNet resolution level of the layer (0 = latent resolution), see :func:`attention_level`.
+    """
+
+    def __init__(self, hidden_size: int, cross_attention_dim: int, conditioning: AudioConditioning, level: int):
         super().__init__()
         self.to_k_ip = nn.ModuleList([nn.Linear(cross_attention_dim, hidden_size, bias=False)])
         self.to_v_ip = nn.ModuleList([nn.Linear(cross_attention_dim, hidden_size, bias=False)])
         self.conditioning = conditioning
-
-    @staticmethod
-    def _clip_branch(attn: Attention, hidden_states: torch.Tensor,
-                     encoder_hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The SVD cross-attention to the CLIP token: returns (query, SDPA(q, to_k(clip), to_v(clip)))."""
-        query = attn.to_q(hidden_states)
-        return query, _attention(attn, query, attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states))
+        self.level = level
 
     def _finish(self, attn: Attention, hidden_states: torch.Tensor) -> torch.Tensor:
         hidden_states = attn.to_out[0](hidden_states)
@@ -96,12 +115,14 @@ class SpatialAudioAttnProcessor(_AudioAttnProcessor):
     def forward(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None) -> torch.Tensor:
         cond = self.conditioning
-        query, out = self._clip_branch(attn, hidden_states, encoder_hidden_states)
-        audio = cond.audio_tokens
+        query = attn.to_q(hidden_states)
+        if cond.attention is AudioAttention.REFERENCE:
+            out = _attention(attn, query, attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states))
+        else:  # one CLIP key: its softmax weight is exactly 1
+            out = attn.to_v(encoder_hidden_states)
+        audio = cond.audio_tokens.flatten(0, 1)  # [B*F, T, D]
         audio_out = _attention(attn, query, self.to_k_ip[0](audio), self.to_v_ip[0](audio))
-        # [1, 1, H, W] -> [B*F, H_l*W_l, C], recomputed every call exactly as the official processor does
-        mask = IPAdapterMaskProcessor.downsample(cond.face_mask[:, 0], audio_out.shape[0], audio_out.shape[1],
-                                                 audio_out.shape[2]).to(dtype=query.dtype, device=query.device)
+        mask = cond.face_masks[self.level].reshape(1, -1, 1).to(query.dtype)  # [1, H_l*W_l, 1]
         out = out + cond.scale * (audio_out * mask)
         return self._finish(attn, out)
 
@@ -109,21 +130,70 @@ class SpatialAudioAttnProcessor(_AudioAttnProcessor):
 class TemporalAudioAttnProcessor(_AudioAttnProcessor):
     """Temporal attn2: cross-attention to the window-mean CLIP and audio context, no mask.
 
-    hidden_states ``[B*H_l*W_l, F, C]``; encoder_hidden_states (CLIP of the window) ``[B*H_l*W_l, 1, D]``.
+    hidden_states ``[B*H_l*W_l, F, C]``; encoder_hidden_states (CLIP of the window) ``[B*H_l*W_l, 1, D]``,
+    both ordered batch-major (row ``b * H_l*W_l + p``), as diffusers builds them.
     """
 
     def forward(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None) -> torch.Tensor:
         cond = self.conditioning
-        query, out = self._clip_branch(attn, hidden_states, encoder_hidden_states)
-        audio = cond.audio_tokens
-        tokens, dim = audio.shape[-2:]
-        positions = hidden_states.shape[0] // cond.batch
-        # [B*F, T, D] -> [B, 1, T, D] mean over the window's frames -> repeated per position [B*HW, T, D]
-        audio_mean = audio.reshape(cond.batch, cond.frames, tokens, dim).mean(dim=1, keepdim=True)
-        audio_ctx = audio_mean.repeat(1, positions, 1, 1).reshape(cond.batch * positions, tokens, dim)
-        out = out + cond.scale * _attention(attn, query, self.to_k_ip[0](audio_ctx), self.to_v_ip[0](audio_ctx))
-        return self._finish(attn, out)
+        audio = cond.audio_tokens  # [B, F, T, D]
+        batch = audio.shape[0]
+        audio_mean = audio.mean(dim=1)  # [B, T, D]
+        query = attn.to_q(hidden_states)
+        if cond.attention is AudioAttention.REFERENCE:
+            out = _attention(attn, query, attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states))
+            # the window-mean context repeated for every position: [B, T, D] -> [B*HW, T, D]
+            positions = hidden_states.shape[0] // batch
+            audio_ctx = audio_mean.repeat_interleave(positions, dim=0)
+            out = out + cond.scale * _attention(attn, query, self.to_k_ip[0](audio_ctx), self.to_v_ip[0](audio_ctx))
+            return self._finish(attn, out)
+        # every position of batch row b attends to the same K/V: fold positions into the query length
+        channels = query.shape[-1]
+        clip = encoder_hidden_states.reshape(batch, -1, encoder_hidden_states.shape[-1])[:, :1]  # [B, 1, D]
+        q = query.reshape(batch, -1, channels)  # [B, HW*F, C]
+        audio_out = _attention(attn, q, self.to_k_ip[0](audio_mean), self.to_v_ip[0](audio_mean))
+        out = attn.to_v(clip) + cond.scale * audio_out  # [B, HW*F, C]
+        return self._finish(attn, out.reshape(query.shape))
+
+
+def attention_level(name: str, num_levels: int) -> int:
+    """UNet resolution level of an attention module from its diffusers name (0 = latent resolution).
+
+    ``down_blocks.i`` run at level i, ``mid_block`` at the lowest level ``num_levels - 1`` and
+    ``up_blocks.j`` at ``num_levels - 1 - j`` (each downsampler halves, each upsampler doubles).
+    """
+    if name.startswith("mid_block."):
+        return num_levels - 1
+    match = re.match(r"(down|up)_blocks\.(\d+)\.", name)
+    if match is None:
+        raise ValueError(f"cannot place attention module {name!r} on a UNet level")
+    index = int(match.group(2))
+    return index if match.group(1) == "down" else num_levels - 1 - index
+
+
+def level_face_masks(face_mask: torch.Tensor, latent_size: tuple[int, int], levels: Sequence[int]
+                     ) -> list[torch.Tensor]:
+    """The face mask of every UNet level, exactly as the official processors downsample it per layer.
+
+    Args:
+        face_mask: ``[1, 1, H, W]`` face mask at pixel resolution, values in [0, 1].
+        latent_size: (h, w) of the latents (H/8, W/8 for SVD).
+        levels: the levels that hold audio attention (``SonicUNet.attention_levels``).
+
+    Returns:
+        one ``[1, 1, h_l, w_l]`` tensor per level in 0..max(levels) (h_l = ceil(h / 2**l)): diffusers
+        ``IPAdapterMaskProcessor.downsample(mask, 1, h_l * w_l, 1)`` (bicubic, overshoot included, padded
+        or cut to the query count), laid out on the level grid. Levels without attention get a tensor too,
+        so the list index is the level.
+    """
+    h, w = latent_size
+    masks = []
+    for level in range(max(levels) + 1):
+        h_l, w_l = math.ceil(h / 2 ** level), math.ceil(w / 2 ** level)
+        flat = IPAdapterMaskProcessor.downsample(face_mask[:, 0], 1, h_l * w_l, 1)  # [1, h_l*w_l, 1]
+        masks.append(flat.reshape(1, 1, h_l, w_l))
+    return masks
 
 
 class SonicUNet(nn.Module):
@@ -132,51 +202,65 @@ class SonicUNet(nn.Module):
     Args:
         unet: a diffusers ``UNetSpatioTemporalConditionModel`` (built from the SVD-xt ``unet/config.json``).
         audio_scale: scale of the audio branch (official ``ip_audio_scale`` = 1.0).
+        attention: which audio-attention implementation runs (:class:`AudioAttention`).
     """
 
-    def __init__(self, unet: UNetSpatioTemporalConditionModel, audio_scale: float = 1.0):
+    def __init__(self, unet: UNetSpatioTemporalConditionModel, audio_scale: float = 1.0,
+                 attention: AudioAttention = AudioAttention.REFERENCE):
         super().__init__()
         self.unet = unet
         self.conditioning = AudioConditioning()
         self.audio_scale = audio_scale
+        self.attention = AudioAttention(attention)
         cross_dim = unet.config.cross_attention_dim
+        num_levels = len(unet.config.block_out_channels)
+        levels = set()
         for name, module in unet.named_modules():
             if isinstance(module, Attention) and name.endswith(".attn2"):
+                level = attention_level(name, num_levels)
+                levels.add(level)
                 cls = TemporalAudioAttnProcessor if ".temporal_transformer_blocks." in name else SpatialAudioAttnProcessor
-                module.set_processor(cls(module.to_q.out_features, cross_dim, self.conditioning))
+                module.set_processor(cls(module.to_q.out_features, cross_dim, self.conditioning, level))
+        self.attention_levels: tuple[int, ...] = tuple(sorted(levels))
 
     @classmethod
-    def from_config(cls, config: dict[str, Any], audio_scale: float = 1.0) -> "SonicUNet":
+    def from_config(cls, config: dict[str, Any], audio_scale: float = 1.0,
+                    attention: AudioAttention = AudioAttention.REFERENCE) -> "SonicUNet":
         """Build with random weights from an SVD ``unet/config.json`` dict (use ``torch.device('meta')``
         as a context to build without allocating)."""
-        return cls(UNetSpatioTemporalConditionModel.from_config(config), audio_scale)
+        return cls(UNetSpatioTemporalConditionModel.from_config(config), audio_scale, attention)
 
     @property
     def config(self):
         return self.unet.config
 
+    @property
+    def num_face_masks(self) -> int:
+        """How many per-level masks :meth:`forward` takes (levels 0..max attention level)."""
+        return max(self.attention_levels) + 1
+
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, clip_embeds: torch.Tensor,
-                audio_tokens: torch.Tensor, added_time_ids: torch.Tensor, face_mask: torch.Tensor) -> torch.Tensor:
-        """Predict v for one window.
+                audio_tokens: torch.Tensor, added_time_ids: torch.Tensor, *face_masks: torch.Tensor) -> torch.Tensor:
+        """Predict v for one window (or a batch of windows).
 
         Args:
             sample: ``[B, F, in_channels, h, w]`` scaled noisy latents concatenated with image latents.
-            timestep: 0-dim float tensor, ``0.25 * ln(sigma)``.
+            timestep: ``[1]`` (or 0-dim) float32, ``0.25 * ln(sigma)``.
             clip_embeds: ``[B, 1, D]`` CLIP image embedding per batch row (zeros for the uncond row).
             audio_tokens: ``[B, F, T, D]`` audio tokens per frame.
             added_time_ids: ``[B, 3]`` = (fps, bucket0, bucket1).
-            face_mask: ``[1, 1, H, W]`` face mask at pixel resolution, values in [0, 1].
+            face_masks: :attr:`num_face_masks` tensors ``[1, 1, h_l, w_l]`` from :func:`level_face_masks`.
 
         Returns:
             ``[B, F, out_channels, h, w]`` v-prediction.
         """
-        batch, frames = sample.shape[:2]
+        if len(face_masks) != self.num_face_masks:
+            raise ValueError(f"SonicUNet takes {self.num_face_masks} per-level face masks, got {len(face_masks)}")
         cond = self.conditioning
-        cond.audio_tokens = audio_tokens.reshape(batch * frames, *audio_tokens.shape[2:])
-        cond.batch, cond.frames = batch, frames
-        cond.face_mask, cond.scale = face_mask, self.audio_scale
+        cond.audio_tokens, cond.face_masks = audio_tokens, face_masks
+        cond.scale, cond.attention = self.audio_scale, self.attention
         try:
             return self.unet(sample, timestep, encoder_hidden_states=clip_embeds, added_time_ids=added_time_ids,
                              return_dict=False)[0]
         finally:
-            cond.audio_tokens = cond.face_mask = None
+            cond.audio_tokens = cond.face_masks = None

@@ -1,0 +1,42 @@
+"""The torch backend: the PyTorch modules themselves (the reference every other backend is checked against)."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from ..graphs import GraphSpec, PipelineConfig, Precision, graph_modules, graph_specs
+from ..graphs.modules import FP32_GRAPHS, ShapeOptions
+from . import Graph, Graphs
+
+
+class TorchGraph(Graph):
+    """A graph run by its ``nn.Module`` under ``torch.inference_mode``."""
+
+    def __init__(self, spec: GraphSpec, module: nn.Module, device: torch.device):
+        super().__init__(spec, device)
+        self.module = module
+
+    def run(self, inputs: list[torch.Tensor], values: Mapping[str, int]) -> list[torch.Tensor]:
+        with torch.inference_mode():
+            out = self.module(*inputs)
+        return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
+class TorchBackend:
+    """Builds :class:`Graphs` over loaded :class:`~sonic_rt.loading.SonicModels`."""
+
+    name = "torch"
+
+    @classmethod
+    def from_models(cls, models) -> Graphs:
+        """Graphs over ``models`` in their own dtypes: UNet/VAE/CLIP in ``models.dtype``; Whisper, the
+        adapters and RIFE in fp32 (official)."""
+        config = PipelineConfig.from_models(models)
+        specs = graph_specs(config, ShapeOptions(), Precision.from_torch(models.dtype),
+                            fp32_graphs=FP32_GRAPHS | {"whisper_encoder"})
+        modules = graph_modules(models)
+        return Graphs(cls.name, config, {name: TorchGraph(spec, modules[name], models.device)
+                                         for name, spec in specs.items()})
