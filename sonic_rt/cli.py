@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import SonicError
 
     # SIGTERM unwinds like Ctrl-C, so the writer removes its temporary file and no partial mp4 is left.
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGTERM, raise_interrupt)
     try:
         if args.command == "demo-model":
             return _demo_model(args)
@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _raise_interrupt(signum, frame):
+def raise_interrupt(signum, frame):
+    """SIGTERM handler: unwind like Ctrl-C so temporary outputs are removed."""
     raise KeyboardInterrupt
 
 

@@ -61,3 +61,15 @@ def write_wav(path: Path, samples: np.ndarray, rate: int = 16000) -> Path:
     from sonic_rt.media import write_wav as _write
 
     return _write(path, samples, rate)
+
+
+@pytest.fixture(scope="session")
+def engine_dir(demo_dir, tmp_path_factory) -> Path:
+    """The demo checkpoint exported for the onnxruntime backend in fp32 (built once per session)."""
+    from export.build_engines import BuildOptions, build_engines
+    from sonic_rt.graphs import DimRange, ShapeOptions
+
+    out = tmp_path_factory.mktemp("engines") / "demo-ort"
+    options = BuildOptions(shapes=ShapeOptions(resolution=DimRange(128, 128, 256), windows=DimRange(1, 1, 2)))
+    build_engines(demo_dir, out, options, log=lambda _: None)
+    return out

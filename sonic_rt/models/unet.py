@@ -74,6 +74,9 @@ class AudioConditioning(threading.local):
     scale: float = 1.0
     attention: AudioAttention = AudioAttention.REFERENCE
 
+    def __deepcopy__(self, memo) -> "AudioConditioning":
+        return AudioConditioning()  # per-call state only: a copied UNet gets its own, empty
+
 
 def _attention(attn: Attention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """Multi-head SDPA at the default scale 1/sqrt(head_dim): [N, Lq, C], [N, Lk, C] -> [N, Lq, C]."""

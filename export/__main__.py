@@ -1,0 +1,5 @@
+import sys
+
+from export.build_engines import main
+
+sys.exit(main())
