@@ -45,7 +45,11 @@ def _add_animate(sub) -> None:
     p.add_argument("--no-crop", action="store_true", help="use the whole image instead of a square face crop")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=["fp16", "bf16", "fp32"],
-                   help="UNet/VAE/CLIP dtype (default: fp16 on cuda, fp32 on cpu)")
+                   help="UNet/VAE/CLIP dtype (default: fp16 on cuda, fp32 on cpu; an engine directory's own precision)")
+    p.add_argument("--attention", default="auto", choices=["auto", "reference", "sdpa", "triton"],
+                   help="audio-attention implementation of the torch backend: triton (fused kernels, CUDA), sdpa "
+                        "(exact simplifications), reference (official structure). auto: triton on cuda where it "
+                        "can run, reference on cpu")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow checkpoint pickles that need arbitrary code (only for files you trust)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -129,7 +133,8 @@ def _animate(args) -> int:
               "it is not a talking face", file=sys.stderr)
     else:
         model_dir = args.model
-    runtime = Runtime(model_dir, device=args.device, dtype=args.dtype, trust_pickle=args.trust_pickle)
+    runtime = Runtime(model_dir, device=args.device, dtype=args.dtype, trust_pickle=args.trust_pickle,
+                      attention=args.attention)
     result = runtime.animate(args.image, args.audio, args.out, steps=args.steps, seed=args.seed,
                              dynamic_scale=args.dynamic_scale, shift_offset=args.shift_offset,
                              frames_per_window=args.frames_per_window, min_resolution=args.min_resolution,

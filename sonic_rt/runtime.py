@@ -25,6 +25,7 @@ import torch
 from . import media
 from .audio_features import SAMPLE_RATE, SAMPLES_PER_AUDIO_FRAME, encode_audio, num_generated_frames, \
     whisper_hidden_states
+from .attention import resolve_attention
 from .backends import Graphs
 from .checkpoint import resolve_model_dir
 from .errors import AudioError, InputError
@@ -130,6 +131,9 @@ class Runtime:
         trust_pickle: allow checkpoint pickles that need arbitrary code (only for trusted files).
         providers: ONNX Runtime execution providers for an onnxruntime engine directory (None: CPU on CPU,
             CUDA on CUDA; e.g. ``["TensorrtExecutionProvider", "CUDAExecutionProvider"]``).
+        attention: the torch backend's audio-attention implementation (:mod:`sonic_rt.attention`): None/"auto"
+            (Triton on CUDA where it can run, else the reason is printed once; the reference on CPU),
+            "reference", "sdpa" or "triton". Engines keep standard ops: only None/"auto" is accepted there.
 
     Raises:
         CheckpointError: a model file is missing or does not match (names the file and the keys).
@@ -142,8 +146,11 @@ class Runtime:
 
     def __init__(self, model_dir: str | os.PathLike, device: str | torch.device | None = None,
                  dtype: str | torch.dtype | None = None, *, trust_pickle: bool = False,
-                 providers: list[str] | None = None):
+                 providers: list[str] | None = None, attention: str | None = None):
         if is_engine_dir(model_dir):
+            if attention not in (None, "auto"):
+                raise InputError(f"attention={attention!r} applies to the torch backend; {model_dir} holds exported "
+                                 "engines, which keep standard ops")
             requested = _parse_dtype(dtype)
             precision = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(requested)
             engine = open_engine_dir(model_dir, _default_device(device) if device is not None else None, precision,
@@ -162,6 +169,7 @@ class Runtime:
             self.device = _default_device(device)
             paths = resolve_model_dir(model_dir)
             models = load_models(paths, self.device, _default_dtype(dtype, self.device), trust_pickle=trust_pickle)
+            models.unet.attention = resolve_attention(attention, self.device, models.unet.head_dims)
             self.graphs = TorchBackend.from_models(models)
             self.feature_extractor = models.feature_extractor
             self.scheduler_config = models.scheduler_config
@@ -169,6 +177,8 @@ class Runtime:
             marker = json.loads(paths.demo_marker.read_text()) if paths.demo_marker else None
             self.source = paths.root
         self.backend = self.graphs.backend
+        unet_module = getattr(self.graphs.unet, "module", None)
+        self.attention = unet_module.attention.value if unet_module is not None else "engine"
         self.dtype = self.graphs.unet.spec.inputs[0].torch_dtype  # the working dtype of latents (official: fp16)
         self.is_demo = bool(marker and marker.get("random_weights"))
         self.default_min_resolution = int(marker["min_resolution"]) if self.is_demo else DEFAULT_MIN_RESOLUTION

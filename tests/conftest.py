@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -10,6 +11,14 @@ import numpy as np
 import pytest
 
 DATA = Path(__file__).parent / "data"
+
+# Triton kernels run in the interpreter where there is no GPU. The flag must be set before any module that
+# defines a @triton.jit kernel is imported (environment.md); on a GPU machine the kernels are compiled.
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
 
 
 @pytest.fixture(scope="session")

@@ -24,6 +24,8 @@ Two implementations of the same function (:class:`AudioAttention`):
 - ``SDPA`` uses the exact simplifications of performance.md ("exact-math savings" 2-3): softmax over one
   key is exactly 1, so the CLIP branch is ``to_v(clip)`` broadcast to every query; the temporal audio K/V
   are projected once per window and shared by all positions. This is what the exported graphs contain.
+- ``TRITON`` computes the same as ``SDPA`` with one fused kernel per layer (``kernels/audio_attention.py``),
+  which also skips the query blocks whose face mask is exactly zero.
 
 Both read the face mask of their level from :func:`level_face_masks`, computed once per resolution with
 the official downsampling (performance.md saving 4) instead of once per layer and call.
@@ -56,6 +58,7 @@ class AudioAttention(enum.Enum):
 
     REFERENCE = "reference"  # the official structure
     SDPA = "sdpa"            # exact simplifications, torch SDPA
+    TRITON = "triton"        # exact simplifications, fused Triton kernels (kernels/audio_attention.py)
 
 
 class AudioConditioning(threading.local):
@@ -119,6 +122,14 @@ class SpatialAudioAttnProcessor(_AudioAttnProcessor):
                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None) -> torch.Tensor:
         cond = self.conditioning
         query = attn.to_q(hidden_states)
+        if cond.attention is AudioAttention.TRITON:
+            from kernels.audio_attention import spatial_audio_attention
+
+            audio = cond.audio_tokens.flatten(0, 1)  # [B*F, T, D]
+            mask = cond.face_masks[self.level].reshape(-1)  # [H_l*W_l]
+            out = spatial_audio_attention(query, self.to_k_ip[0](audio), self.to_v_ip[0](audio),
+                                          attn.to_v(encoder_hidden_states)[:, 0], mask, attn.heads, cond.scale)
+            return self._finish(attn, out)
         if cond.attention is AudioAttention.REFERENCE:
             out = _attention(attn, query, attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states))
         else:  # one CLIP key: its softmax weight is exactly 1
@@ -155,6 +166,12 @@ class TemporalAudioAttnProcessor(_AudioAttnProcessor):
         channels = query.shape[-1]
         clip = encoder_hidden_states.reshape(batch, -1, encoder_hidden_states.shape[-1])[:, :1]  # [B, 1, D]
         q = query.reshape(batch, -1, channels)  # [B, HW*F, C]
+        if cond.attention is AudioAttention.TRITON:
+            from kernels.audio_attention import temporal_audio_attention
+
+            out = temporal_audio_attention(q, self.to_k_ip[0](audio_mean), self.to_v_ip[0](audio_mean),
+                                           attn.to_v(clip)[:, 0], attn.heads, cond.scale)
+            return self._finish(attn, out.reshape(query.shape))
         audio_out = _attention(attn, q, self.to_k_ip[0](audio_mean), self.to_v_ip[0](audio_mean))
         out = attn.to_v(clip) + cond.scale * audio_out  # [B, HW*F, C]
         return self._finish(attn, out.reshape(query.shape))
@@ -236,6 +253,12 @@ class SonicUNet(nn.Module):
     @property
     def config(self):
         return self.unet.config
+
+    @property
+    def head_dims(self) -> set[int]:
+        """Head dims of the audio attention layers (64 at every level of SVD-xt)."""
+        return {m.to_q.out_features // m.heads for n, m in self.unet.named_modules()
+                if isinstance(m, Attention) and n.endswith(".attn2")}
 
     @property
     def num_face_masks(self) -> int:

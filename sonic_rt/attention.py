@@ -1,0 +1,71 @@
+"""Choosing the audio-attention implementation of the torch backend (:class:`AudioAttention`).
+
+=============  =========================================================  ==============================
+name           what                                                       where
+=============  =========================================================  ==============================
+``reference``  the official structure (SDPA over the CLIP token, temporal  default on CPU: the reference
+               context projected at every position)                       every other path is checked
+                                                                          against
+``sdpa``       exact simplifications with torch SDPA (what the exported   fallback on CUDA when Triton
+               graphs contain)                                            cannot be used
+``triton``     exact simplifications, one fused Triton kernel per layer   default on CUDA where its
+               (``kernels/audio_attention.py``), zero-mask blocks skipped  constraints hold
+=============  =========================================================  ==============================
+
+``auto`` (None) picks as in the last column; when it cannot use Triton on CUDA it prints the reason once.
+Asking for ``triton`` explicitly where it cannot run is an error that names the reason.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from .errors import InputError
+from .models.unet import AudioAttention
+
+_REASONS_PRINTED: set[str] = set()
+
+
+def triton_unusable_reason(device: torch.device, head_dims: set[int]) -> str | None:
+    """Why the Triton kernels cannot run for this device and these head dims, or None when they can."""
+    try:
+        from kernels.audio_attention import SUPPORTED_HEAD_DIMS, interpreting
+    except ImportError as exc:
+        return f"triton is not installed ({exc}); pip install 'sonic_rt[gpu]'"
+    if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
+        return f"Triton kernels need a CUDA device, this runtime runs on {device}"
+    unsupported = sorted(d for d in head_dims if d not in SUPPORTED_HEAD_DIMS)
+    if unsupported:
+        return f"head dims {unsupported} are not supported by the kernels (supported: {SUPPORTED_HEAD_DIMS})"
+    return None
+
+
+def resolve_attention(requested: str | AudioAttention | None, device: torch.device,
+                      head_dims: set[int]) -> AudioAttention:
+    """The implementation to use for ``requested`` ("auto"/None, "reference", "sdpa", "triton").
+
+    Raises:
+        InputError: an unknown name, or "triton" where it cannot run (the message gives the reason).
+    """
+    if requested is None or requested == "auto":
+        if device.type != "cuda":
+            return AudioAttention.REFERENCE
+        reason = triton_unusable_reason(device, head_dims)
+        if reason is None:
+            return AudioAttention.TRITON
+        if reason not in _REASONS_PRINTED:
+            _REASONS_PRINTED.add(reason)
+            print(f"sonic_rt: Triton attention not used ({reason}); using sdpa", file=sys.stderr)
+        return AudioAttention.SDPA
+    try:
+        choice = AudioAttention(requested)
+    except ValueError:
+        raise InputError(f"unknown attention implementation {requested!r}; choose auto, "
+                         f"{', '.join(a.value for a in AudioAttention)}") from None
+    if choice is AudioAttention.TRITON:
+        reason = triton_unusable_reason(device, head_dims)
+        if reason is not None:
+            raise InputError(f"attention='triton' cannot run here: {reason}")
+    return choice
