@@ -1,0 +1,654 @@
+"""``python -m bench.backends``: the torch backend against the onnxruntime backend on CPU, side by side.
+
+What is measured, for each model size (``--sizes``), in one process:
+
+- ``demo``: the random-weight demo checkpoint (:func:`sonic_rt.demo.write_demo_model`) at 128x128;
+- ``mid``: a wider random-weight checkpoint in the same official layout (:func:`write_mid_model`: a 3-level,
+  10 M-parameter UNet with 64-wide cross-attention) at 256x256.
+
+The torch backend is ``Runtime(model_dir)``, the PyTorch reference exactly as it runs the pipeline (the UNet in
+the official attention structure). The onnxruntime backend is ``Runtime(engine_dir)`` over an fp32 engine
+directory built by :func:`export.build_engines.build_engines` (CPU execution provider; its UNet holds the
+exact attention simplifications of performance.md, savings 2-3). Engines and checkpoints are cached under
+``engines/bench/`` and reused while their inputs are unchanged (build_engines checks the hashes).
+
+1. **Per graph** (``graph <name>`` rows): each of the eight graphs of :mod:`sonic_rt.graphs`, both backends
+   fed the same inputs (``spec.sample_inputs("opt")`` of the engine's spec: the workload's own shapes, e.g. the
+   UNet at batch 3 x 25 frames). Two warm-up calls, then the median of ``--repeats`` calls (fewer for a graph
+   whose call is so slow that the repeats would exceed ``--budget`` seconds; the count used is recorded).
+   ``max|diff|`` is the largest absolute difference between the two backends' outputs.
+2. **Whole video** (``video <stage>`` rows): a real portrait (skimage's astronaut) and ~3 s of real speech
+   (espeak-ng) through ``Runtime.animate(out=None, steps=S)``: one warm-up call per backend at ``steps=1``, then
+   one measured call. Seconds per stage from ``AnimateResult.timings`` (no ``encode``: nothing is written), and
+   generated frames per second (N / total). ``max|diff|`` / PSNR compare the decoded uint8 frames.
+3. **Efficiency**: achieved GFLOP/s of one UNet call per backend. FLOPs are counted once per attention
+   structure with ``torch.utils.flop_counter.FlopCounterMode`` on the torch graph at the same inputs: the
+   official structure (what the torch backend runs) and the exported one (what onnxruntime runs; a few %
+   fewer FLOPs). Each backend's rate is its own FLOPs over its median time, also given as a fraction of this
+   machine's measured fp32 GEMM rate (a 2048^3 ``torch.mm``, a practical ceiling for either backend).
+
+How to read it: ``speedup`` = torch seconds / onnxruntime seconds (> 1: onnxruntime is faster). The sizes are
+small random-weight models, so the numbers show backend overheads and kernel quality on CPU at these widths,
+not the cost of the real 1.5 B-parameter Sonic UNet. A table per size goes to stdout, progress to stderr, and
+everything (machine, date, command, settings, every time) to the JSON file (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CACHE = REPO / "engines" / "bench"
+DEFAULT_OUT = REPO / "bench" / "results" / "backends-cpu.json"
+BACKENDS = ("torch", "onnxruntime")
+STAGES = ("preprocess", "audio_features", "conditioning", "denoise", "decode", "interpolate", "encode", "total")
+SPEECH = "Hello, this is a benchmark of the sonic runtime."  # ~2.8 s with espeak-ng: 35 frames, 2 windows per step
+WARMUP = 2
+GEMM_SIZE = 2048
+
+# The mid-size checkpoint: the demo's Whisper, VAE and RIFE; a wider 3-level UNet (SVD's block types, one level
+# fewer) and a 64-wide cross-attention, so CLIP's projection and the audio adapters are rewritten to match.
+MID_VERSION = 1
+MID_RESOLUTION = 256
+MID_UNET_OVERRIDES = {
+    "block_out_channels": [64, 128, 128],
+    "down_block_types": ["CrossAttnDownBlockSpatioTemporal"] * 2 + ["DownBlockSpatioTemporal"],
+    "up_block_types": ["UpBlockSpatioTemporal"] + ["CrossAttnUpBlockSpatioTemporal"] * 2,
+    "num_attention_heads": [2, 4, 4],
+    "layers_per_block": 1,
+    "cross_attention_dim": 64,
+    "sample_size": MID_RESOLUTION // 8,
+}
+
+
+class BenchError(Exception):
+    """A setup problem the user can fix (message says how)."""
+
+
+def log(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------------------
+def _marker(model_dir: Path) -> dict[str, Any] | None:
+    from sonic_rt.checkpoint import DEMO_MARKER
+
+    try:
+        return json.loads((model_dir / DEMO_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_mid_model(out: str | os.PathLike) -> Path:
+    """Write the mid-size random-weight checkpoint to ``out`` (replaced atomically).
+
+    The demo checkpoint (:func:`sonic_rt.demo.write_demo_model`) with the UNet config and ``Sonic/unet.pth``
+    replaced by the wider :data:`MID_UNET_OVERRIDES` UNet, and every file whose width is the UNet's
+    cross-attention dim rewritten to match (the loader is strict): CLIP's ``projection_dim`` (its embedding is
+    the UNet's CLIP token), ``audio2token``'s token width and ``audio2bucket``'s CLIP input. Seeded.
+    """
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from sonic_rt.checkpoint import DEMO_MARKER, SVD_DIR
+    from sonic_rt.demo import (DEMO_ADAPTER_HIDDEN, DEMO_CLIP, DEMO_SEED, DEMO_UNET_CONFIG, DEMO_WHISPER,
+                               write_demo_model)
+    from sonic_rt.loading import AUDIO2BUCKET_WINDOW, AUDIO2TOKEN_WINDOW, NUM_BUCKETS
+    from sonic_rt.models.audio_adapters import Audio2bucketModel, AudioProjModel
+    from sonic_rt.models.unet import SonicUNet
+
+    out = Path(out).resolve()
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write_demo_model(tmp)
+        svd = tmp / SVD_DIR
+        unet_config = {**DEMO_UNET_CONFIG, **MID_UNET_OVERRIDES}
+        cross = unet_config["cross_attention_dim"]
+        whisper_states = DEMO_WHISPER["encoder_layers"] + 1
+        context_tokens = 32  # official audio2token tokens per frame (as the demo)
+        # 1. the UNet: config in the SVD layout, weights as a plain state dict (as demo.py saves them)
+        (svd / "unet/config.json").write_text(json.dumps(unet_config, indent=2))
+        torch.manual_seed(DEMO_SEED + 101)
+        torch.save(SonicUNet.from_config(unet_config).unet.state_dict(), tmp / "Sonic/unet.pth")
+        # 2. CLIP with the UNet's cross-attention width as its projection
+        torch.manual_seed(DEMO_SEED + 102)
+        clip = CLIPVisionModelWithProjection(CLIPVisionConfig(**{**DEMO_CLIP, "projection_dim": cross})).half()
+        clip.save_pretrained(svd / "image_encoder", variant="fp16")
+        # 3. the audio adapters: tokens of width `cross`; the bucket model reads the CLIP embedding
+        torch.manual_seed(DEMO_SEED + 103)
+        a2t = AudioProjModel(AUDIO2TOKEN_WINDOW, whisper_states, DEMO_WHISPER["d_model"], DEMO_ADAPTER_HIDDEN, cross,
+                             context_tokens)
+        torch.save(a2t.state_dict(), tmp / "Sonic/audio2token.pth")
+        torch.manual_seed(DEMO_SEED + 104)
+        a2b = Audio2bucketModel(AUDIO2BUCKET_WINDOW, 1, DEMO_WHISPER["d_model"], cross, DEMO_ADAPTER_HIDDEN, 1,
+                                NUM_BUCKETS)
+        torch.save(a2b.state_dict(), tmp / "Sonic/audio2bucket.pth")
+        marker = json.loads((tmp / DEMO_MARKER).read_text())
+        marker.update(min_resolution=MID_RESOLUTION, bench_size="mid", bench_version=MID_VERSION,
+                      note="sonic_rt bench mid-size checkpoint (bench/backends.py): RANDOM WEIGHTS in the official "
+                           "Sonic layout, the demo with a wider UNet. Its video is not a talking face.")
+        (tmp / DEMO_MARKER).write_text(json.dumps(marker, indent=2))
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _write_demo(out: Path) -> Path:
+    from sonic_rt.demo import write_demo_model
+
+    return write_demo_model(out, overwrite=True)
+
+
+def _demo_current(marker: dict | None) -> bool:
+    from sonic_rt.demo import DEMO_VERSION
+
+    return bool(marker) and marker.get("version") == DEMO_VERSION and "bench_size" not in marker
+
+
+def _mid_current(marker: dict | None) -> bool:
+    from sonic_rt.demo import DEMO_VERSION
+
+    return bool(marker) and marker.get("version") == DEMO_VERSION and marker.get("bench_version") == MID_VERSION
+
+
+@dataclass(frozen=True)
+class Size:
+    """One model size of the benchmark."""
+
+    name: str
+    resolution: int                       # video height = width in pixels (the engine's opt shape)
+    steps: int                            # default denoising steps of the whole-video run
+    write: Callable[[Path], Path]         # writes the checkpoint into a directory
+    current: Callable[[dict | None], bool]  # is a cached checkpoint (its marker) up to date
+    description: str
+
+
+SIZES = {
+    "demo": Size("demo", 128, 25, _write_demo, _demo_current,
+                 "demo checkpoint: UNet [32, 32], cross-attention 32; 128x128"),
+    "mid": Size("mid", MID_RESOLUTION, 2, write_mid_model, _mid_current,
+                "UNet [64, 128, 128], heads [2, 4, 4], cross-attention 64; 256x256"),
+}
+
+
+def ensure_model(size: Size, cache: Path) -> Path:
+    """The cached checkpoint of ``size`` under ``cache``, written when missing or outdated."""
+    target = cache / f"{size.name}-model"
+    if size.current(_marker(target)):
+        log(f"{size.name}: reusing checkpoint {target}")
+        return target
+    log(f"{size.name}: writing checkpoint {target}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return size.write(target)
+
+
+def ensure_engines(model_dir: Path, out: Path, resolution: int) -> tuple[Path, dict[str, list[str]]]:
+    """Build (or reuse unchanged) the onnxruntime fp32 engines of ``model_dir`` in ``out``."""
+    from export.build_engines import BuildOptions, build_engines
+    from sonic_rt.graphs import DimRange, ShapeOptions
+
+    options = BuildOptions(backend="onnxruntime", shapes=ShapeOptions(
+        resolution=DimRange(resolution, resolution, 2 * resolution)))
+    report = build_engines(model_dir, out, options, log=lambda line: log(f"build: {line}"),
+                           device=torch.device("cpu"), command="bench.backends")
+    return report.out, {name: list(action) for name, action in report.actions.items()}
+
+
+def check_engines_match(model_dir: Path, engine_dir: Path) -> None:
+    """Refuse an engine directory built from other weights than ``model_dir`` (the diffs would be meaningless)."""
+    from sonic_rt.manifest import read_manifest, sha256_file
+
+    files = read_manifest(engine_dir)["source"]["files"]
+    for rel, digest in files.items():
+        path = model_dir / rel
+        if not path.is_file() or sha256_file(path) != digest:
+            raise BenchError(f"{engine_dir} was not built from {model_dir} ({rel} differs); rebuild it with "
+                             f"python -m export.build_engines --model {model_dir} --out {engine_dir}, or drop --engines")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------------------------------------
+def ensure_inputs(cache: Path) -> tuple[Path, Path]:
+    """skimage's astronaut as a PNG and ~2.8 s of espeak-ng speech, written once under ``cache/inputs``."""
+    folder = cache / "inputs"
+    folder.mkdir(parents=True, exist_ok=True)
+    image = folder / "astronaut.png"
+    audio = folder / f"speech-{hashlib.sha256(SPEECH.encode()).hexdigest()[:8]}.wav"  # named by its text
+    if not image.is_file():
+        from PIL import Image
+        from skimage import data
+
+        tmp = image.with_name(f".{image.stem}.{os.getpid()}.png")
+        Image.fromarray(data.astronaut()).save(tmp)
+        os.replace(tmp, image)
+    if not audio.is_file():
+        if shutil.which("espeak-ng") is None:
+            raise BenchError("espeak-ng is not installed: the whole-video run needs real speech (apt-get install "
+                             "espeak-ng), or pass --no-video to time the graphs only")
+        tmp = audio.with_name(f".{audio.stem}.{os.getpid()}.wav")
+        subprocess.run(["espeak-ng", "-w", str(tmp), SPEECH], check=True, capture_output=True)
+        os.replace(tmp, audio)
+    return image, audio
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Measurements
+# ---------------------------------------------------------------------------------------------------------
+def time_calls(fn: Callable[[], Any], repeats: int, budget_s: float) -> tuple[Any, list[float], list[float]]:
+    """:data:`WARMUP` calls, then up to ``repeats`` timed calls (at least 1; fewer when the last warm-up call
+    says they would take more than ``budget_s``). Returns the last warm-up output and both lists of seconds."""
+    warm = []
+    for _ in range(WARMUP):
+        start = time.perf_counter()
+        out = fn()
+        warm.append(time.perf_counter() - start)
+    n = max(1, min(repeats, int(budget_s // max(warm[-1], 1e-9))))
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return out, warm, times
+
+
+def max_abs_diff(a, b) -> tuple[float, float]:
+    """(max |a - b|, max |a|) over one tensor or matching tuples of tensors."""
+    a = a if isinstance(a, tuple) else (a,)
+    b = b if isinstance(b, tuple) else (b,)
+    diff = max(float((x.float() - y.float()).abs().max()) for x, y in zip(a, b))
+    return diff, max(float(x.float().abs().max()) for x in a)
+
+
+def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs (1 multiply or add = 1) of one call, counted by ``FlopCounterMode``; CPU's fused SDPA kernel, which
+    torch's table lacks, is counted like the CUDA ones (QK^T and PV)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def unet_flops(graph, inputs) -> dict[str, int]:
+    """FLOPs of one UNet call in both attention structures, on the torch graph (count once each)."""
+    from sonic_rt.models.unet import AudioAttention
+
+    module = graph.module
+    before = module.attention
+    counts = {}
+    try:
+        for structure, key in ((AudioAttention.REFERENCE, "torch"), (AudioAttention.SDPA, "onnxruntime")):
+            module.attention = structure
+            counts[key] = count_flops(lambda: graph(*inputs))
+    finally:
+        module.attention = before
+    return {"torch": counts["torch"], "onnxruntime": counts["onnxruntime"]}
+
+
+def gemm_gflops(repeats: int) -> float:
+    """This machine's fp32 ``torch.mm`` rate at :data:`GEMM_SIZE` (median of ``repeats`` after warm-up)."""
+    a = torch.randn(GEMM_SIZE, GEMM_SIZE, generator=torch.Generator().manual_seed(0))
+    _, _, times = time_calls(lambda: torch.mm(a, a), max(repeats, 3), budget_s=30.0)
+    return 2 * GEMM_SIZE ** 3 / statistics.median(times) / 1e9
+
+
+def bench_graphs(runtimes: dict, names: Sequence[str], repeats: int, budget_s: float) -> dict[str, Any]:
+    """Per graph: median seconds per backend at the engine spec's opt inputs, and the output difference."""
+    results = {}
+    for name in names:
+        graphs = {backend: runtimes[backend].graphs.graphs[name] for backend in BACKENDS}
+        inputs = graphs["onnxruntime"].spec.sample_inputs("opt", seed=0)
+        entry: dict[str, Any] = {"inputs": {t.name: list(x.shape) for t, x in
+                                            zip(graphs["onnxruntime"].spec.inputs, inputs)}}
+        outputs = {}
+        for backend, graph in graphs.items():
+            outputs[backend], warm, times = time_calls(lambda: graph(*inputs), repeats, budget_s)
+            entry[backend] = {"median_s": statistics.median(times), "times_s": times, "warmup_s": warm,
+                              "repeats": len(times)}
+        entry["speedup"] = entry["torch"]["median_s"] / entry["onnxruntime"]["median_s"]
+        entry["max_abs_diff"], entry["max_abs_torch"] = max_abs_diff(outputs["torch"], outputs["onnxruntime"])
+        log(f"  graph {name}: torch {entry['torch']['median_s']:.4f} s, onnxruntime "
+            f"{entry['onnxruntime']['median_s']:.4f} s (x{entry['speedup']:.2f}), max|diff| {entry['max_abs_diff']:.2g}")
+        results[name] = entry
+    return results
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float | None:
+    """PSNR in dB of two uint8 videos (None when identical)."""
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return None if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
+
+
+def bench_video(runtimes: dict, image: Path, audio: Path, steps: int, resolution: int) -> dict[str, Any]:
+    """One warm-up animate (steps=1) and one measured animate (``steps``) per backend; stage times and frames."""
+    from sonic_rt.audio_features import SAMPLE_RATE
+    from sonic_rt.media import load_audio
+    from sonic_rt.sampling import SamplingConfig, window_starts
+
+    common = dict(out=None, progress=False, min_resolution=resolution)
+    entry: dict[str, Any] = {"steps": steps, "resolution": resolution}
+    frames = {}
+    for backend in BACKENDS:
+        rt = runtimes[backend]
+        log(f"  video {backend}: warm-up (steps=1)")
+        rt.animate(image, audio, steps=1, **common)
+        log(f"  video {backend}: measuring (steps={steps})")
+        result = rt.animate(image, audio, steps=steps, return_frames=True, **common)
+        frames[backend] = result.frames
+        n = result.num_generated_frames
+        config = SamplingConfig()  # animate's defaults: 25-frame windows
+        unet_calls = steps * len(window_starts(n, config.frames_per_window, 0, config.shift_offset))
+        entry[backend] = {"timings_s": dict(result.timings), "frames_per_s": n / result.timings["total"],
+                          "unet_calls": unet_calls, "denoise_per_unet_call_s": result.timings["denoise"] / unet_calls}
+        entry.update(num_generated_frames=n, size=[result.width, result.height])
+        log(f"  video {backend}: {result.timings['total']:.2f} s, {entry[backend]['frames_per_s']:.2f} frames/s")
+    entry["audio_s"] = len(load_audio(audio, SAMPLE_RATE)) / SAMPLE_RATE
+    entry["speedup"] = {stage: entry["torch"]["timings_s"][stage] / entry["onnxruntime"]["timings_s"][stage]
+                        for stage in STAGES if stage in entry["torch"]["timings_s"]
+                        and entry["onnxruntime"]["timings_s"].get(stage)}
+    a, b = frames["torch"], frames["onnxruntime"]
+    entry["frames_max_abs_diff"] = int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+    entry["frames_psnr_db"] = psnr(a, b)
+    return entry
+
+
+def bench_size(size: Size, args, image_audio: tuple[Path, Path] | None, gemm: float) -> dict[str, Any]:
+    import sonic_rt
+    from sonic_rt.graphs.modules import GRAPH_NAMES
+
+    started = time.perf_counter()
+    # 1. Checkpoint and engines (cached, reused while unchanged)
+    model_dir = Path(args.model).resolve() if args.model else ensure_model(size, args.cache)
+    build = None
+    if args.engines and (Path(args.engines) / "manifest.json").is_file():
+        engine_dir = Path(args.engines).resolve()
+        log(f"{size.name}: using engines {engine_dir}")
+    else:
+        engine_dir = Path(args.engines) if args.engines else args.cache / f"{size.name}-ort"
+        log(f"{size.name}: building/reusing onnxruntime fp32 engines in {engine_dir}")
+        t = time.perf_counter()
+        engine_dir, actions = ensure_engines(model_dir, engine_dir, size.resolution)
+        build = {"seconds": time.perf_counter() - t, "actions": actions}
+    check_engines_match(model_dir, engine_dir)
+
+    # 2. Both runtimes, loaded once
+    log(f"{size.name}: loading the torch runtime ({model_dir}) and the onnxruntime runtime ({engine_dir})")
+    runtimes = {"torch": sonic_rt.Runtime(model_dir, device="cpu"),
+                "onnxruntime": sonic_rt.Runtime(engine_dir, device="cpu")}
+    result: dict[str, Any] = {"description": size.description, "model_dir": str(model_dir),
+                              "engine_dir": str(engine_dir), "build": build,
+                              "unet_config": dict(runtimes["torch"].graphs.unet.module.config)}
+
+    # 3. Per graph
+    names = GRAPH_NAMES if args.graphs is None else args.graphs
+    log(f"{size.name}: timing {len(names)} graphs ({WARMUP} warm-up calls, median of up to {args.repeats})")
+    result["graphs"] = bench_graphs(runtimes, names, args.repeats, args.budget)
+
+    # 4. Efficiency: achieved GFLOP/s of the UNet call
+    if "unet" in result["graphs"]:
+        unet = result["graphs"]["unet"]
+        inputs = runtimes["onnxruntime"].graphs.unet.spec.sample_inputs("opt", seed=0)
+        flops = unet_flops(runtimes["torch"].graphs.unet, inputs)
+        rates = {b: flops[b] / unet[b]["median_s"] / 1e9 for b in BACKENDS}
+        result["efficiency"] = {
+            "unet_flops": flops, "unet_gflops_per_s": rates, "gemm_gflops_per_s": gemm,
+            "fraction_of_gemm": {b: rates[b] / gemm for b in BACKENDS},
+            "note": "FLOPs counted with torch FlopCounterMode on the torch graph at the same inputs, once in the "
+                    "official attention structure (torch) and once in the exported one (onnxruntime); "
+                    "gemm = fp32 torch.mm 2048^3 on this machine"}
+
+    # 5. Whole video
+    if image_audio is not None:
+        steps = args.steps or size.steps
+        log(f"{size.name}: whole video, {steps} steps at {size.resolution}x{size.resolution}")
+        result["video"] = bench_video(runtimes, *image_audio, steps, size.resolution)
+    result["seconds"] = time.perf_counter() - started
+    log(f"{size.name}: done in {result['seconds']:.1f} s")
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------------------
+def machine_info() -> dict[str, Any]:
+    import onnxruntime
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "-C", str(REPO), "status", "--porcelain"], capture_output=True,
+                                    text=True, check=True).stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        commit, dirty = None, None
+    return {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
+            "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "python": platform.python_version(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "onnxruntime_threads": os.environ.get("SONIC_RT_ORT_THREADS") or "default (physical cores)",
+            "git_commit": commit, "git_dirty": dirty, "load_average_at_start": _load_average()}
+
+
+def _load_average() -> list[float] | None:
+    """1/5/15-minute load averages: other work on a shared CPU shows here (and in every time)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
+def format_table(name: str, result: dict[str, Any]) -> str:
+    rows = []
+    for graph, e in result["graphs"].items():
+        rows.append((f"graph {graph}", e["torch"]["median_s"], e["onnxruntime"]["median_s"], e["speedup"],
+                     f"{e['max_abs_diff']:.2g}"))
+    video = result.get("video")
+    if video:
+        t, o = video["torch"]["timings_s"], video["onnxruntime"]["timings_s"]
+        for stage in STAGES:
+            if stage in t or stage in o:
+                speed = video["speedup"].get(stage)
+                rows.append((f"video {stage}", t.get(stage), o.get(stage), speed, ""))
+        rows.append(("video frames/s", video["torch"]["frames_per_s"], video["onnxruntime"]["frames_per_s"],
+                     video["onnxruntime"]["frames_per_s"] / video["torch"]["frames_per_s"],
+                     f"{video['frames_max_abs_diff']} (PSNR {_psnr_text(video['frames_psnr_db'])})"))
+    eff = result.get("efficiency")
+    if eff:
+        rows.append(("UNet GFLOP/s", eff["unet_gflops_per_s"]["torch"], eff["unet_gflops_per_s"]["onnxruntime"],
+                     None, ""))
+    header = ("stage/graph", "torch s", "onnxruntime s", "speedup", "max|diff|")
+    lines = [f"{header[0]:<22} {header[1]:>10} {header[2]:>14} {header[3]:>8}  {header[4]}"]
+    for label, a, b, speed, diff in rows:
+        if label == "UNet GFLOP/s" or label == "video frames/s":
+            a_s, b_s = f"{a:.2f}", f"{b:.2f}"
+        else:
+            a_s, b_s = _fmt(a), _fmt(b)
+        speed_s = "" if speed is None else f"x{speed:.2f}"
+        lines.append(f"{label:<22} {a_s:>10} {b_s:>14} {speed_s:>8}  {diff}")
+    title = f"== {name}: {result['description']}"
+    if video:
+        title += (f"; {video['audio_s']:.2f} s of speech = {video['num_generated_frames']} frames, "
+                  f"{video['steps']} steps")
+    lines.insert(0, title + " ==")
+    if eff:
+        f = eff["fraction_of_gemm"]
+        lines.append(f"efficiency: UNet call at {eff['unet_gflops_per_s']['torch']:.1f} GFLOP/s (torch, "
+                     f"{f['torch']:.0%} of this CPU's fp32 GEMM rate {eff['gemm_gflops_per_s']:.0f} GFLOP/s) vs "
+                     f"{eff['unet_gflops_per_s']['onnxruntime']:.1f} GFLOP/s (onnxruntime, {f['onnxruntime']:.0%})")
+    return "\n".join(lines)
+
+
+def _psnr_text(value: float | None) -> str:
+    return "identical" if value is None else f"{value:.1f} dB"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------------
+def parser() -> argparse.ArgumentParser:
+    from sonic_rt.graphs.modules import GRAPH_NAMES
+
+    sizes = "\n".join(f"  {s.name:<5} {s.description}; video at {s.steps} steps"
+                      for s in SIZES.values())
+    p = argparse.ArgumentParser(
+        prog="python -m bench.backends", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=f"""\
+Time the torch backend (the PyTorch reference) against the onnxruntime backend (exported fp32 ONNX,
+CPU execution provider) on CPU, in one process, for each model size:
+
+  graph <name>   each of the eight graphs on the same inputs (the engine's opt shapes): {WARMUP} warm-up
+                 calls, then the median of --repeats calls; max|diff| between the two outputs
+  video <stage>  Runtime.animate on a real portrait and ~3 s of espeak-ng speech: one warm-up call at
+                 steps=1, one measured call; seconds per stage, frames/s, max|diff| and PSNR of frames
+  UNet GFLOP/s   the efficiency figure: FLOPs of one UNet call (torch FlopCounterMode) / median time,
+                 also as a fraction of this CPU's measured fp32 GEMM rate
+
+speedup = torch seconds / onnxruntime seconds (> 1: onnxruntime is faster). A table per size goes
+to stdout, progress to stderr, all numbers with machine, date and command to --out (JSON).
+
+sizes (random-weight checkpoints in the official layout, cached in --cache):
+{sizes}""",
+        epilog="example: python -m bench.backends --sizes demo --threads 2 --out bench/results/backends-cpu.json")
+    p.add_argument("--sizes", default=",".join(SIZES), help=f"comma-separated model sizes from {', '.join(SIZES)} "
+                   "(default: all)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps of the measured whole-video run "
+                   "(default per size: " + ", ".join(f"{s.name} {s.steps}" for s in SIZES.values()) + ")")
+    p.add_argument("--repeats", type=int, default=5, help="timed calls per graph and backend after the warm-up; "
+                   "the median is reported (default 5)")
+    p.add_argument("--budget", type=float, default=12.0, help="seconds per graph and backend: a graph whose call "
+                   "is slower gets fewer repeats, at least 1 (default 12)")
+    p.add_argument("--graphs", default="all", help=f"comma-separated graphs to time from {', '.join(GRAPH_NAMES)}, "
+                   "'all' (default) or 'none'")
+    p.add_argument("--video", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the whole-video comparison (needs espeak-ng; default: yes)")
+    p.add_argument("--threads", type=int, default=None, help="threads for both backends: torch.set_num_threads and "
+                   "SONIC_RT_ORT_THREADS (default: each library's own default)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file (default: "
+                   f"{DEFAULT_OUT.relative_to(REPO)})")
+    p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where checkpoints, engines and inputs are "
+                   f"cached (default: {DEFAULT_CACHE.relative_to(REPO)})")
+    p.add_argument("--model", type=Path, default=None, help="use this checkpoint directory instead of the cached "
+                   "one (one size only)")
+    p.add_argument("--engines", type=Path, default=None, help="use this onnxruntime engine directory (built if it "
+                   "is not one yet) instead of the cached one (one size only); it must be built from the same "
+                   "weights")
+    return p
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    from sonic_rt.graphs.modules import GRAPH_NAMES
+
+    p = parser()
+    args = p.parse_args(argv)
+    args.sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    unknown = [s for s in args.sizes if s not in SIZES]
+    if not args.sizes or unknown:
+        p.error(f"--sizes takes {', '.join(SIZES)}; got {unknown or 'nothing'}")
+    if (args.model or args.engines) and len(args.sizes) != 1:
+        p.error("--model and --engines need exactly one size in --sizes")
+    if args.graphs == "all":
+        args.graphs = None
+    elif args.graphs == "none":
+        args.graphs = []
+    else:
+        args.graphs = [g.strip() for g in args.graphs.split(",") if g.strip()]
+        unknown = [g for g in args.graphs if g not in GRAPH_NAMES]
+        if unknown:
+            p.error(f"unknown graphs {unknown}; choose from {', '.join(GRAPH_NAMES)}")
+    for name in ("repeats", "steps", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name} must be >= 1")
+    args.cache = args.cache.resolve()
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse(argv)
+    command = shlex.join(["python", "-m", "bench.backends", *(sys.argv[1:] if argv is None else argv)])
+    saved = torch.get_num_threads(), os.environ.get("SONIC_RT_ORT_THREADS")
+    if args.threads:  # before any runtime is loaded: the ORT backend reads the variable at session creation
+        torch.set_num_threads(args.threads)
+        os.environ["SONIC_RT_ORT_THREADS"] = str(args.threads)
+    try:
+        from sonic_rt.errors import SonicError
+
+        try:
+            image_audio = ensure_inputs(args.cache) if args.video else None
+            report: dict[str, Any] = {
+                "benchmark": "bench.backends: torch vs onnxruntime (CPU)",
+                "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "command": command, "machine": machine_info(),
+                "settings": {"sizes": args.sizes, "steps": {s: args.steps or SIZES[s].steps for s in args.sizes},
+                             "repeats": args.repeats, "warmup": WARMUP, "budget_s": args.budget,
+                             "graphs": args.graphs, "video": args.video, "threads": args.threads,
+                             "inputs": {"image": "skimage.data.astronaut", "speech": f"espeak-ng: {SPEECH!r}"},
+                             "onnxruntime": "fp32 engines, CPUExecutionProvider",
+                             "speedup": "torch seconds / onnxruntime seconds"},
+                "sizes": {}}
+            log(f"measuring the fp32 GEMM rate ({GEMM_SIZE}^3 torch.mm, {torch.get_num_threads()} threads)")
+            gemm = gemm_gflops(args.repeats)
+            for name in args.sizes:
+                report["sizes"][name] = bench_size(SIZES[name], args, image_audio, gemm)
+                print(format_table(name, report["sizes"][name]), flush=True)
+                print(flush=True)
+        except (SonicError, BenchError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        report["machine"]["load_average_at_end"] = _load_average()
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1) + "\n")
+        log(f"wrote {args.out}")
+        return 0
+    finally:
+        torch.set_num_threads(saved[0])
+        if saved[1] is None:
+            os.environ.pop("SONIC_RT_ORT_THREADS", None)
+        else:
+            os.environ["SONIC_RT_ORT_THREADS"] = saved[1]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
