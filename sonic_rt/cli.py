@@ -50,6 +50,12 @@ def _add_animate(sub) -> None:
                    help="audio-attention implementation of the torch backend: triton (fused kernels, CUDA), sdpa "
                         "(exact simplifications), reference (official structure). auto: triton on cuda where it "
                         "can run, reference on cpu")
+    p.add_argument("--windows-per-call", type=int, default=1,
+                   help="shift-fusion windows batched into one UNet call (batch 3x; engines must be built with "
+                        "--windows covering it)")
+    p.add_argument("--lanes", type=int, default=1,
+                   help="windows of a step run in parallel on this many lanes (CUDA streams on GPU, threads on "
+                        "CPU). Under torchrun the windows are also sharded over the ranks; rank 0 writes")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow checkpoint pickles that need arbitrary code (only for files you trust)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -133,13 +139,20 @@ def _animate(args) -> int:
               "it is not a talking face", file=sys.stderr)
     else:
         model_dir = args.model
+    from .scheduler import SchedulerConfig
+
     runtime = Runtime(model_dir, device=args.device, dtype=args.dtype, trust_pickle=args.trust_pickle,
-                      attention=args.attention)
+                      attention=args.attention,
+                      scheduler=SchedulerConfig(windows_per_call=args.windows_per_call, lanes=args.lanes))
+    quiet = args.quiet or runtime.distributed.rank != 0
     result = runtime.animate(args.image, args.audio, args.out, steps=args.steps, seed=args.seed,
                              dynamic_scale=args.dynamic_scale, shift_offset=args.shift_offset,
                              frames_per_window=args.frames_per_window, min_resolution=args.min_resolution,
                              interpolate=not args.no_interpolate, face_box=face_box, crop=not args.no_crop,
-                             progress=not args.quiet)
+                             progress=not quiet)
+    runtime.close()
+    if runtime.distributed.rank != 0:
+        return 0  # rank 0 reports and writes
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items())
     print(f"wrote {result.path}: {result.num_frames} frames at {result.fps:g} fps, {result.width}x{result.height} "
           f"({stages})")

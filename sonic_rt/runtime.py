@@ -17,7 +17,6 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -32,6 +31,7 @@ from .errors import AudioError, InputError
 from .face import FaceBox, Reference, load_face_detector, prepare_reference
 from .manifest import is_engine_dir, open_engine_dir
 from .models.unet import level_face_masks
+from .scheduler import Distributed, SchedulerConfig, WindowScheduler
 from .sampling import SamplingConfig, Window, combine_guidance, karras_schedule, sample, scale_model_input, \
     window_starts
 
@@ -134,6 +134,10 @@ class Runtime:
         attention: the torch backend's audio-attention implementation (:mod:`sonic_rt.attention`): None/"auto"
             (Triton on CUDA where it can run, else the reason is printed once; the reference on CPU),
             "reference", "sdpa" or "triton". Engines keep standard ops: only None/"auto" is accepted there.
+        scheduler: how the windows of a step run (:class:`~sonic_rt.scheduler.SchedulerConfig`: windows per
+            UNet call, parallel lanes). Under ``torchrun`` (``WORLD_SIZE`` > 1) the windows are also sharded
+            over the ranks (gloo on CPU, NCCL on CUDA); rank 0 decodes and writes. Results do not depend on
+            lanes or ranks (see :mod:`sonic_rt.scheduler` for batching).
 
     Raises:
         CheckpointError: a model file is missing or does not match (names the file and the keys).
@@ -146,7 +150,8 @@ class Runtime:
 
     def __init__(self, model_dir: str | os.PathLike, device: str | torch.device | None = None,
                  dtype: str | torch.dtype | None = None, *, trust_pickle: bool = False,
-                 providers: list[str] | None = None, attention: str | None = None):
+                 providers: list[str] | None = None, attention: str | None = None,
+                 scheduler: SchedulerConfig | None = None):
         if is_engine_dir(model_dir):
             if attention not in (None, "auto"):
                 raise InputError(f"attention={attention!r} applies to the torch backend; {model_dir} holds exported "
@@ -182,6 +187,10 @@ class Runtime:
         self.dtype = self.graphs.unet.spec.inputs[0].torch_dtype  # the working dtype of latents (official: fp16)
         self.is_demo = bool(marker and marker.get("random_weights"))
         self.default_min_resolution = int(marker["min_resolution"]) if self.is_demo else DEFAULT_MIN_RESOLUTION
+        self.scheduling = scheduler or SchedulerConfig()
+        self._check_batching(self.scheduling.windows_per_call)
+        self.distributed = Distributed.from_environment(self.device)
+        self._scheduler = WindowScheduler(self.scheduling, self.device, self.distributed)
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------------------------------------
@@ -190,7 +199,7 @@ class Runtime:
                 seed: int = DEFAULT_SEED, dynamic_scale: float = 1.0, shift_offset: int = 7,
                 frames_per_window: int = 25, min_resolution: int | None = None, interpolate: bool = True,
                 face_box=None, crop: bool = True, latents: torch.Tensor | None = None, progress: bool = True,
-                return_frames: bool = False) -> AnimateResult:
+                return_frames: bool = False, events=None) -> AnimateResult:
         """Animate ``image`` with ``audio`` and write an H.264 + AAC mp4 to ``out``.
 
         Args:
@@ -213,6 +222,9 @@ class Runtime:
                 it from ``seed``.
             progress: show progress bars on stderr.
             return_frames: also return the decoded frames before interpolation (always when out is None).
+            events: optional ``events(kind, info)`` callback: ``("window", {"step", "index"})`` after each
+                window, ``("frames", {"generated", "written"})`` after each chunk is written (during the last
+                step for finished chunks, so output starts before the last window ends).
 
         Returns:
             an :class:`AnimateResult`.
@@ -225,10 +237,12 @@ class Runtime:
             return self._animate(image, audio, out, steps=steps, seed=seed, dynamic_scale=dynamic_scale,
                                  shift_offset=shift_offset, frames_per_window=frames_per_window,
                                  min_resolution=min_resolution, interpolate=interpolate, face_box=face_box,
-                                 crop=crop, latents=latents, progress=progress, return_frames=return_frames)
+                                 crop=crop, latents=latents, progress=progress, return_frames=return_frames,
+                                 events=events)
 
     def _animate(self, image, audio, out, *, steps, seed, dynamic_scale, shift_offset, frames_per_window,
-                 min_resolution, interpolate, face_box, crop, latents, progress, return_frames) -> AnimateResult:
+                 min_resolution, interpolate, face_box, crop, latents, progress, return_frames,
+                 events) -> AnimateResult:
         from tqdm.auto import tqdm
 
         g, device, dtype = self.graphs, self.device, self.dtype
@@ -294,51 +308,67 @@ class Runtime:
             noise, seed = latents, None
         init = ref_latents.unsqueeze(1) + noise.to(device, dtype) * sigmas[0].item()
 
-        def denoise(x: torch.Tensor, window: Window) -> torch.Tensor:
-            frames = x.shape[1]
-            # [1, T, 4, h, w] -> [3, T, 8, h, w]: scaled latents for the 3 CFG rows + image latents
-            inp = scale_model_input(torch.cat([x] * 3), window.sigma)
-            inp = torch.cat([inp, image_rows.unsqueeze(1).expand(-1, frames, -1, -1, -1)], dim=2)
-            audio_rows = torch.cat([uncond_tokens.expand(1, frames, -1, -1), uncond_tokens.expand(1, frames, -1, -1),
-                                    cond_tokens[:, window.index]])  # [3, T, 32, D]
-            bucket = buckets[0, window.index].mean(dim=0)  # per-window mean, [2]
-            # official builds added_time_ids as an fp16 tensor: the values are quantised to fp16
-            time_ids = torch.cat([fps_id, bucket]).half().float().expand(3, -1)  # [3, 3]
-            v = g.unet(inp, window.timestep.reshape(1).float(), clip_rows, audio_rows, time_ids, *face_masks)
+        def denoise(x: torch.Tensor, windows: list[Window]) -> torch.Tensor:
+            n, frames = x.shape[:2]
+            # [n, T, 4, h, w] -> [3n, T, 8, h, w]: rows [uncond x n, drop-audio x n, cond x n], + image latents
+            inp = scale_model_input(torch.cat([x] * 3), windows[0].sigma)
+            image = image_rows.repeat_interleave(n, dim=0).unsqueeze(1).expand(-1, frames, -1, -1, -1)
+            inp = torch.cat([inp, image], dim=2)
+            uncond = uncond_tokens.expand(n, frames, -1, -1)
+            audio_rows = torch.cat([uncond, uncond, *(cond_tokens[:, w.index] for w in windows)])  # [3n, T, 32, D]
+            # per-window mean buckets; official builds added_time_ids as an fp16 tensor (values quantised)
+            ids = torch.stack([torch.cat([fps_id, buckets[0, w.index].mean(dim=0)]) for w in windows])  # [n, 3]
+            time_ids = ids.half().float().repeat(3, 1)  # [3n, 3]
+            v = g.unet(inp, windows[0].timestep.reshape(1).float(), clip_rows.repeat_interleave(n, dim=0),
+                       audio_rows, time_ids, *face_masks)
             return combine_guidance(v, config.image_guidance_scale, config.audio_guidance_scale)
 
-        # 6. Denoising loop with time-aware position shift fusion
-        windows_per_step = len(window_starts(num_frames, config.frames_per_window, 0, config.shift_offset))
-        with timer.stage("denoise"), tqdm(total=config.steps * windows_per_step, desc="denoising", unit="window",
-                                          disable=not progress, dynamic_ncols=True) as bar:
-            final = sample(init, sigmas, timesteps, config, denoise, on_window=lambda w: bar.update())
-
-        # 7. Decode -> interpolate -> encode, streamed in VAE chunks
+        # 6 + 7. Denoising loop with time-aware position shift fusion; decode -> interpolate -> encode streamed
+        # in VAE chunks, starting during the last step as soon as a chunk's frames are final.
         fps = OUTPUT_FPS if interpolate else OUTPUT_FPS / 2
         keep = [] if (return_frames or out_path is None) else None
-        n_out = 0
+        is_writer = self.distributed.rank == 0
+        windows_per_step = len(window_starts(num_frames, config.frames_per_window, 0, config.shift_offset))
         with ExitStack() as stack:
             writer = None
-            if out_path is not None:
+            if out_path is not None and is_writer:
                 writer = stack.enter_context(media.VideoWriter(out_path, fps=fps, width=width, height=height,
                                                                audio=self._audio_for_mux(audio, samples, stack)))
-            bar = stack.enter_context(tqdm(total=num_frames, desc="decoding", unit="frame", disable=not progress,
-                                           dynamic_ncols=True))
-            for chunk in self._decoded_frames(final, timer, interpolate):
-                if keep is not None:
-                    keep.append(chunk.generated)
-                if writer is not None:
-                    with timer.stage("encode"):
-                        writer.write(chunk.output)
-                n_out += len(chunk.output)
-                bar.update(len(chunk.generated))
+            bar = stack.enter_context(tqdm(total=config.steps * windows_per_step, desc="denoising", unit="window",
+                                           disable=not progress, dynamic_ncols=True))
+            output = _StreamingOutput(self, timer, interpolate, writer, keep, events)
+
+            def on_window(window: Window) -> None:
+                bar.update()
+                if events is not None:
+                    events("window", {"step": window.step, "index": window.index.tolist()})
+
+            started = time.perf_counter()
+            final = sample(init, sigmas, timesteps, config, denoise, on_window=on_window, scheduler=self._scheduler,
+                           on_final_frames=output.push if is_writer else None)
+            timer.add("denoise", time.perf_counter() - started - output.seconds)
+            if is_writer:
+                output.push(final, torch.ones(num_frames, dtype=torch.bool))
         timer.add("total", time.perf_counter() - t_start)
-        return AnimateResult(path=out_path, fps=float(fps), num_frames=n_out, num_generated_frames=num_frames,
-                             width=width, height=height, timings=dict(timer.times),
-                             frames=np.concatenate(keep) if keep is not None else None, seed=seed,
+        return AnimateResult(path=out_path if is_writer else None, fps=float(fps), num_frames=output.num_out,
+                             num_generated_frames=num_frames, width=width, height=height, timings=dict(timer.times),
+                             frames=np.concatenate(keep) if keep and is_writer else None, seed=seed,
                              reference=reference)
 
+    def close(self) -> None:
+        """Stop the scheduler's worker lanes and, under torchrun, leave the distributed job."""
+        self._scheduler.close()
+        self.distributed.shutdown()
+
     # ------------------------------------------------------------------------------------------------
+    def _check_batching(self, windows_per_call: int) -> None:
+        """The UNet graph must take a batch of 3 x windows_per_call (engines are built for a range)."""
+        batch = self.graphs.unet.spec.dims["batch"]
+        if self.backend != "torch" and not batch.min <= 3 * windows_per_call <= batch.max:
+            raise InputError(f"the engines in {self.source} take {batch.min // 3}..{batch.max // 3} windows per UNet "
+                             f"call, {windows_per_call} were asked for; rebuild them with --windows "
+                             f"1:{windows_per_call}:{windows_per_call} (python -m export.build_engines)")
+
     def _check_engine_shapes(self, width: int, height: int, frames_per_window: int) -> None:
         """Engines with optimisation profiles (TensorRT) accept only the shapes they were built for: say so
         before any model runs."""
@@ -376,40 +406,62 @@ class Runtime:
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="sonic_rt_audio_"))
         return media.write_wav(Path(tmp) / "audio.wav", samples, SAMPLE_RATE)
 
-    def _decoded_frames(self, latents: torch.Tensor, timer: _Timer, interpolate: bool) -> Iterator["_Chunk"]:
-        """VAE-decode ``latents`` [1, N, 4, h, w] in chunks of 8 frames and interleave RIFE middles.
+class _StreamingOutput:
+    """Decode -> interpolate -> encode in VAE chunks of 8 frames, in order, as soon as a chunk's frames are final.
 
-        Yields per chunk the generated frames (uint8 [n, H, W, 3]) and the output frames: with
-        interpolation [f0, m01, f1, ...] where each chunk starts with the middle between the previous
-        chunk's last frame and its own first, so the whole video is 2N-1 frames.
-        """
-        g = self.graphs
-        scaling = g.config.vae_scaling_factor
-        chunk_size = g.vae_decoder.spec.dims["frames"].max  # official decode_chunk_size (8)
-        previous = None
-        for start in range(0, latents.shape[1], chunk_size):
-            z = latents[0, start:start + chunk_size]
-            with timer.stage("decode"):
-                decoded = g.vae_decoder(z / scaling)  # [n, 3, H, W]
-                frames = (decoded.float() * 0.5 + 0.5).clamp(0, 1)
-            if not interpolate:
-                yield _Chunk(_to_uint8(frames), _to_uint8(frames))
-                continue
+    :meth:`push` is called by the sampler during the last step with the frames that are final so far, and
+    once more at the end with all of them. With interpolation the output is [f0, m01, f1, ...]: each chunk
+    starts with the middle between the previous chunk's last frame and its own first, so the whole video is
+    2N-1 frames.
+    """
+
+    def __init__(self, runtime: "Runtime", timer: _Timer, interpolate: bool, writer, keep: list | None, events):
+        self.graphs, self.timer, self.interpolate = runtime.graphs, timer, interpolate
+        self.writer, self.keep, self.events = writer, keep, events
+        self.chunk_size = self.graphs.vae_decoder.spec.dims["frames"].max  # official decode_chunk_size (8)
+        self.next_frame = 0       # first frame not decoded yet
+        self.previous = None      # last decoded frame of the previous chunk (for RIFE)
+        self.num_out = 0
+        self.seconds = 0.0        # time spent here (taken out of the denoise stage)
+
+    def push(self, latents: torch.Tensor, ready: torch.Tensor) -> None:
+        """Decode every whole chunk from :attr:`next_frame` on whose frames are all ``ready`` ([N] bool)."""
+        started = time.perf_counter()
+        num_frames = latents.shape[1]
+        ready = ready.cpu()
+        while self.next_frame < num_frames:
+            end = min(self.next_frame + self.chunk_size, num_frames)
+            if not bool(ready[self.next_frame:end].all()):
+                break
+            self._chunk(latents[0, self.next_frame:end])
+            self.next_frame = end
+        self.seconds += time.perf_counter() - started
+
+    def _chunk(self, z: torch.Tensor) -> None:
+        timer, g = self.timer, self.graphs
+        with timer.stage("decode"):
+            decoded = g.vae_decoder(z / g.config.vae_scaling_factor)  # [n, 3, H, W]
+            frames = (decoded.float() * 0.5 + 0.5).clamp(0, 1)
+        out = frames
+        if self.interpolate:
             with timer.stage("interpolate"):
-                seq = frames if previous is None else torch.cat([previous, frames])
+                seq = frames if self.previous is None else torch.cat([self.previous, frames])
                 middles = g.rife(seq[:-1], seq[1:]).clamp(0, 1)  # RIFE in fp32, pairs batched
                 # interleave: [m(prev,f0), f0, m(f0,f1), f1, ...] (no leading middle for the first chunk)
                 out = torch.stack([middles, seq[1:]], dim=1).flatten(0, 1)
-                if previous is None:
+                if self.previous is None:
                     out = torch.cat([frames[:1], out])
-                previous = frames[-1:]
-            yield _Chunk(_to_uint8(frames), _to_uint8(out))
-
-
-@dataclass
-class _Chunk:
-    generated: np.ndarray
-    output: np.ndarray
+                self.previous = frames[-1:]
+        generated, output = _to_uint8(frames), _to_uint8(out) if self.interpolate else None
+        output = generated if output is None else output
+        if self.keep is not None:
+            self.keep.append(generated)
+        if self.writer is not None:
+            with timer.stage("encode"):
+                self.writer.write(output)
+        self.num_out += len(output)
+        if self.events is not None:
+            self.events("frames", {"generated": self.next_frame + len(generated), "written": self.num_out})
 
 
 def _to_uint8(frames: torch.Tensor) -> np.ndarray:

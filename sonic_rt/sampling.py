@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
+
+if TYPE_CHECKING:
+    from .scheduler import WindowScheduler
 
 
 @dataclass(frozen=True)
@@ -115,38 +118,62 @@ class Window:
 
 
 def sample(latents: torch.Tensor, sigmas: torch.Tensor, timesteps: torch.Tensor, config: SamplingConfig,
-           denoise: Callable[[torch.Tensor, Window], torch.Tensor],
-           on_window: Callable[[Window], None] | None = None) -> torch.Tensor:
+           denoise: Callable[[torch.Tensor, list[Window]], torch.Tensor],
+           on_window: Callable[[Window], None] | None = None, scheduler: "WindowScheduler | None" = None,
+           on_final_frames: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
     """Shift-fusion denoising loop over the whole video.
 
     Args:
         latents: [1, N, C, h, w] initial latents (reference latents + sigma_max * noise).
         sigmas: [steps + 1]; timesteps: [steps].
-        denoise: ``denoise(x, window) -> v`` returns the guided v-prediction [1, T, C, h, w] for the window
-            latents ``x`` = ``latents[:, window.index]`` (CFG already combined).
+        denoise: ``denoise(x, windows) -> v``: the guided v-prediction [g, T, C, h, w] (CFG already combined)
+            for the latents ``x`` [g, T, C, h, w] of g windows (``latents[0, window.index]`` stacked).
         on_window: called after each window (progress).
+        scheduler: how the windows of a step are executed (batching, lanes, ranks); default sequential,
+            one window per call. It never changes which windows run or how they are averaged.
+        on_final_frames: during the last step, called as windows finish with ``(latents, ready)``:
+            ``latents`` [1, N, C, h, w] holds final values where ``ready`` [N] (bool) is True. Lets the
+            caller decode finished frames while the last windows still run (single process only).
 
     Returns:
         [1, N, C, h, w]: after every step each frame is the mean of its stepped copies over the windows
-        that hold it (``acc / count``), in the latents' dtype.
+        that hold it (``acc / count``), accumulated in window order, in the latents' dtype.
     """
+    from .scheduler import WindowScheduler
+
+    scheduler = scheduler or WindowScheduler(device=latents.device)
     num_frames = latents.shape[1]
     device = latents.device
-    for i in range(len(timesteps)):
-        acc = torch.zeros_like(latents)
-        count = torch.zeros(1, num_frames, 1, 1, 1, dtype=latents.dtype, device=device)
+    steps = len(timesteps)
+    for i in range(steps):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        for idx in window_indices(num_frames, config.frames_per_window, i, config.shift_offset):
-            window = Window(step=i, index=torch.tensor(idx, device=device), timestep=timesteps[i].to(device),
-                            sigma=sigma, sigma_next=sigma_next)
-            x = latents[:, window.index]
-            v = denoise(x, window)
-            stepped = euler_v_step(v, x, sigma, sigma_next).to(latents.dtype)
-            acc.index_add_(1, window.index, stepped)
-            count.index_add_(1, window.index, count.new_ones(1, len(idx), 1, 1, 1))
-            if on_window is not None:
-                on_window(window)
-        latents = acc / count
+        windows = [Window(step=i, index=torch.tensor(idx, device=device), timestep=timesteps[i].to(device),
+                          sigma=sigma, sigma_next=sigma_next)
+                   for idx in window_indices(num_frames, config.frames_per_window, i, config.shift_offset)]
+        count = torch.zeros(1, num_frames, 1, 1, 1, dtype=latents.dtype, device=device)
+        for window in windows:
+            count.index_add_(1, window.index, count.new_ones(1, len(window.index), 1, 1, 1))
+        current = latents
+
+        def run_group(positions: list[int]) -> torch.Tensor:
+            group = [windows[p] for p in positions]
+            x = torch.cat([current[:, w.index] for w in group])  # [g, T, C, h, w]
+            return euler_v_step(denoise(x, group), x, sigma, sigma_next).to(current.dtype)
+
+        acc = torch.zeros_like(latents)
+        last = i == steps - 1 and on_final_frames is not None and not scheduler.distributed.enabled
+        done = torch.zeros_like(count) if last else None
+        for positions, stepped in scheduler.imap(len(windows), run_group):
+            for k, p in enumerate(positions):
+                acc.index_add_(1, windows[p].index, stepped[k:k + 1])
+                if last:
+                    done.index_add_(1, windows[p].index, count.new_ones(1, len(windows[p].index), 1, 1, 1))
+                if on_window is not None:
+                    on_window(windows[p])
+            if last:
+                ready = (done == count).flatten()
+                on_final_frames(acc / count, ready)
+        latents = scheduler.all_reduce_(acc) / count
     return latents
 
 

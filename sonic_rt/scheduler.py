@@ -1,0 +1,238 @@
+"""Window scheduler: how the shift-fusion windows of one denoising step are executed.
+
+The sampler (:func:`sonic_rt.sampling.sample`) owns the algorithm: which windows a step has, the Euler step
+and the per-frame average. This module owns concurrency only. For one step it
+
+1. groups the windows into UNet calls of up to ``windows_per_call`` windows (batch = 3 x windows),
+2. shards the groups over the ranks of a ``torch.distributed`` job (group j runs on rank j mod world),
+3. runs this rank's groups over ``lanes`` parallel lanes: worker threads on CPU (ONNX Runtime sessions and
+   torch ops release the GIL), one CUDA stream per lane on GPU, joined with events, so nothing waits on the
+   host inside the step,
+4. hands the results back **in window order**, and all-reduces the accumulated latents once per step when
+   there are several ranks.
+
+Because results are accumulated in window order, and a frame belongs to at most two windows (the wrap-around
+window; a sum of two fp32 values does not depend on the order), the latents do not depend on the number of
+lanes or ranks: bit for bit on CPU in fp32. Batching several windows into one call changes the shapes the
+kernels see; where a library's kernels are not batch-invariant (MKL picks another GEMM path for a 3- vs a
+6-row matrix), batched results differ from the sequential ones by fp32 rounding. See the README.
+
+A failure in any lane or rank is raised to the caller (the other lanes finish or are cancelled first); no
+partial result is used.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from .errors import InputError
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """How windows are executed (does not change the algorithm).
+
+    Attributes:
+        windows_per_call: windows batched into one UNet call (UNet batch = 3 x this).
+        lanes: parallel lanes: worker threads on CPU, CUDA streams on GPU.
+    """
+
+    windows_per_call: int = 1
+    lanes: int = 1
+
+    def __post_init__(self):
+        if self.windows_per_call < 1 or self.lanes < 1:
+            raise InputError(f"windows_per_call and lanes must be >= 1, got {self.windows_per_call}, {self.lanes}")
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in a ``torch.distributed`` job (rank 0 of 1 when not distributed)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @classmethod
+    def from_environment(cls, device: torch.device) -> "Distributed":
+        """Join the job ``torchrun`` describes in the environment (``WORLD_SIZE`` > 1), else a single process.
+
+        Initialises the default process group once: NCCL on CUDA, gloo on CPU.
+        """
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        return cls(dist.get_rank(), dist.get_world_size())
+
+    def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` over all ranks in place (no-op for one process)."""
+        if self.enabled:
+            import torch.distributed as dist
+
+            dist.all_reduce(tensor)
+        return tensor
+
+    def shutdown(self) -> None:
+        """Leave the job cleanly (barrier, then destroy the process group); call once at the end."""
+        if self.enabled:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.barrier()
+                dist.destroy_process_group()
+
+    def broadcast_error(self, failed: bool) -> bool:
+        """True when any rank failed this step (every rank must agree before the collective)."""
+        if not self.enabled:
+            return failed
+        import torch.distributed as dist
+
+        flag = torch.tensor([1.0 if failed else 0.0])
+        dist.all_reduce(flag)
+        return bool(flag.item())
+
+
+class RankFailed(RuntimeError):
+    """Another rank of the distributed job failed during a step."""
+
+
+class WindowScheduler:
+    """Runs the windows of one step in groups over lanes and ranks; see the module docstring.
+
+    Args:
+        config: batching and lanes.
+        device: where the work runs (CUDA: one stream per lane; CPU: one thread per lane).
+        distributed: the rank/world of a ``torch.distributed`` job (default: single process).
+    """
+
+    def __init__(self, config: SchedulerConfig = SchedulerConfig(), device: torch.device | str = "cpu",
+                 distributed: Distributed = Distributed()):
+        self.config, self.device, self.distributed = config, torch.device(device), distributed
+        self._pool = ThreadPoolExecutor(config.lanes, thread_name_prefix="sonic-lane") if config.lanes > 1 else None
+        self._streams = ([torch.cuda.Stream(self.device) for _ in range(config.lanes)]
+                         if self.device.type == "cuda" and config.lanes > 1 else None)
+        self._local = threading.local()
+
+    def groups(self, num_windows: int) -> list[list[int]]:
+        """Window positions per UNet call: consecutive runs of ``windows_per_call``."""
+        n = self.config.windows_per_call
+        return [list(range(i, min(i + n, num_windows))) for i in range(0, num_windows, n)]
+
+    def my_groups(self, num_windows: int) -> list[list[int]]:
+        """The groups this rank runs (group j on rank j mod world)."""
+        d = self.distributed
+        return [g for j, g in enumerate(self.groups(num_windows)) if j % d.world_size == d.rank]
+
+    def map(self, num_windows: int, run_group: Callable[[list[int]], torch.Tensor]
+            ) -> list[tuple[list[int], torch.Tensor]]:
+        """Run ``run_group(positions) -> stepped latents [g, ...]`` for this rank's groups.
+
+        Returns ``(positions, result)`` in window order. Raises the first failure of any lane (after the
+        others have finished), and :class:`RankFailed` on every rank when another rank failed.
+        """
+        groups = self.my_groups(num_windows)
+        results: list[tuple[list[int], torch.Tensor]] = []
+        error: BaseException | None = None
+        try:
+            if self._pool is None:
+                results = [(g, run_group(g)) for g in groups]
+            else:
+                results = self._run_lanes(groups, run_group)
+        except BaseException as exc:  # noqa: BLE001 - re-raised below after the ranks agree
+            error = exc
+        if self.distributed.broadcast_error(error is not None):
+            raise error if error is not None else RankFailed("another rank failed during this step")
+        return results
+
+    def imap(self, num_windows: int, run_group: Callable[[list[int]], torch.Tensor]):
+        """Like :meth:`map` but yields each ``(positions, result)`` as soon as it and every earlier group are
+        done (still in window order), so the caller can use finished windows while later ones run. With
+        several ranks it yields after the step's groups are done on every rank (failures must be agreed)."""
+        if self.distributed.enabled or self._pool is None:
+            if self.distributed.enabled:
+                yield from self.map(num_windows, run_group)
+            else:
+                for g in self.my_groups(num_windows):
+                    yield g, run_group(g)
+            return
+        groups = self.my_groups(num_windows)
+        if self._streams is not None:
+            yield from self._run_lanes(groups, run_group)
+            return
+        futures = [self._pool.submit(run_group, g) for g in groups]
+        try:
+            for group, future in zip(groups, futures):
+                yield group, future.result()
+        finally:
+            _gather_quietly(futures)
+
+    def _run_lanes(self, groups: list[list[int]], run_group) -> list[tuple[list[int], torch.Tensor]]:
+        if self._streams is None:
+            futures = [self._pool.submit(run_group, g) for g in groups]
+            outs = _gather(futures)
+            return list(zip(groups, outs))
+        main = torch.cuda.current_stream(self.device)
+
+        def on_lane(lane: int, group: list[int]) -> tuple[torch.Tensor, torch.cuda.Event]:
+            stream = self._streams[lane]
+            stream.wait_stream(main)  # inputs were written on the main stream
+            with torch.cuda.stream(stream):
+                out = run_group(group)
+                done = torch.cuda.Event()
+                done.record(stream)
+            return out, done
+
+        futures = [self._pool.submit(on_lane, j % len(self._streams), g) for j, g in enumerate(groups)]
+        outs = _gather(futures)
+        results = []
+        for group, (out, done) in zip(groups, outs):
+            main.wait_event(done)  # join on the device, not on the host
+            out.record_stream(main)
+            results.append((group, out))
+        return results
+
+    def all_reduce_(self, acc: torch.Tensor) -> torch.Tensor:
+        """Sum the per-rank accumulators (once per step; a few MB)."""
+        return self.distributed.all_reduce_(acc)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+
+def _gather(futures: Sequence) -> list:
+    """Results of every future in order; waits for all, then raises the first exception."""
+    outs, first = [], None
+    for future in futures:
+        try:
+            outs.append(future.result())
+        except BaseException as exc:  # noqa: BLE001
+            first = first or exc
+            outs.append(None)
+    if first is not None:
+        raise first
+    return outs
+
+
+def _gather_quietly(futures: Sequence) -> None:
+    """Wait for every future (lanes never outlive the step that started them); their errors were raised."""
+    for future in futures:
+        future.cancel()
+    for future in futures:
+        try:
+            future.result()
+        except BaseException:  # noqa: BLE001
+            pass

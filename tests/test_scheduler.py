@@ -1,0 +1,168 @@
+"""The window scheduler: same latents whatever the lanes, batching or ranks; failures surface; early output."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import sonic_rt
+from sonic_rt.errors import InputError
+from sonic_rt.sampling import SamplingConfig, sample, window_indices
+from sonic_rt.scheduler import SchedulerConfig, WindowScheduler
+
+SCRIPTS = Path(__file__).parent / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+from toy import toy_denoise, toy_problem  # noqa: E402
+
+# N < 25, N not a multiple of 25 (wrap-around window), a long N
+LENGTHS = [7, 60, 126]
+SETUPS = [SchedulerConfig(lanes=2), SchedulerConfig(lanes=3), SchedulerConfig(windows_per_call=2),
+          SchedulerConfig(windows_per_call=3, lanes=2)]
+
+
+def _run(num_frames, scheduler_config=SchedulerConfig(), denoise=toy_denoise, **kw):
+    latents, sigmas, timesteps = toy_problem(num_frames)
+    scheduler = WindowScheduler(scheduler_config, "cpu")
+    try:
+        return sample(latents, sigmas, timesteps, SamplingConfig(steps=len(timesteps)), denoise,
+                      scheduler=scheduler, **kw)
+    finally:
+        scheduler.close()
+
+
+@pytest.mark.parametrize("num_frames", LENGTHS)
+@pytest.mark.parametrize("setup", SETUPS, ids=lambda s: f"w{s.windows_per_call}-l{s.lanes}")
+def test_threads_and_batching_give_bit_identical_latents(num_frames, setup):
+    assert torch.equal(_run(num_frames, setup), _run(num_frames))
+
+
+@pytest.mark.parametrize("num_frames", LENGTHS)
+@pytest.mark.parametrize("setup", [SchedulerConfig()] + SETUPS, ids=lambda s: f"w{s.windows_per_call}-l{s.lanes}")
+def test_every_window_runs_exactly_once_per_step(num_frames, setup):
+    seen = Counter()
+    lock = threading.Lock()
+
+    def denoise(x, windows):
+        with lock:
+            for w in windows:
+                seen[(w.step, tuple(w.index.tolist()))] += 1
+        return toy_denoise(x, windows)
+
+    _run(num_frames, setup, denoise)
+    want = Counter((step, tuple(idx)) for step in range(4) for idx in window_indices(num_frames, 25, step, 7))
+    assert seen == want
+
+
+@pytest.mark.parametrize("setup", [SchedulerConfig()] + SETUPS, ids=lambda s: f"w{s.windows_per_call}-l{s.lanes}")
+def test_a_worker_exception_surfaces(setup):
+    def denoise(x, windows):
+        if any(w.step == 2 and int(w.index[0]) == 50 - 14 for w in windows):
+            raise ValueError("window failed")
+        return toy_denoise(x, windows)
+
+    with pytest.raises(ValueError, match="window failed"):
+        _run(126, setup, denoise)
+
+
+def test_final_frames_are_reported_as_their_windows_finish():
+    reports = []
+    result = _run(126, SchedulerConfig(lanes=2), on_final_frames=lambda lat, ready: reports.append(
+        (lat.clone(), ready.clone())))
+    counts = [int(r.sum()) for _, r in reports]
+    assert counts == sorted(counts) and counts[0] < 126 and counts[-1] == 126  # progressively, then all
+    for latents, ready in reports:  # what is reported final is final
+        assert torch.equal(latents[:, ready], result[:, ready])
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(nproc, *args, timeout=300):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+           "127.0.0.1", "--master_port", str(_free_port()), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+@pytest.mark.parametrize("num_frames", LENGTHS)
+def test_two_gloo_ranks_give_bit_identical_latents(num_frames, tmp_path):
+    out = tmp_path / "latents.pt"
+    run = _torchrun(2, str(SCRIPTS / "distributed_sample.py"), str(out), str(num_frames))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert torch.equal(torch.load(out), _run(num_frames))
+
+
+def test_a_failure_on_one_rank_is_raised_on_every_rank(tmp_path):
+    run = _torchrun(2, str(SCRIPTS / "distributed_sample.py"), str(tmp_path / "x.pt"), "60", "1")
+    assert run.returncode != 0
+    assert "rank 1 failed on purpose" in run.stderr
+    assert "RankFailed" in run.stderr  # rank 0 learned of it instead of hanging in the all-reduce
+    assert not (tmp_path / "x.pt").exists()
+
+
+# --- through the Runtime ---------------------------------------------------------------------------------------
+
+def test_runtime_lanes_are_bit_identical_and_batching_within_rounding(runtime, demo_dir, portrait, long_speech):
+    base = runtime.animate(portrait, long_speech, None, steps=2, progress=False).frames
+    lanes = sonic_rt.Runtime(demo_dir, scheduler=SchedulerConfig(lanes=2))
+    assert (lanes.animate(portrait, long_speech, None, steps=2, progress=False).frames == base).all()
+    batched = sonic_rt.Runtime(demo_dir, scheduler=SchedulerConfig(windows_per_call=2))
+    frames = batched.animate(portrait, long_speech, None, steps=2, progress=False).frames
+    # MKL takes another GEMM path for the 6-row time-embedding matmul than for 3 rows: fp32 rounding differences
+    assert abs(frames.astype(int) - base.astype(int)).max() <= 2
+
+
+def test_output_starts_before_the_last_window_of_the_last_step(runtime, portrait, long_speech, tmp_path):
+    """N = 50 (exactly 4.0 s): two windows per step, no wrap-around window, so the first chunks are final
+    after the first window of the last step. (When N is not a multiple of 25, frame 0 is also in the
+    wrap-around window, and output starts when that window is done.)"""
+    samples = sonic_rt.media.load_audio(long_speech, 16000)
+    samples = np.pad(samples, (0, max(0, 64000 - len(samples))))[:64000]
+    events = []
+    result = runtime.animate(portrait, samples, tmp_path / "o.mp4", steps=2, progress=False,
+                             events=lambda kind, info: events.append((kind, info)))
+    assert result.num_generated_frames == 50
+    windows = [i for i, (kind, _) in enumerate(events) if kind == "window"]
+    frames = [i for i, (kind, _) in enumerate(events) if kind == "frames"]
+    assert len(windows) >= 2 and frames
+    assert frames[0] < windows[-1]  # the first chunk was encoded while windows were still to run
+    assert events[frames[-1]][1]["written"] == result.num_frames
+
+
+def test_engines_refuse_more_windows_per_call_than_built(engine_dir):
+    with pytest.raises(InputError, match="windows per UNet call"):
+        sonic_rt.Runtime(engine_dir, scheduler=SchedulerConfig(windows_per_call=3))
+    assert sonic_rt.Runtime(engine_dir, scheduler=SchedulerConfig(windows_per_call=2)).scheduling.windows_per_call == 2
+
+
+def test_bad_scheduler_settings_are_refused():
+    with pytest.raises(InputError):
+        SchedulerConfig(lanes=0)
+    with pytest.raises(InputError):
+        SchedulerConfig(windows_per_call=0)
+
+
+@pytest.mark.slow
+def test_cli_under_torchrun_two_ranks_writes_the_same_video(demo_dir, portrait, speech, tmp_path):
+    """Two gloo ranks share the windows; rank 0 writes. Same frames as one rank (both with OMP_NUM_THREADS=1)."""
+    videos = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"o{nproc}.mp4"
+        run = _torchrun(nproc, "-m", "sonic_rt", "animate", "--model", str(demo_dir), "--image", str(portrait),
+                        "--audio", str(speech), "--out", str(out), "--steps", "2", "--quiet", timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        videos[nproc] = sonic_rt.media.read_video(out)[0]
+    assert videos[1].shape == videos[2].shape and (videos[1] == videos[2]).all()
