@@ -346,6 +346,8 @@ class Runtime:
             started = time.perf_counter()
             final = sample(init, sigmas, timesteps, config, denoise, on_window=on_window, scheduler=self._scheduler,
                            on_final_frames=output.push if is_writer else None)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # stage boundary, as _Timer.stage does
             timer.add("denoise", time.perf_counter() - started - output.seconds)
             if is_writer:
                 output.push(final, torch.ones(num_frames, dtype=torch.bool))
