@@ -13,6 +13,7 @@ from .checkpoint import ModelPaths, load_into, read_config, read_state_dict, str
 from .errors import CheckpointError
 from .models.audio_adapters import Audio2bucketModel, AudioProjModel
 from .models.rife import IFNet, ifnet_width_from_state_dict
+from .models.batch_invariant import make_batch_invariant
 from .models.unet import SonicUNet
 
 logger = logging.getLogger(__name__)
@@ -128,6 +129,8 @@ def load_models(paths: ModelPaths, device: torch.device, dtype: torch.dtype, *, 
         unet = SonicUNet.from_config(unet_config, audio_scale=audio_scale)
     load_into(unet.unet, read_state_dict(paths.unet, trust_pickle=trust_pickle), paths.unet)
     unet = unet.to(dtype).eval()
+    if device.type == "cpu":
+        make_batch_invariant(unet)  # batched windows give the same latents as one window per call (scheduler)
 
     # 4. Audio adapters (fp32). No config files: sizes from Whisper/UNet/CLIP configs + checkpoint shapes.
     cross_dim = unet_config["cross_attention_dim"]

@@ -14,8 +14,8 @@ and the per-frame average. This module owns concurrency only. For one step it
 Because results are accumulated in window order, and a frame belongs to at most two windows (the wrap-around
 window; a sum of two fp32 values does not depend on the order), the latents do not depend on the number of
 lanes or ranks: bit for bit on CPU in fp32. Batching several windows into one call changes the shapes the
-kernels see; where a library's kernels are not batch-invariant (MKL picks another GEMM path for a 3- vs a
-6-row matrix), batched results differ from the sequential ones by fp32 rounding. See the README.
+kernels see; the torch backend's UNet on CPU uses batch-invariant linear layers
+(:mod:`sonic_rt.models.batch_invariant`), so batched windows are bit-identical as well.
 
 A failure in any lane or rank is raised to the caller (the other lanes finish or are cancelled first); no
 partial result is used.
