@@ -102,6 +102,12 @@ class _Timer:
     def add(self, stage: str, seconds: float) -> None:
         self.times[stage] = self.times.get(stage, 0.0) + seconds
 
+    def ordered(self) -> dict[str, float]:
+        """Seconds per stage in pipeline order (decode work done during the last step is counted as decode)."""
+        order = ("preprocess", "audio_features", "conditioning", "denoise", "decode", "interpolate", "encode", "total")
+        return {k: self.times[k] for k in order if k in self.times} | {
+            k: v for k, v in self.times.items() if k not in order}
+
     def stage(self, name: str):
         timer = self
 
@@ -353,7 +359,7 @@ class Runtime:
                 output.push(final, torch.ones(num_frames, dtype=torch.bool))
         timer.add("total", time.perf_counter() - t_start)
         return AnimateResult(path=out_path if is_writer else None, fps=float(fps), num_frames=output.num_out,
-                             num_generated_frames=num_frames, width=width, height=height, timings=dict(timer.times),
+                             num_generated_frames=num_frames, width=width, height=height, timings=timer.ordered(),
                              frames=np.concatenate(keep) if keep and is_writer else None, seed=seed,
                              reference=reference)
 
