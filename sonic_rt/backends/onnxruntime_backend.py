@@ -70,6 +70,8 @@ class OnnxRuntimeGraph(Graph):
         self.providers = self.session.get_providers()
 
     def run(self, inputs: list[torch.Tensor], values: Mapping[str, int]) -> list[torch.Tensor]:
+        """Run the session. On CUDA this **synchronizes** torch's current stream first: ONNX Runtime's CUDA EP
+        runs on its own stream, so inputs written by torch must be complete (one host sync per call)."""
         if self.device.type == "cpu":
             feeds = {t.name: x.numpy() for t, x in zip(self.spec.inputs, inputs)}
             return [torch.from_numpy(np.ascontiguousarray(o)) for o in self.session.run(self.spec.output_names, feeds)]
