@@ -381,36 +381,52 @@ def bench_layer(layer: LayerShape, dtype_name: str, mask: torch.Tensor | None, d
 # The program
 # ---------------------------------------------------------------------------------------------------------
 
+def add_common_arguments(p: argparse.ArgumentParser, program: str, warmup: int, repeats: int) -> None:
+    """The options every GPU benchmark here shares (shape, face box, floor, seed, output, tiny/interpreter mode);
+    ``warmup`` / ``repeats`` are the program's defaults, shown in the help."""
+    p.add_argument("--resolution", type=int, default=RESOLUTION, help="square crop in pixels (default 512)")
+    p.add_argument("--frames", type=int, default=None, help="frames per window (default: SVD-xt num_frames, 25)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help=f"untimed calls before timing (default {warmup}; {TINY_WARMUP} tiny)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help=f"timed calls, the median is reported (default {repeats}; {TINY_REPEATS} tiny)")
+    p.add_argument("--face-area", type=float, default=FACE_AREA,
+                   help="fraction of the frame covered by the square face box (default 0.35)")
+    p.add_argument("--peak-tflops", type=float, default=PEAK_TFLOPS,
+                   help="dense fp16/bf16 peak for the efficiency figure (default 800, performance.md's H100 figure)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"JSON path (default bench/results/{program}-<gpu-name>.json)")
+    p.add_argument("--tiny", action="store_true",
+                   help=f"shapes / {TINY} (resolution, frames, heads; head dim 64 kept), {TINY_WARMUP} warm-up + "
+                        f"{TINY_REPEATS} timed calls: a quick logic check")
+    p.add_argument("--interpret", action="store_true",
+                   help="no GPU: set TRITON_INTERPRET=1 and run on CPU in the Triton interpreter (implies --tiny)")
+
+
+def parse_common(p: argparse.ArgumentParser, argv: list[str], warmup: int, repeats: int) -> argparse.Namespace:
+    """Parse, then resolve --tiny (implied by --interpret) and the warm-up / repeat counts."""
+    args = p.parse_args(argv)
+    args.tiny = args.tiny or args.interpret
+    default_warmup, default_repeats = (TINY_WARMUP, TINY_REPEATS) if args.tiny else (warmup, repeats)
+    args.warmup = default_warmup if args.warmup is None else args.warmup
+    args.repeats = default_repeats if args.repeats is None else args.repeats
+    return args
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m bench.kernels",
         description="Time Sonic's audio cross-attention layers at their real shapes (SVD-xt, one 25-frame "
                     "window, 3 CFG rows): PyTorch eager and SDPA versus the fused Triton kernel, fp16 and bf16. "
                     "Prints a table and writes JSON. See the module docstring for how to read the numbers.")
-    p.add_argument("--resolution", type=int, default=RESOLUTION, help="square crop in pixels (default 512)")
-    p.add_argument("--frames", type=int, default=None, help="frames per window (default: SVD-xt num_frames, 25)")
+    add_common_arguments(p, "kernels", warmup=5, repeats=20)
     p.add_argument("--dtypes", default=None,
                    help="comma-separated, of fp16,bf16,fp32 (default fp16,bf16; fp16 only with --interpret, "
                         "where bf16 tl.dot is wrong)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed calls before timing (default 5; 1 tiny)")
-    p.add_argument("--repeats", type=int, default=None, help="timed calls, the median is reported (default 20; 2 tiny)")
-    p.add_argument("--face-area", type=float, default=FACE_AREA,
-                   help="fraction of the frame covered by the square face box (default 0.35)")
-    p.add_argument("--peak-tflops", type=float, default=PEAK_TFLOPS,
-                   help="dense fp16/bf16 peak for the floor (default 800, performance.md's H100 figure)")
     p.add_argument("--peak-tbs", type=float, default=None,
                    help="memory bandwidth for the floor in TB/s (default: datasheet value of known GPUs)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=None,
-                   help="JSON path (default bench/results/kernels-<gpu-name>.json)")
-    p.add_argument("--tiny", action="store_true",
-                   help=f"shapes / {TINY} (resolution, frames, heads), {TINY_WARMUP} warm-up + {TINY_REPEATS} "
-                        "timed calls: a quick logic check")
-    p.add_argument("--interpret", action="store_true",
-                   help="no GPU: set TRITON_INTERPRET=1 and run on CPU in the Triton interpreter (implies --tiny)")
-    args = p.parse_args(argv)
-    args.tiny = args.tiny or args.interpret
-    return args
+    return parse_common(p, argv, warmup=5, repeats=20)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -434,9 +450,7 @@ def run(args: argparse.Namespace, argv: list[str], device: torch.device) -> int:
     vae_factor = 2 ** (len(SVD_XT_VAE_CONFIG["block_out_channels"]) - 1)  # 8
     frames = args.frames or SVD_XT_UNET_CONFIG["num_frames"]
     resolution = args.resolution
-    warmup, repeats = (TINY_WARMUP, TINY_REPEATS) if args.tiny else (5, 20)
-    warmup = warmup if args.warmup is None else args.warmup
-    repeats = repeats if args.repeats is None else args.repeats
+    warmup, repeats = args.warmup, args.repeats
     if args.tiny:
         resolution, frames = max(vae_factor, resolution // TINY), math.ceil(frames / TINY)
     dtype_names = (args.dtypes.split(",") if args.dtypes else

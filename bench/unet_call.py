@@ -46,13 +46,12 @@ import argparse
 import math
 import statistics
 import sys
-from pathlib import Path
 
 import torch
 
-from bench.kernels import (CFG_ROWS, FACE_AREA, PEAK_TFLOPS, RESOLUTION, TINY, TINY_REPEATS, TINY_WARMUP,
-                           BenchError, cpu_threads_for, default_out, device_name, face_box_mask, fmt_table, run_metadata,
-                           select_device, tiny_heads, time_ms, write_json)
+from bench.kernels import (CFG_ROWS, TINY, BenchError, add_common_arguments, cpu_threads_for, default_out,
+                           device_name, face_box_mask, fmt_table, parse_common, run_metadata, select_device,
+                           tiny_heads, time_ms, write_json)
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 SIGMA = 5.0          # a mid-schedule noise level; timestep = 0.25 * ln(sigma) (cost does not depend on it)
@@ -101,29 +100,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         description="Time one full-size SonicUNet call (SVD-xt, random weights, one 25-frame window x 3 CFG "
                     "rows) for each audio-attention implementation (reference, sdpa, triton); prints a table and "
                     "writes JSON. See the module docstring for how to read the numbers.")
-    p.add_argument("--resolution", type=int, default=RESOLUTION, help="square crop in pixels (default 512)")
-    p.add_argument("--frames", type=int, default=None, help="frames per window (default: SVD-xt num_frames, 25)")
+    add_common_arguments(p, "unet_call", warmup=3, repeats=10)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp16", help="model dtype (default fp16)")
     p.add_argument("--impls", default="reference,sdpa,triton",
                    help="comma-separated AudioAttention values to time (reference always runs: it is the baseline)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed calls per implementation (default 3; 1 tiny)")
-    p.add_argument("--repeats", type=int, default=None,
-                   help="timed calls per implementation, the median is reported (default 10; 2 tiny)")
-    p.add_argument("--face-area", type=float, default=FACE_AREA,
-                   help="fraction of the frame covered by the square face box (default 0.35)")
-    p.add_argument("--peak-tflops", type=float, default=PEAK_TFLOPS,
-                   help="dense fp16/bf16 peak for the efficiency figure (default 800, performance.md's H100 figure)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=None,
-                   help="JSON path (default bench/results/unet_call-<gpu-name>.json)")
-    p.add_argument("--tiny", action="store_true",
-                   help=f"resolution, frames, heads (head dim 64 kept) and token width / {TINY}, {TINY_WARMUP} warm-up + "
-                        f"{TINY_REPEATS} timed calls: a quick logic check")
-    p.add_argument("--interpret", action="store_true",
-                   help="no GPU: set TRITON_INTERPRET=1 and run on CPU in the Triton interpreter (implies --tiny)")
-    args = p.parse_args(argv)
-    args.tiny = args.tiny or args.interpret
-    return args
+    return parse_common(p, argv, warmup=3, repeats=10)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,9 +136,7 @@ def run(args: argparse.Namespace, argv: list[str], device: torch.device, impls: 
     dtype = DTYPES[args.dtype]
     frames = args.frames or config["num_frames"]
     resolution = args.resolution
-    warmup, repeats = (TINY_WARMUP, TINY_REPEATS) if args.tiny else (3, 10)
-    warmup = warmup if args.warmup is None else args.warmup
-    repeats = repeats if args.repeats is None else args.repeats
+    warmup, repeats = args.warmup, args.repeats
     if args.tiny:
         resolution, frames = max(8, resolution // TINY), math.ceil(frames / TINY)
 

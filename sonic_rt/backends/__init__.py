@@ -16,6 +16,7 @@ tensorrt       serialized TensorRT 10 engines                         TensorRT 1
 
 from __future__ import annotations
 
+import abc
 import importlib
 from dataclasses import dataclass
 from typing import Mapping
@@ -53,7 +54,7 @@ def get_backend(name: str):
         raise BackendUnavailableError(f"the {name} backend needs {install} ({exc})") from None
 
 
-class Graph:
+class Graph(abc.ABC):
     """A runnable graph: ``graph(*inputs) -> output`` (one tensor) or a tuple of outputs.
 
     Inputs are validated against :attr:`spec` (and cast to its dtypes), outputs are torch tensors on
@@ -74,8 +75,10 @@ class Graph:
         outputs = self.run(cast, values)
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
+    @abc.abstractmethod
     def run(self, inputs: list[torch.Tensor], values: Mapping[str, int]) -> list[torch.Tensor]:
-        raise NotImplementedError
+        """Run on ``inputs`` (validated, cast, contiguous, on :attr:`device`; ``values`` = their named dims) and
+        return the outputs in spec order."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.spec.name!r}, device={self.device})"
