@@ -38,6 +38,10 @@ from .sampling import SamplingConfig, Window, combine_guidance, karras_schedule,
 DEFAULT_SEED = 72589          # official config `seed`
 DEFAULT_MIN_RESOLUTION = 512  # official `image_size` / `min_resolution`
 OUTPUT_FPS = Fraction(25)     # after RIFE x2; Fraction(25, 2) without interpolation
+# Stages of AnimateResult.timings, in pipeline order: input checks + face crop; Whisper; CLIP + VAE encoder;
+# audio2token + audio2bucket; the UNet steps; VAE decode; RIFE; mp4 encode; wall time of the whole call.
+STAGES = ("preprocess", "audio_features", "image_encode", "audio_adapters", "denoise", "decode", "interpolate",
+          "encode", "total")
 
 
 @dataclass
@@ -50,8 +54,8 @@ class AnimateResult:
         num_frames: frames in the output video (2N-1 with interpolation, N without).
         num_generated_frames: N, frames generated at 12.5 fps (``samples // 640 // 2``).
         width, height: output size in pixels.
-        timings: seconds per stage (``preprocess``, ``audio_features``, ``conditioning``, ``denoise``,
-            ``decode``, ``interpolate``, ``encode``, ``total``).
+        timings: seconds per stage, in pipeline order (:data:`STAGES`: ``preprocess``, ``audio_features``,
+            ``image_encode``, ``audio_adapters``, ``denoise``, ``decode``, ``interpolate``, ``encode``, ``total``).
         frames: decoded frames before interpolation, uint8 [N, H, W, 3] RGB (when requested).
         seed: the seed the initial noise was drawn from (None when ``latents`` was given).
         reference: the prepared reference (crop box, face box, detector used).
@@ -104,7 +108,7 @@ class _Timer:
 
     def ordered(self) -> dict[str, float]:
         """Seconds per stage in pipeline order (decode work done during the last step is counted as decode)."""
-        order = ("preprocess", "audio_features", "conditioning", "denoise", "decode", "interpolate", "encode", "total")
+        order = STAGES
         return {k: self.times[k] for k in order if k in self.times} | {
             k: v for k, v in self.times.items() if k not in order}
 
@@ -112,13 +116,22 @@ class _Timer:
         timer = self
 
         class _Ctx:
+            # On CUDA a stage is timed by events recorded on the current stream (the stream doing the work;
+            # window lanes join it before sampling returns), and its end is the only sync we add.
             def __enter__(self):
                 self.t = time.perf_counter()
+                if timer.device.type == "cuda":
+                    self.start = torch.cuda.Event(enable_timing=True)
+                    self.start.record()
 
             def __exit__(self, *exc):
                 if timer.device.type == "cuda":
-                    torch.cuda.synchronize(timer.device)  # stage boundary: the only syncs we add
-                timer.add(name, time.perf_counter() - self.t)
+                    end = torch.cuda.Event(enable_timing=True)
+                    end.record()
+                    end.synchronize()
+                    timer.add(name, self.start.elapsed_time(end) / 1000.0)
+                else:
+                    timer.add(name, time.perf_counter() - self.t)
 
         return _Ctx()
 
@@ -289,13 +302,15 @@ class Runtime:
         with timer.stage("audio_features"):
             hidden, last = whisper_hidden_states(samples, self.feature_extractor, g.whisper_encoder, device)
 
-        # 4. Conditioning: CLIP embedding, VAE latents of the reference, audio tokens and buckets
-        with timer.stage("conditioning"):
+        # 4. Conditioning: CLIP embedding and VAE latents of the reference (once each; official: twice each),
+        # then the audio tokens and buckets of every frame
+        with timer.stage("image_encode"):
             clip_embeds = g.image_encoder(reference.clip_pixels).to(dtype)  # [1, D]
+            image_latents = g.vae_encoder(reference.ref_img).to(dtype)  # [1, 4, h, w]; mean, noise_aug_strength 0
+        with timer.stage("audio_adapters"):
             cond_tokens, uncond_tokens, buckets = encode_audio(
                 hidden, last, audio_frames, clip_embeds, g.audio2token, g.audio2bucket, dynamic_scale=dynamic_scale)
             del hidden, last
-            image_latents = g.vae_encoder(reference.ref_img).to(dtype)  # [1, 4, h, w]; mean, noise_aug_strength 0
             ref_latents = image_latents * cfg.vae_scaling_factor
             # CFG rows [uncond, drop_audio, cond]: image latents and CLIP are zero for uncond only
             image_rows = torch.cat([torch.zeros_like(image_latents), image_latents, image_latents])  # [3, 4, h, w]
