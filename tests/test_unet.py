@@ -178,3 +178,40 @@ def test_simplified_attention_unet_matches_the_reference_structure(unet, batch, 
         unet.attention = AudioAttention.REFERENCE
     assert got.shape == (batch, frames, 4, h, w)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("size", [(8, 8), (8, 12)])
+def test_official_per_layer_mask_call_equals_the_per_level_masks(unet, size):
+    """``face_mask=`` (the eager baseline: the pixel mask downsampled in every spatial layer call, reference
+    structure whatever ``unet.attention`` is) computes the same v as the per-level masks computed once
+    (tolerance 1e-5: only the reduction order of the simplified structure differs)."""
+    gen = torch.Generator().manual_seed(9)
+    h, w = size
+    mask = torch.zeros(1, 1, 8 * h, 8 * w)
+    mask[..., 8:40, 16:48] = 1.0
+    args = (torch.randn(3, 5, 8, h, w, generator=gen), torch.tensor([0.7]), torch.randn(3, 1, 32, generator=gen),
+            torch.randn(3, 5, 32, 32, generator=gen), torch.tensor([[12.5, 20.0, 24.0]] * 3))
+    masks = level_face_masks(mask, size, unet.attention_levels)
+    calls = []
+    original = IPAdapterMaskProcessor.downsample
+
+    def counting(*a, **k):
+        calls.append(a[1:])
+        return original(*a, **k)
+
+    want = unet(*args, *masks)  # REFERENCE with the per-level masks
+    try:
+        unet.attention = AudioAttention.SDPA
+        IPAdapterMaskProcessor.downsample = staticmethod(counting)
+        got = unet(*args, face_mask=mask)
+    finally:
+        IPAdapterMaskProcessor.downsample = staticmethod(original)
+        unet.attention = AudioAttention.REFERENCE
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    spatial = sum(isinstance(m.processor, SpatialAudioAttnProcessor) for n, m in unet.unet.named_modules()
+                  if n.endswith(".attn2"))
+    assert len(calls) == spatial  # once per spatial layer of the call, at [B*F, queries, channels]
+    assert all(batch == 15 for batch, _, _ in calls)
+    with pytest.raises(ValueError, match="not both"):
+        unet(*args, *masks, face_mask=mask)

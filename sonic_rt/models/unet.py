@@ -68,12 +68,15 @@ class AudioConditioning(threading.local):
         audio_tokens: ``[B, F, T, D]`` audio tokens of every frame of the window (T = 32 officially).
         face_masks: per UNet level l, ``[1, 1, h_l, w_l]`` face mask on the level's token grid
             (:func:`level_face_masks`).
+        face_mask: instead of ``face_masks``, the ``[1, 1, H, W]`` pixel-resolution mask, downsampled in
+            every spatial layer call as the official processors do (the eager baseline; REFERENCE only).
         scale: the audio branch scale (official ``ip_audio_scale`` = 1.0).
         attention: which implementation the processors run.
     """
 
     audio_tokens: torch.Tensor | None = None
     face_masks: Sequence[torch.Tensor] | None = None
+    face_mask: torch.Tensor | None = None
     scale: float = 1.0
     attention: AudioAttention = AudioAttention.REFERENCE
 
@@ -136,7 +139,10 @@ class SpatialAudioAttnProcessor(_AudioAttnProcessor):
             out = attn.to_v(encoder_hidden_states)
         audio = cond.audio_tokens.flatten(0, 1)  # [B*F, T, D]
         audio_out = _attention(attn, query, self.to_k_ip[0](audio), self.to_v_ip[0](audio))
-        mask = cond.face_masks[self.level].reshape(1, -1, 1).to(query.dtype)  # [1, H_l*W_l, 1]
+        if cond.face_mask is not None:  # official: downsampled here, per layer and call, [B*F, H_l*W_l, C]
+            mask = IPAdapterMaskProcessor.downsample(cond.face_mask[:, 0], *audio_out.shape)
+        else:
+            mask = cond.face_masks[self.level].reshape(1, -1, 1).to(query.dtype)  # [1, H_l*W_l, 1]
         out = out + cond.scale * (audio_out * mask)
         return self._finish(attn, out)
 
@@ -266,7 +272,8 @@ class SonicUNet(nn.Module):
         return max(self.attention_levels) + 1
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, clip_embeds: torch.Tensor,
-                audio_tokens: torch.Tensor, added_time_ids: torch.Tensor, *face_masks: torch.Tensor) -> torch.Tensor:
+                audio_tokens: torch.Tensor, added_time_ids: torch.Tensor, *face_masks: torch.Tensor,
+                face_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Predict v for one window (or a batch of windows).
 
         Args:
@@ -276,17 +283,27 @@ class SonicUNet(nn.Module):
             audio_tokens: ``[B, F, T, D]`` audio tokens per frame.
             added_time_ids: ``[B, 3]`` = (fps, bucket0, bucket1).
             face_masks: :attr:`num_face_masks` tensors ``[1, 1, h_l, w_l]`` from :func:`level_face_masks`.
+            face_mask: the official call instead (keyword, no ``face_masks``): the ``[1, 1, H, W]``
+                pixel-resolution mask, downsampled in every spatial layer call with the REFERENCE attention
+                structure whatever :attr:`attention` is, as the official processors do. Same function, the
+                official cost; used by the eager baseline (``bench/eager.py``).
 
         Returns:
             ``[B, F, out_channels, h, w]`` v-prediction.
+
+        Raises:
+            ValueError: the wrong number of per-level masks, or both ``face_masks`` and ``face_mask``.
         """
-        if len(face_masks) != self.num_face_masks:
+        if face_mask is not None and face_masks:
+            raise ValueError("pass either the per-level face_masks or the pixel-resolution face_mask, not both")
+        if face_mask is None and len(face_masks) != self.num_face_masks:
             raise ValueError(f"SonicUNet takes {self.num_face_masks} per-level face masks, got {len(face_masks)}")
         cond = self.conditioning
-        cond.audio_tokens, cond.face_masks = audio_tokens, face_masks
-        cond.scale, cond.attention = self.audio_scale, self.attention
+        cond.audio_tokens, cond.face_masks, cond.face_mask = audio_tokens, face_masks, face_mask
+        cond.scale = self.audio_scale
+        cond.attention = AudioAttention.REFERENCE if face_mask is not None else self.attention
         try:
             return self.unet(sample, timestep, encoder_hidden_states=clip_embeds, added_time_ids=added_time_ids,
                              return_dict=False)[0]
         finally:
-            cond.audio_tokens = cond.face_masks = None
+            cond.audio_tokens = cond.face_masks = cond.face_mask = None
