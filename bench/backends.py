@@ -3,7 +3,7 @@
 What is measured, for each model size (``--sizes``), in one process:
 
 - ``demo``: the random-weight demo checkpoint (:func:`sonic_rt.demo.write_demo_model`) at 128x128;
-- ``mid``: a wider random-weight checkpoint in the same official layout (:func:`write_mid_model`: a 3-level,
+- ``mid``: a wider random-weight checkpoint in the same official layout (:func:`bench.presets.write_mid_model`: a 3-level,
   10 M-parameter UNet with 64-wide cross-attention) at 256x256.
 
 The torch backend is ``Runtime(model_dir)``, the PyTorch reference exactly as it runs the pipeline (the UNet in
@@ -37,222 +37,31 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import hashlib
 import json
 import math
 import os
 import platform
 import shlex
-import shutil
 import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CACHE = REPO / "engines" / "bench"
+from bench.presets import (DEFAULT_CACHE, REPO, SPEECH, BenchError, Size, check_engines_match, ensure_engines,
+                           ensure_inputs, ensure_model, log)
+from bench.presets import SIZES as ALL_SIZES
+from sonic_rt.runtime import STAGES
+
+SIZES = {name: size for name, size in ALL_SIZES.items() if not size.gpu_only}  # CPU sizes
 DEFAULT_OUT = REPO / "bench" / "results" / "backends-cpu.json"
 BACKENDS = ("torch", "onnxruntime")
-STAGES = ("preprocess", "audio_features", "conditioning", "denoise", "decode", "interpolate", "encode", "total")
-SPEECH = "Hello, this is a benchmark of the sonic runtime."  # ~2.8 s with espeak-ng: 35 frames, 2 windows per step
 WARMUP = 2
 GEMM_SIZE = 2048
-
-# The mid-size checkpoint: the demo's Whisper, VAE and RIFE; a wider 3-level UNet (SVD's block types, one level
-# fewer) and a 64-wide cross-attention, so CLIP's projection and the audio adapters are rewritten to match.
-MID_VERSION = 1
-MID_RESOLUTION = 256
-MID_UNET_OVERRIDES = {
-    "block_out_channels": [64, 128, 128],
-    "down_block_types": ["CrossAttnDownBlockSpatioTemporal"] * 2 + ["DownBlockSpatioTemporal"],
-    "up_block_types": ["UpBlockSpatioTemporal"] + ["CrossAttnUpBlockSpatioTemporal"] * 2,
-    "num_attention_heads": [2, 4, 4],
-    "layers_per_block": 1,
-    "cross_attention_dim": 64,
-    "sample_size": MID_RESOLUTION // 8,
-}
-
-
-class BenchError(Exception):
-    """A setup problem the user can fix (message says how)."""
-
-
-def log(message: str) -> None:
-    print(f"[bench] {message}", file=sys.stderr, flush=True)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Checkpoints
-# ---------------------------------------------------------------------------------------------------------
-def _marker(model_dir: Path) -> dict[str, Any] | None:
-    from sonic_rt.checkpoint import DEMO_MARKER
-
-    try:
-        return json.loads((model_dir / DEMO_MARKER).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def write_mid_model(out: str | os.PathLike) -> Path:
-    """Write the mid-size random-weight checkpoint to ``out`` (replaced atomically).
-
-    The demo checkpoint (:func:`sonic_rt.demo.write_demo_model`) with the UNet config and ``Sonic/unet.pth``
-    replaced by the wider :data:`MID_UNET_OVERRIDES` UNet, and every file whose width is the UNet's
-    cross-attention dim rewritten to match (the loader is strict): CLIP's ``projection_dim`` (its embedding is
-    the UNet's CLIP token), ``audio2token``'s token width and ``audio2bucket``'s CLIP input. Seeded.
-    """
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    from sonic_rt.checkpoint import DEMO_MARKER, SVD_DIR
-    from sonic_rt.demo import (DEMO_ADAPTER_HIDDEN, DEMO_CLIP, DEMO_SEED, DEMO_UNET_CONFIG, DEMO_WHISPER,
-                               write_demo_model)
-    from sonic_rt.loading import AUDIO2BUCKET_WINDOW, AUDIO2TOKEN_WINDOW, NUM_BUCKETS
-    from sonic_rt.models.audio_adapters import Audio2bucketModel, AudioProjModel
-    from sonic_rt.models.unet import SonicUNet
-
-    out = Path(out).resolve()
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        write_demo_model(tmp)
-        svd = tmp / SVD_DIR
-        unet_config = {**DEMO_UNET_CONFIG, **MID_UNET_OVERRIDES}
-        cross = unet_config["cross_attention_dim"]
-        whisper_states = DEMO_WHISPER["encoder_layers"] + 1
-        context_tokens = 32  # official audio2token tokens per frame (as the demo)
-        # 1. the UNet: config in the SVD layout, weights as a plain state dict (as demo.py saves them)
-        (svd / "unet/config.json").write_text(json.dumps(unet_config, indent=2))
-        torch.manual_seed(DEMO_SEED + 101)
-        torch.save(SonicUNet.from_config(unet_config).unet.state_dict(), tmp / "Sonic/unet.pth")
-        # 2. CLIP with the UNet's cross-attention width as its projection
-        torch.manual_seed(DEMO_SEED + 102)
-        clip = CLIPVisionModelWithProjection(CLIPVisionConfig(**{**DEMO_CLIP, "projection_dim": cross})).half()
-        clip.save_pretrained(svd / "image_encoder", variant="fp16")
-        # 3. the audio adapters: tokens of width `cross`; the bucket model reads the CLIP embedding
-        torch.manual_seed(DEMO_SEED + 103)
-        a2t = AudioProjModel(AUDIO2TOKEN_WINDOW, whisper_states, DEMO_WHISPER["d_model"], DEMO_ADAPTER_HIDDEN, cross,
-                             context_tokens)
-        torch.save(a2t.state_dict(), tmp / "Sonic/audio2token.pth")
-        torch.manual_seed(DEMO_SEED + 104)
-        a2b = Audio2bucketModel(AUDIO2BUCKET_WINDOW, 1, DEMO_WHISPER["d_model"], cross, DEMO_ADAPTER_HIDDEN, 1,
-                                NUM_BUCKETS)
-        torch.save(a2b.state_dict(), tmp / "Sonic/audio2bucket.pth")
-        marker = json.loads((tmp / DEMO_MARKER).read_text())
-        marker.update(min_resolution=MID_RESOLUTION, bench_size="mid", bench_version=MID_VERSION,
-                      note="sonic_rt bench mid-size checkpoint (bench/backends.py): RANDOM WEIGHTS in the official "
-                           "Sonic layout, the demo with a wider UNet. Its video is not a talking face.")
-        (tmp / DEMO_MARKER).write_text(json.dumps(marker, indent=2))
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
-def _write_demo(out: Path) -> Path:
-    from sonic_rt.demo import write_demo_model
-
-    return write_demo_model(out, overwrite=True)
-
-
-def _demo_current(marker: dict | None) -> bool:
-    from sonic_rt.demo import DEMO_VERSION
-
-    return bool(marker) and marker.get("version") == DEMO_VERSION and "bench_size" not in marker
-
-
-def _mid_current(marker: dict | None) -> bool:
-    from sonic_rt.demo import DEMO_VERSION
-
-    return bool(marker) and marker.get("version") == DEMO_VERSION and marker.get("bench_version") == MID_VERSION
-
-
-@dataclass(frozen=True)
-class Size:
-    """One model size of the benchmark."""
-
-    name: str
-    resolution: int                       # video height = width in pixels (the engine's opt shape)
-    steps: int                            # default denoising steps of the whole-video run
-    write: Callable[[Path], Path]         # writes the checkpoint into a directory
-    current: Callable[[dict | None], bool]  # is a cached checkpoint (its marker) up to date
-    description: str
-
-
-SIZES = {
-    "demo": Size("demo", 128, 25, _write_demo, _demo_current,
-                 "demo checkpoint: UNet [32, 32], cross-attention 32; 128x128"),
-    "mid": Size("mid", MID_RESOLUTION, 2, write_mid_model, _mid_current,
-                "UNet [64, 128, 128], heads [2, 4, 4], cross-attention 64; 256x256"),
-}
-
-
-def ensure_model(size: Size, cache: Path) -> Path:
-    """The cached checkpoint of ``size`` under ``cache``, written when missing or outdated."""
-    target = cache / f"{size.name}-model"
-    if size.current(_marker(target)):
-        log(f"{size.name}: reusing checkpoint {target}")
-        return target
-    log(f"{size.name}: writing checkpoint {target}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return size.write(target)
-
-
-def ensure_engines(model_dir: Path, out: Path, resolution: int) -> tuple[Path, dict[str, list[str]]]:
-    """Build (or reuse unchanged) the onnxruntime fp32 engines of ``model_dir`` in ``out``."""
-    from export.build_engines import BuildOptions, build_engines
-    from sonic_rt.graphs import DimRange, ShapeOptions
-
-    options = BuildOptions(backend="onnxruntime", shapes=ShapeOptions(
-        resolution=DimRange(resolution, resolution, 2 * resolution)))
-    report = build_engines(model_dir, out, options, log=lambda line: log(f"build: {line}"),
-                           device=torch.device("cpu"), command="bench.backends")
-    return report.out, {name: list(action) for name, action in report.actions.items()}
-
-
-def check_engines_match(model_dir: Path, engine_dir: Path) -> None:
-    """Refuse an engine directory built from other weights than ``model_dir`` (the diffs would be meaningless)."""
-    from sonic_rt.manifest import read_manifest, sha256_file
-
-    files = read_manifest(engine_dir)["source"]["files"]
-    for rel, digest in files.items():
-        path = model_dir / rel
-        if not path.is_file() or sha256_file(path) != digest:
-            raise BenchError(f"{engine_dir} was not built from {model_dir} ({rel} differs); rebuild it with "
-                             f"python -m export.build_engines --model {model_dir} --out {engine_dir}, or drop --engines")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Inputs
-# ---------------------------------------------------------------------------------------------------------
-def ensure_inputs(cache: Path) -> tuple[Path, Path]:
-    """skimage's astronaut as a PNG and ~2.8 s of espeak-ng speech, written once under ``cache/inputs``."""
-    folder = cache / "inputs"
-    folder.mkdir(parents=True, exist_ok=True)
-    image = folder / "astronaut.png"
-    audio = folder / f"speech-{hashlib.sha256(SPEECH.encode()).hexdigest()[:8]}.wav"  # named by its text
-    if not image.is_file():
-        from PIL import Image
-        from skimage import data
-
-        tmp = image.with_name(f".{image.stem}.{os.getpid()}.png")
-        Image.fromarray(data.astronaut()).save(tmp)
-        os.replace(tmp, image)
-    if not audio.is_file():
-        if shutil.which("espeak-ng") is None:
-            raise BenchError("espeak-ng is not installed: the whole-video run needs real speech (apt-get install "
-                             "espeak-ng), or pass --no-video to time the graphs only")
-        tmp = audio.with_name(f".{audio.stem}.{os.getpid()}.wav")
-        subprocess.run(["espeak-ng", "-w", str(tmp), SPEECH], check=True, capture_output=True)
-        os.replace(tmp, audio)
-    return image, audio
 
 
 # ---------------------------------------------------------------------------------------------------------

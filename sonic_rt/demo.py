@@ -54,14 +54,48 @@ DEMO_ADAPTER_HIDDEN = 64
 DEMO_RIFE_WIDTH = 8
 
 
-def _seeded(offset: int) -> None:
-    torch.manual_seed(DEMO_SEED + offset)
-
-
 def write_demo_model(out: str | Path, *, overwrite: bool = False) -> Path:
     """Write the demo checkpoint to ``out`` (created atomically: built in a temporary sibling, then renamed).
 
     Returns the directory. Raises FileExistsError if ``out`` exists and ``overwrite`` is False.
+    """
+    marker = {
+        "random_weights": True,
+        "note": "sonic_rt demo checkpoint: RANDOM WEIGHTS in the official Sonic layout, for checking an "
+                "install and for tests. Its video is not a talking face.",
+        "min_resolution": DEMO_MIN_RESOLUTION,
+        "version": DEMO_VERSION,
+        "seed": DEMO_SEED,
+    }
+    return write_random_model(out, unet_config=DEMO_UNET_CONFIG, vae_config=DEMO_VAE_CONFIG, clip=DEMO_CLIP,
+                              whisper=DEMO_WHISPER, adapter_hidden=DEMO_ADAPTER_HIDDEN, rife_width=DEMO_RIFE_WIDTH,
+                              marker=marker, overwrite=overwrite)
+
+
+def write_random_model(out: str | Path, *, unet_config: dict, vae_config: dict, clip: dict, whisper: dict,
+                       adapter_hidden: int, rife_width: int, marker: dict, seed: int = DEMO_SEED,
+                       unet_dtype: torch.dtype = torch.float32, overwrite: bool = False) -> Path:
+    """Write a seeded random-weight checkpoint of any size in exactly the official Sonic layout.
+
+    Used for the demo (:func:`write_demo_model`) and for the benchmarks' mid-size and full-size models
+    (``bench/presets.py``; the full size uses the official configs of :mod:`sonic_rt.architectures`).
+
+    Args:
+        out: the directory to create (built in a temporary sibling, then renamed).
+        unet_config: SVD ``unet/config.json``; its ``cross_attention_dim`` sets CLIP's ``projection_dim``,
+            the audio2token width and the audio2bucket CLIP input (the loader checks they agree).
+        vae_config: SVD ``vae/config.json``.
+        clip: ``CLIPVisionConfig`` arguments (``projection_dim`` is overridden as above).
+        whisper: ``WhisperConfig`` arguments.
+        adapter_hidden: ``intermediate_dim`` of audio2token and audio2bucket (official 1024).
+        rife_width: IFNet block width (official 90).
+        marker: contents of the ``sonic_rt_demo.json`` marker (must say ``random_weights``).
+        seed: each file is drawn after seeding torch with ``seed + k`` (k fixed per file).
+        unet_dtype: dtype of ``Sonic/unet.pth`` (the release stores fp32; fp16 halves a full-size file).
+        overwrite: replace an existing ``out``.
+
+    Returns:
+        ``out`` resolved. Raises FileExistsError if it exists and ``overwrite`` is False.
     """
     from diffusers import AutoencoderKLTemporalDecoder, EulerDiscreteScheduler
     from transformers import (CLIPVisionConfig, CLIPVisionModelWithProjection,
@@ -72,57 +106,56 @@ def write_demo_model(out: str | Path, *, overwrite: bool = False) -> Path:
     transformers_logging.disable_progress_bar()
     transformers_logging.set_verbosity_error()
 
+    def seeded(offset: int) -> None:
+        torch.manual_seed(seed + offset)
+
     out = Path(out).expanduser().resolve()
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists")
     out.parent.mkdir(parents=True, exist_ok=True)
+    cross = unet_config["cross_attention_dim"]
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         svd = tmp / SVD_DIR
         # SVD-xt parts: unet config only (its weights come from Sonic/unet.pth), VAE, CLIP, scheduler.
         (svd / "unet").mkdir(parents=True)
-        (svd / "unet/config.json").write_text(json.dumps(DEMO_UNET_CONFIG, indent=2))
-        _seeded(1)
-        AutoencoderKLTemporalDecoder.from_config(DEMO_VAE_CONFIG).half().save_pretrained(svd / "vae", variant="fp16")
-        _seeded(2)
-        clip = CLIPVisionModelWithProjection(CLIPVisionConfig(**DEMO_CLIP)).half()
-        clip.save_pretrained(svd / "image_encoder", variant="fp16")
+        (svd / "unet/config.json").write_text(json.dumps(unet_config, indent=2))
+        seeded(1)
+        AutoencoderKLTemporalDecoder.from_config(vae_config).half().save_pretrained(svd / "vae", variant="fp16")
+        seeded(2)
+        image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**{**clip, "projection_dim": cross})).half()
+        image_encoder.save_pretrained(svd / "image_encoder", variant="fp16")
+        del image_encoder
         EulerDiscreteScheduler.from_config(SVD_XT_SCHEDULER_CONFIG).save_pretrained(svd / "scheduler")
         clip_image_processor().save_pretrained(svd / "feature_extractor")  # CLIPImageProcessor defaults
 
         # whisper-tiny layout: a WhisperForConditionalGeneration save (keys model.encoder.* / model.decoder.*).
-        _seeded(3)
-        whisper_cfg = WhisperConfig(**DEMO_WHISPER)
-        WhisperForConditionalGeneration(whisper_cfg).save_pretrained(tmp / WHISPER_DIR)
-        WhisperFeatureExtractor(feature_size=80).save_pretrained(tmp / WHISPER_DIR)
+        seeded(3)
+        WhisperForConditionalGeneration(WhisperConfig(**whisper)).save_pretrained(tmp / WHISPER_DIR)
+        WhisperFeatureExtractor(feature_size=whisper["num_mel_bins"]).save_pretrained(tmp / WHISPER_DIR)
 
         # Sonic's own files: plain torch.save(state_dict) pickles, no key prefix.
         (tmp / "Sonic").mkdir()
-        _seeded(4)
-        unet = SonicUNet.from_config(DEMO_UNET_CONFIG)
-        torch.save(unet.unet.state_dict(), tmp / "Sonic/unet.pth")
-        cross = DEMO_UNET_CONFIG["cross_attention_dim"]
-        blocks = DEMO_WHISPER["encoder_layers"] + 1
-        _seeded(5)
-        a2t = AudioProjModel(10, blocks, DEMO_WHISPER["d_model"], DEMO_ADAPTER_HIDDEN, cross, 32)
+        seeded(4)
+        state = SonicUNet.from_config(unet_config).unet.state_dict()
+        if unet_dtype != torch.float32:
+            state = {k: v.to(unet_dtype) for k, v in state.items()}
+        torch.save(state, tmp / "Sonic/unet.pth")
+        del state
+        blocks = whisper["encoder_layers"] + 1
+        seeded(5)
+        a2t = AudioProjModel(10, blocks, whisper["d_model"], adapter_hidden, cross, 32)
         torch.save(a2t.state_dict(), tmp / "Sonic/audio2token.pth")
-        _seeded(6)
-        a2b = Audio2bucketModel(50, 1, DEMO_WHISPER["d_model"], DEMO_CLIP["projection_dim"], DEMO_ADAPTER_HIDDEN, 1, 2)
+        seeded(6)
+        a2b = Audio2bucketModel(50, 1, whisper["d_model"], cross, adapter_hidden, 1, 2)
         torch.save(a2b.state_dict(), tmp / "Sonic/audio2bucket.pth")
         # RIFE: keys stored with the 'module.' prefix, like the official flownet.pkl.
         (tmp / "RIFE").mkdir()
-        _seeded(7)
-        rife = IFNet(DEMO_RIFE_WIDTH)
+        seeded(7)
+        rife = IFNet(rife_width)
         torch.save({f"module.{k}": v for k, v in rife.state_dict().items()}, tmp / "RIFE/flownet.pkl")
 
-        (tmp / DEMO_MARKER).write_text(json.dumps({
-            "random_weights": True,
-            "note": "sonic_rt demo checkpoint: RANDOM WEIGHTS in the official Sonic layout, for checking an "
-                    "install and for tests. Its video is not a talking face.",
-            "min_resolution": DEMO_MIN_RESOLUTION,
-            "version": DEMO_VERSION,
-            "seed": DEMO_SEED,
-        }, indent=2))
+        (tmp / DEMO_MARKER).write_text(json.dumps(marker, indent=2))
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
