@@ -1,0 +1,238 @@
+"""The eager baseline: Sonic's official inference structure and cost, in PyTorch, over the runtime's weights.
+
+Every speedup in ``bench/`` is a ratio against this pipeline. It computes the same function as
+:meth:`sonic_rt.Runtime.animate` (same weights, same sampler math, same output frames up to floating-point
+reduction order) but does the work the way the official ``sonic.py`` + ``SonicPipeline.__call__`` do it
+(sonic_reference.md sections 1-6 and 10):
+
+- **Whisper twice** per 30 s chunk: once with ``output_hidden_states=True``, once more for
+  ``last_hidden_state`` (section 2.6).
+- **Per-frame adapter loops**: ``audio2token`` on each frame's window, ``audio2token(zeros)`` recomputed for
+  every frame, ``audio2bucket`` one frame at a time (sections 2.7-2.8).
+- **CLIP twice and the VAE encoder twice** on the same reference image (sections 2.4-2.5).
+- **Per-frame copies** of the conditioning: image latents ``[3, N, 4, h, w]``, CLIP embeddings
+  ``[3, N, 1, D]`` and audio tokens ``[3, N, 32, D]`` for the whole video (section 5).
+- **Windows one after another**, one UNet call each (batch 3 x 25), with the diffusers-style attention
+  processors: full SDPA over the single CLIP token, the temporal audio context repeated and projected at
+  every spatial position, and the face mask bicubic-downsampled in every spatial layer of every call
+  (:class:`sonic_rt.models.unet.AudioAttention` REFERENCE with ``face_mask=``; section 2.3).
+- **The whole video decoded and held** (8-frame VAE chunks moved to the CPU as fp32), then moved back to
+  the device for RIFE, **one pair at a time**, the results stacked, then written (sections 2.4, 2.11).
+
+What it does not copy (each makes the baseline slightly *faster* than the official code, so speedups
+against it are conservative): the ``.crop.png`` written and re-read, librosa's loading (PyAV + soxr here,
+same samples), and the second video encode (the official code writes a silent mp4 with imageio and
+re-encodes it with ffmpeg to mux the audio; here one encode writes video and audio).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from contextlib import ExitStack
+
+import torch
+
+from sonic_rt import media
+from sonic_rt.audio_features import (AUDIO_FRAMES_PER_FRAME, BUCKET_OFFSET, BUCKET_PAD, BUCKET_SCALE, BUCKET_WINDOW,
+                                     SAMPLE_RATE, SAMPLES_PER_AUDIO_FRAME, TOKEN_PAD, TOKEN_WINDOW, TOKENS_PER_FRAME,
+                                     WHISPER_CHUNK_SAMPLES, num_generated_frames)
+from sonic_rt.errors import AudioError, InputError
+from sonic_rt.face import FaceBox, prepare_reference
+from sonic_rt.runtime import DEFAULT_SEED, OUTPUT_FPS, AnimateResult, Runtime, _Timer, _to_uint8
+from sonic_rt.sampling import SamplingConfig, combine_guidance, euler_v_step, karras_schedule, window_indices
+
+MEL_FRAMES_PER_CHUNK = 3000  # Whisper input frames per 30 s (official encoder window)
+
+
+class EagerPipeline:
+    """Sonic's official inference structure over the modules of a torch-backend :class:`~sonic_rt.Runtime`.
+
+    Args:
+        runtime: a ``Runtime`` over a weights directory (``runtime.backend == "torch"``). Its modules are
+            used as they are (nothing is copied or reloaded), so the baseline and the runtime compute the
+            same function; the runtime's own attention setting is untouched (the official structure is
+            chosen per call).
+
+    Raises:
+        InputError: ``runtime`` runs exported engines (the baseline needs the PyTorch modules).
+    """
+
+    def __init__(self, runtime: Runtime):
+        if runtime.backend != "torch":
+            raise InputError(f"the eager baseline needs a torch-backend Runtime (weights), not {runtime.backend} "
+                             f"engines ({runtime.source})")
+        g = runtime.graphs
+        self.runtime = runtime
+        self.device, self.dtype, self.config = runtime.device, runtime.dtype, g.config
+        self.whisper = g.whisper_encoder.module.encoder            # transformers WhisperEncoder, fp32
+        self.image_encoder = g.image_encoder.module.image_encoder  # CLIPVisionModelWithProjection
+        self.vae = g.vae_encoder.module.vae                         # AutoencoderKLTemporalDecoder
+        self.audio2token = g.audio2token.module.audio2token         # fp32
+        self.audio2bucket = g.audio2bucket.module.audio2bucket      # fp32
+        self.unet = g.unet.module                                   # SonicUNet
+        self.rife = g.rife.module.rife                              # IFNet, fp32
+
+    @torch.inference_mode()
+    def animate(self, image, audio, out: str | os.PathLike | None = None, *, steps: int = 25,
+                seed: int = DEFAULT_SEED, dynamic_scale: float = 1.0, shift_offset: int = 7,
+                frames_per_window: int = 25, min_resolution: int | None = None, interpolate: bool = True,
+                face_box=None, crop: bool = True, progress: bool = True,
+                return_frames: bool = False) -> AnimateResult:
+        """Animate like :meth:`sonic_rt.Runtime.animate` (same arguments and result), the official way.
+
+        ``timings`` has the runtime's stages (:data:`sonic_rt.runtime.STAGES`), each covering the official
+        work of that stage (e.g. ``audio_features`` holds both Whisper calls, ``decode`` the whole-video
+        decode and its CPU copies).
+
+        Raises:
+            ImageError, AudioError, FaceNotFoundError, OutputPathError, InputError: bad input, before any
+            model runs; no output file is left behind.
+        """
+        from tqdm.auto import tqdm
+
+        device, dtype, cfg = self.device, self.dtype, self.config
+        timer = _Timer(device)
+        t_start = time.perf_counter()
+
+        # 1. Inputs, face crop and reference tensors (the runtime's own checks: same errors)
+        with timer.stage("preprocess"):
+            try:
+                config = SamplingConfig(steps=steps, frames_per_window=frames_per_window, shift_offset=shift_offset)
+            except ValueError as exc:
+                raise InputError(str(exc)) from None
+            out_path = media.check_output_path(out) if out is not None else None
+            image_source = os.fspath(image) if isinstance(image, (str, os.PathLike)) else None
+            pil_image = media.load_image(image)
+            samples, audio_source = self.runtime._load_audio(audio)
+            audio_frames = len(samples) // SAMPLES_PER_AUDIO_FRAME  # official audio_len (25 fps)
+            num_frames = num_generated_frames(len(samples))
+            if num_frames < 1:
+                raise AudioError(f"audio is {len(samples) / SAMPLE_RATE:.3f} s long, shorter than one generated "
+                                 "frame (80 ms)", audio_source)
+            reference = prepare_reference(
+                pil_image, self.runtime.face_detector,
+                face_box=FaceBox.from_user(face_box) if face_box is not None else None, crop=crop,
+                min_resolution=min_resolution or self.runtime.default_min_resolution, source=image_source)
+            width, height = reference.size
+
+        # 2. Whisper: mel features per 30 s chunk, concatenated; the encoder twice per 3000-frame window
+        with timer.stage("audio_features"):
+            features = torch.cat([self.runtime.feature_extractor(
+                samples[s:s + WHISPER_CHUNK_SAMPLES], sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
+                for s in range(0, max(len(samples), 1), WHISPER_CHUNK_SAMPLES)], dim=-1)  # [1, 80, 3000 n]
+            hidden, last = [], []
+            for s in range(0, features.shape[-1], MEL_FRAMES_PER_CHUNK):
+                x = features[..., s:s + MEL_FRAMES_PER_CHUNK].to(device)
+                hidden.append(torch.stack(self.whisper(x, output_hidden_states=True).hidden_states, dim=2))
+                last.append(self.whisper(x).last_hidden_state.unsqueeze(-2))
+            hidden, last = torch.cat(hidden, dim=1), torch.cat(last, dim=1)  # [1, 1500 n, 5, C], [1, 1500 n, 1, C]
+
+        # 3. CLIP for audio2bucket (sonic.test), then CLIP again and the VAE encoder twice (the pipeline)
+        with timer.stage("image_encode"):
+            clip_pixels = reference.clip_pixels.to(device, dtype)
+            bucket_clip_embeds = self.image_encoder(clip_pixels).image_embeds  # [1, D]
+            clip_embeds = self.image_encoder(clip_pixels).image_embeds
+            ref_img = reference.ref_img.to(device, dtype)
+            ref_latents = self.vae.encode(ref_img).latent_dist.mean * cfg.vae_scaling_factor  # init latents
+            image_latents = self.vae.encode(ref_img).latent_dist.mode()  # conditioning (noise_aug_strength 0)
+
+        # 4. audio2token / audio2bucket one frame at a time; the zero window re-encoded for every frame
+        with timer.stage("audio_adapters"):
+            prompts = _pad_tokens(hidden[:, :audio_frames * 2], TOKEN_PAD)       # [1, 2L+10, 5, C]
+            last_prompts = _pad_tokens(last[:, :audio_frames * 2], BUCKET_PAD)  # [1, 2L+50, 1, C]
+            cond, uncond, buckets = [], [], []
+            for i in range(audio_frames // AUDIO_FRAMES_PER_FRAME):
+                audio_clip = prompts[:, TOKENS_PER_FRAME * i:TOKENS_PER_FRAME * i + TOKEN_WINDOW].unsqueeze(0)
+                bucket_clip = last_prompts[:, TOKENS_PER_FRAME * i:TOKENS_PER_FRAME * i + BUCKET_WINDOW].unsqueeze(0)
+                cond.append(self.audio2token(audio_clip))                       # [1, 1, 32, D]
+                uncond.append(self.audio2token(torch.zeros_like(audio_clip)))
+                bucket = self.audio2bucket(bucket_clip, bucket_clip_embeds.float())  # [1, 1, 2, 1]
+                buckets.append(bucket * BUCKET_SCALE + BUCKET_OFFSET)
+            cond, uncond = torch.cat(cond, dim=1).to(dtype), torch.cat(uncond, dim=1).to(dtype)  # [1, N, 32, D]
+            motion_buckets = torch.cat(buckets, dim=1)[..., 0] * dynamic_scale  # [1, N, 2] fp32
+            # per-frame copies for the whole video, CFG rows [uncond, drop_audio, cond]
+            audio_prompts = torch.cat([uncond, uncond, cond])                                      # [3, N, 32, D]
+            frame_latents = image_latents.unsqueeze(1).repeat(1, num_frames, 1, 1, 1)
+            image_latents_all = torch.cat([torch.zeros_like(frame_latents), frame_latents, frame_latents])
+            frame_embeds = clip_embeds.to(dtype)[:, None, None].repeat(1, num_frames, 1, 1)          # [1, N, 1, D]
+            image_embeddings = torch.cat([torch.zeros_like(frame_embeds), frame_embeds, frame_embeds])
+            face_mask = reference.face_mask.to(device, dtype)  # [1, 1, H, W]
+
+        # 5. Initial latents (scheduler.add_noise at sigma_max), then the windows one after another
+        sigmas, timesteps = karras_schedule(self.runtime.scheduler_config, config.steps)
+        latent_shape = (1, num_frames, cfg.latent_channels, height // cfg.vae_scale_factor,
+                        width // cfg.vae_scale_factor)
+        noise = torch.randn(latent_shape, generator=torch.Generator().manual_seed(int(seed)))
+        latents = ref_latents.unsqueeze(1) + noise.to(device, dtype) * sigmas[0].item()
+        with timer.stage("denoise"):
+            windows_per_step = len(window_indices(num_frames, config.frames_per_window, 0, config.shift_offset))
+            bar = tqdm(total=config.steps * windows_per_step, desc="eager denoising", unit="window",
+                       disable=not progress, dynamic_ncols=True)
+            with bar:
+                for i in range(config.steps):
+                    sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+                    acc = torch.zeros_like(latents)
+                    count = torch.zeros(1, num_frames, 1, 1, 1, dtype=latents.dtype, device=device)
+                    for idx in window_indices(num_frames, config.frames_per_window, i, config.shift_offset):
+                        idx = torch.tensor(idx, device=device)
+                        x = latents[:, idx]                                            # [1, T, 4, h, w]
+                        inp = torch.cat([x] * 3) / math.sqrt(sigma**2 + 1)
+                        inp = torch.cat([inp, image_latents_all[:, idx]], dim=2)       # [3, T, 8, h, w]
+                        b = motion_buckets[0, idx].mean(dim=0)                         # the window's 2 buckets
+                        ids = torch.tensor([[config.fps, b[0], b[1]]], dtype=torch.float16, device=device)
+                        v = self.unet(inp, timesteps[i].reshape(1).to(device), image_embeddings[:, idx[0]],
+                                      audio_prompts[:, idx], ids.float().repeat(3, 1), face_mask=face_mask)
+                        v = combine_guidance(v, config.image_guidance_scale, config.audio_guidance_scale)
+                        stepped = euler_v_step(v, x, sigma, sigma_next).to(latents.dtype)
+                        acc.index_add_(1, idx, stepped)
+                        count.index_add_(1, idx, count.new_ones(1, len(idx), 1, 1, 1))
+                        bar.update()
+                    latents = acc / count
+
+        # 6. Decode the whole video in 8-frame chunks, each moved to the CPU as fp32, and hold it
+        with timer.stage("decode"):
+            chunk = self.runtime.graphs.vae_decoder.spec.dims["frames"].max  # official decode_chunk_size (8)
+            decoded = []
+            for s in range(0, num_frames, chunk):
+                z = latents[0, s:s + chunk] / cfg.vae_scaling_factor
+                decoded.append(self.vae.decode(z, num_frames=len(z)).sample.cpu().float())
+            video = (torch.cat(decoded) * 0.5 + 0.5).clamp(0, 1)  # [N, 3, H, W] fp32 on the CPU
+            del decoded
+            generated = _to_uint8(video) if (return_frames or out_path is None) else None
+
+        # 7. RIFE: the whole video back on the device, one pair at a time, the results stacked
+        if interpolate:
+            with timer.stage("interpolate"):
+                video = video.to(device)
+                frames = [video[0]]
+                for k in range(num_frames - 1):
+                    middle = self.rife(video[k:k + 1], video[k + 1:k + 2]).clamp(0, 1)
+                    frames += [middle[0], video[k + 1]]
+                video = torch.stack(frames).cpu()  # [2N-1, 3, H, W]
+                del frames
+
+        # 8. Encode the whole video at once (uint8 truncation), audio muxed
+        fps = OUTPUT_FPS if interpolate else OUTPUT_FPS / 2
+        num_out = len(video)
+        if out_path is not None:
+            with timer.stage("encode"), ExitStack() as stack:
+                writer = stack.enter_context(media.VideoWriter(
+                    out_path, fps=fps, width=width, height=height,
+                    audio=Runtime._audio_for_mux(audio, samples, stack)))
+                writer.write(_to_uint8(video))
+        timer.add("total", time.perf_counter() - t_start)
+        return AnimateResult(path=out_path, fps=float(fps), num_frames=num_out, num_generated_frames=num_frames,
+                             width=width, height=height, timings=timer.ordered(), frames=generated, seed=seed,
+                             reference=reference)
+
+
+def _pad_tokens(states: torch.Tensor, pad: tuple[int, int]) -> torch.Tensor:
+    """Zero tokens before and after along dim 1 (official ``audio_prompts`` / ``last_audio_prompts`` padding)."""
+    before = states.new_zeros(states.shape[0], pad[0], *states.shape[2:])
+    after = states.new_zeros(states.shape[0], pad[1], *states.shape[2:])
+    return torch.cat([before, states, after], dim=1)
+
+
+__all__ = ["EagerPipeline"]
