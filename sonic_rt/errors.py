@@ -55,3 +55,8 @@ class EngineError(SonicError):
 
 class BackendUnavailableError(SonicError):
     """The chosen backend's library or device is not available here; the message names what to install."""
+
+
+class OutOfMemoryError(SonicError):
+    """The device ran out of memory even at the smallest batch the runtime can fall back to; the message
+    names the setting to lower (resolution, windows per call) or what to free."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -27,7 +28,7 @@ from .audio_features import SAMPLE_RATE, SAMPLES_PER_AUDIO_FRAME, encode_audio, 
 from .attention import resolve_attention
 from .backends import Graphs
 from .checkpoint import resolve_model_dir
-from .errors import AudioError, InputError
+from .errors import AudioError, InputError, OutOfMemoryError
 from .face import FaceBox, Reference, load_face_detector, prepare_reference
 from .manifest import is_engine_dir, open_engine_dir
 from .models.unet import level_face_masks
@@ -97,6 +98,54 @@ def _default_dtype(dtype: str | torch.dtype | None, device: torch.device) -> tor
     if dtype is None:
         return torch.float16 if device.type == "cuda" else torch.float32  # official: fp16 on GPU
     return _parse_dtype(dtype)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocation failure: ``torch.cuda.OutOfMemoryError``, or a backend's error whose
+    message says so (ONNX Runtime "Failed to allocate memory", TensorRT / CPU allocator "out of memory")."""
+    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(
+        s in text for s in ("out of memory", "failed to allocate memory", "can't allocate memory"))
+
+
+class _MemoryFallback:
+    """Runs a batched call in smaller pieces after an out-of-memory error, and keeps the smaller size.
+
+    Args:
+        what: the batched thing, for messages ("windows per UNet call").
+        exact: whether splitting the batch leaves the result unchanged (windows and RIFE pairs are
+            independent; VAE chunks are not: the temporal decoder mixes the frames of a chunk).
+        failure: the message of the :class:`OutOfMemoryError` raised when a batch of 1 still fails (names
+            the setting to lower).
+        say: where the retry notice goes (stderr, and the ``events`` callback as ``("memory", info)``).
+    """
+
+    def __init__(self, what: str, exact: bool, failure: str, say):
+        self.what, self.exact, self.failure, self.say = what, exact, failure, say
+        self.limit: int | None = None
+
+    def run(self, size: int, call) -> torch.Tensor:
+        """``call(slice)`` -> the outputs of that part of the batch of ``size``; concatenated along dim 0."""
+        limit = min(size, self.limit or size)
+        while True:
+            try:
+                if limit >= size:
+                    return call(slice(0, size))
+                return torch.cat([call(slice(s, min(s + limit, size))) for s in range(0, size, limit)])
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                if limit == 1:
+                    raise OutOfMemoryError(self.failure) from exc
+                failed, limit = limit, limit // 2
+                self.limit = limit
+                effect = "same result" if self.exact else "frames at the chunk edges differ slightly"
+                self.say(f"out of memory with {failed} {self.what}; retrying with {limit} ({effect})",
+                         {"what": self.what, "failed": failed, "retry": limit})
 
 
 class _Timer:
@@ -243,7 +292,9 @@ class Runtime:
             return_frames: also return the decoded frames before interpolation (always when out is None).
             events: optional ``events(kind, info)`` callback: ``("window", {"step", "index"})`` after each
                 window, ``("frames", {"generated", "written"})`` after each chunk is written (during the last
-                step for finished chunks, so output starts before the last window ends).
+                step for finished chunks, so output starts before the last window ends), and
+                ``("memory", {"what", "failed", "retry"})`` when an out-of-memory error made the runtime retry
+                with fewer windows per UNet call, VAE frames or RIFE pairs per call (also said on stderr).
 
         Returns:
             an :class:`AnimateResult`.
@@ -251,6 +302,9 @@ class Runtime:
         Raises:
             ImageError, AudioError, FaceNotFoundError, OutputPathError, InputError: bad input, raised
             before any model runs; no output file is left behind on any error or interruption.
+            OutOfMemoryError: the device ran out of memory even with one window per UNet call (or one frame
+                per VAE / RIFE call); the message names the setting to lower. Before that, an out-of-memory
+                error halves the batch and retries, saying so.
         """
         with self._lock:
             return self._animate(image, audio, out, steps=steps, seed=seed, dynamic_scale=dynamic_scale,
@@ -329,7 +383,16 @@ class Runtime:
             noise, seed = latents, None
         init = ref_latents.unsqueeze(1) + noise.to(device, dtype) * sigmas[0].item()
 
-        def denoise(x: torch.Tensor, windows: list[Window]) -> torch.Tensor:
+        def say(message: str, info: dict) -> None:
+            print(f"sonic_rt: {message}", file=sys.stderr, flush=True)
+            if events is not None:
+                events("memory", info)
+
+        where = f"at {width}x{height}; lower --min-resolution or free device memory"
+        unet_memory = _MemoryFallback("windows per UNet call", True, "out of memory in a UNet call of one window "
+                                      f"(3 x {config.frames_per_window} frames) {where}, or run in fp16", say)
+
+        def guided_v(x: torch.Tensor, windows: list[Window]) -> torch.Tensor:
             n, frames = x.shape[:2]
             # [n, T, 4, h, w] -> [3n, T, 8, h, w]: rows [uncond x n, drop-audio x n, cond x n], + image latents
             inp = scale_model_input(torch.cat([x] * 3), windows[0].sigma)
@@ -344,6 +407,10 @@ class Runtime:
                        audio_rows, time_ids, *face_masks)
             return combine_guidance(v, config.image_guidance_scale, config.audio_guidance_scale)
 
+        def denoise(x: torch.Tensor, windows: list[Window]) -> torch.Tensor:
+            # windows are independent: on out-of-memory, fewer per call (same result)
+            return unet_memory.run(len(windows), lambda part: guided_v(x[part], windows[part]))
+
         # 6 + 7. Denoising loop with time-aware position shift fusion; decode -> interpolate -> encode streamed
         # in VAE chunks, starting during the last step as soon as a chunk's frames are final.
         fps = OUTPUT_FPS if interpolate else OUTPUT_FPS / 2
@@ -357,7 +424,7 @@ class Runtime:
                                                                audio=self._audio_for_mux(audio, samples, stack)))
             bar = stack.enter_context(tqdm(total=config.steps * windows_per_step, desc="denoising", unit="window",
                                            disable=not progress, dynamic_ncols=True))
-            output = _StreamingOutput(self, timer, interpolate, writer, keep, events)
+            output = _StreamingOutput(self, timer, interpolate, writer, keep, events, say, where)
 
             def on_window(window: Window) -> None:
                 bar.update()
@@ -438,9 +505,15 @@ class _StreamingOutput:
     2N-1 frames.
     """
 
-    def __init__(self, runtime: "Runtime", timer: _Timer, interpolate: bool, writer, keep: list | None, events):
+    def __init__(self, runtime: "Runtime", timer: _Timer, interpolate: bool, writer, keep: list | None, events,
+                 say, where: str):
         self.graphs, self.timer, self.interpolate = runtime.graphs, timer, interpolate
         self.writer, self.keep, self.events = writer, keep, events
+        # on out-of-memory: fewer frames per VAE call (changes frames near chunk edges), fewer RIFE pairs (exact)
+        self.decode_memory = _MemoryFallback("frames per VAE decode call", False,
+                                             f"out of memory decoding one frame {where}", say)
+        self.rife_memory = _MemoryFallback("frame pairs per RIFE call", True,
+                                           f"out of memory interpolating one frame pair {where}", say)
         self.chunk_size = self.graphs.vae_decoder.spec.dims["frames"].max  # official decode_chunk_size (8)
         self.next_frame = 0       # first frame not decoded yet
         self.previous = None      # last decoded frame of the previous chunk (for RIFE)
@@ -463,13 +536,15 @@ class _StreamingOutput:
     def _chunk(self, z: torch.Tensor) -> None:
         timer, g = self.timer, self.graphs
         with timer.stage("decode"):
-            decoded = g.vae_decoder(z / g.config.vae_scaling_factor)  # [n, 3, H, W]
+            z = z / g.config.vae_scaling_factor
+            decoded = self.decode_memory.run(len(z), lambda part: g.vae_decoder(z[part]))  # [n, 3, H, W]
             frames = (decoded.float() * 0.5 + 0.5).clamp(0, 1)
         out = frames
         if self.interpolate:
             with timer.stage("interpolate"):
                 seq = frames if self.previous is None else torch.cat([self.previous, frames])
-                middles = g.rife(seq[:-1], seq[1:]).clamp(0, 1)  # RIFE in fp32, pairs batched
+                middles = self.rife_memory.run(  # RIFE in fp32, pairs batched
+                    len(seq) - 1, lambda part: g.rife(seq[:-1][part], seq[1:][part])).clamp(0, 1)
                 # interleave: [m(prev,f0), f0, m(f0,f1), f1, ...] (no leading middle for the first chunk)
                 out = torch.stack([middles, seq[1:]], dim=1).flatten(0, 1)
                 if self.previous is None:
