@@ -28,6 +28,17 @@ PathLike = Union[str, "os.PathLike[str]"]
 #: Largest portrait (width * height, pixels) :func:`load_image` decodes by default.
 MAX_IMAGE_PIXELS: int = 64_000_000
 
+#: Native sample rates (Hz) an audio file may declare. Below the lowest, a few kilobytes of samples
+#: would stretch to hours of audio (and gigabytes when resampled to 16 kHz); no real recording is made
+#: at under 4 kHz or over 768 kHz.
+MIN_AUDIO_SAMPLE_RATE: int = 4_000
+MAX_AUDIO_SAMPLE_RATE: int = 768_000
+
+#: Largest sample magnitude :func:`load_audio` accepts. Audio is nominally in [-1, 1] (float files may
+#: peak somewhat above); a float wav holding values near the float32 limit would overflow to infinity in
+#: the channel mean and the resampler, and poison every feature computed from it.
+MAX_SAMPLE_MAGNITUDE: float = 1e6
+
 # Sample rates the FFmpeg AAC encoder accepts (Hz); other rates are resampled to 48000.
 _AAC_RATES = frozenset(av.Codec("aac", "w").audio_rates or ())
 _AAC_FRAME_SIZE = 1024  # samples per AAC frame
@@ -175,9 +186,22 @@ def _open_audio(path: PathLike) -> tuple[av.container.InputContainer, av.audio.s
         container.close()
         raise AudioError("has no audio stream", p)
     stream = container.streams.audio[0]
-    if not stream.codec_context.sample_rate or not stream.codec_context.channels:
+    codec = stream.codec_context
+    if codec is None:  # FFmpeg has no decoder for the stream's codec (or the header names none)
+        container.close()
+        raise AudioError(
+            "the audio codec is unknown or not supported; convert the file to wav, flac or mp3", p
+        )
+    if not codec.sample_rate or not codec.channels:
         container.close()
         raise AudioError("audio stream has no sample rate or channel count; the file may be corrupt", p)
+    if not MIN_AUDIO_SAMPLE_RATE <= codec.sample_rate <= MAX_AUDIO_SAMPLE_RATE:
+        container.close()
+        raise AudioError(
+            f"audio sample rate {codec.sample_rate} Hz is outside {MIN_AUDIO_SAMPLE_RATE}.."
+            f"{MAX_AUDIO_SAMPLE_RATE} Hz; the header is corrupt or the file is not speech audio",
+            p,
+        )
     return container, stream
 
 
@@ -191,7 +215,8 @@ def probe_audio(path: PathLike) -> AudioInfo:
         :class:`AudioInfo` of the first audio stream.
 
     Raises:
-        AudioError: the file is missing, cannot be opened, or has no audio stream.
+        AudioError: the file is missing, cannot be opened, has no audio stream, its codec is unknown, or
+            its sample rate is outside ``MIN_AUDIO_SAMPLE_RATE..MAX_AUDIO_SAMPLE_RATE``.
     """
     container, stream = _open_audio(path)
     try:
@@ -210,6 +235,12 @@ def probe_audio(path: PathLike) -> AudioInfo:
         container.close()
 
 
+def _packed_to_array(frame: av.AudioFrame) -> np.ndarray:
+    """Samples of a packed (interleaved) float frame as float32 ``[channels, n]``."""
+    channels = frame.layout.nb_channels
+    return frame.to_ndarray().reshape(frame.samples, channels).T
+
+
 def _decode_audio(path: PathLike) -> tuple[np.ndarray, int]:
     """Decode the first audio stream of ``path``.
 
@@ -218,20 +249,42 @@ def _decode_audio(path: PathLike) -> tuple[np.ndarray, int]:
     """
     p = os.fspath(path)
     container, stream = _open_audio(p)
-    # Convert to planar float at the native rate and layout (sample values unchanged, s16 -> x / 32768).
-    resampler = av.AudioResampler(format="fltp")
+    # Convert to packed float at the native rate and layout (sample values unchanged, s16 -> x / 32768).
+    # Packed, not planar: PyAV's AudioFrame.planes walks extended_data up to a NULL pointer that is
+    # not there for 8 or more planar channels, so fltp.to_ndarray() reads past the array and can crash
+    # the process.
+    resampler = av.AudioResampler(format="flt")
     chunks: list[np.ndarray] = []
+    first: tuple[int, int] | None = None  # (channels, sample rate) of the first decoded frame
     try:
         for frame in container.decode(stream):
+            # The resampler passes frames that are already flt through unchecked, so a frame that switches
+            # mono <-> stereo or the sample rate (damaged or concatenated mp3s) is caught here.
+            here = (frame.layout.nb_channels, int(frame.sample_rate))
+            if first is None:
+                first = here
+            elif here != first:
+                raise AudioError(
+                    f"the channel count or sample rate changes inside the stream ({first[0]} ch "
+                    f"{first[1]} Hz, then {here[0]} ch {here[1]} Hz); the file may be corrupt or "
+                    "glued together from several files, re-encode it",
+                    p,
+                )
             for out in resampler.resample(frame):
-                chunks.append(out.to_ndarray())
+                chunks.append(_packed_to_array(out))
         for out in resampler.resample(None):
-            chunks.append(out.to_ndarray())
-        rate = int(stream.codec_context.sample_rate)
+            chunks.append(_packed_to_array(out))
     except (av.FFmpegError, ValueError) as e:
         raise AudioError(f"cannot decode audio, the file may be corrupt ({_reason(e)})", p) from e
     finally:
         container.close()
+    rate = first[1] if first is not None else int(stream.codec_context.sample_rate)
+    if not MIN_AUDIO_SAMPLE_RATE <= rate <= MAX_AUDIO_SAMPLE_RATE:
+        raise AudioError(
+            f"decoded audio has a sample rate of {rate} Hz, outside {MIN_AUDIO_SAMPLE_RATE}.."
+            f"{MAX_AUDIO_SAMPLE_RATE} Hz; the file may be corrupt",
+            p,
+        )
     if not chunks or sum(c.shape[1] for c in chunks) == 0:
         raise AudioError("no audio samples could be decoded", p)
     samples = np.concatenate(chunks, axis=1).astype(np.float32, copy=False)
@@ -254,13 +307,21 @@ def load_audio(path: PathLike, sample_rate: int = 16000) -> np.ndarray:
 
     Raises:
         AudioError: the file is missing, unreadable or corrupt, has no audio stream, decodes to zero
-            samples, or contains NaN or infinite samples.
+            samples, contains NaN or infinite samples or samples larger than ``MAX_SAMPLE_MAGNITUDE``,
+            changes its channel count or sample rate mid-stream, or has a sample rate outside
+            ``MIN_AUDIO_SAMPLE_RATE..MAX_AUDIO_SAMPLE_RATE``.
     """
     if sample_rate <= 0:
         raise ValueError(f"sample_rate must be positive, got {sample_rate}")
     samples, native_rate = _decode_audio(path)
     if not np.isfinite(samples).all():
         raise AudioError("contains NaN or infinite samples", os.fspath(path))
+    peak = float(np.abs(samples).max())
+    if peak > MAX_SAMPLE_MAGNITUDE:
+        raise AudioError(
+            f"sample values reach {peak:.3g}, far outside [-1, 1]; the file is corrupt or not audio",
+            os.fspath(path),
+        )
     mono = np.mean(samples, axis=0)
     if native_rate == sample_rate:
         return np.ascontiguousarray(mono, dtype=np.float32)
