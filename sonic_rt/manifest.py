@@ -16,8 +16,10 @@ An engine directory (written by ``python -m export.build_engines``) holds one ar
     files             support files -> sha256
 
 Loading checks all of it (:func:`open_engine_dir`): a missing or changed artifact (sha256), an unknown
-format, or an engine built for another GPU, TensorRT version or precision is an :class:`EngineError`
-that says how to rebuild; nothing falls back silently.
+format, a malformed manifest (missing graph, unknown backend, an artifact that is not among the files it
+verifies), a file name that leaves the directory (``..``, absolute, or a symlink out), or an engine
+built for another GPU, TensorRT version or precision is an :class:`EngineError` that says how to
+rebuild; nothing falls back silently.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from .errors import EngineError
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "sonic_rt.engines/1"
+ENGINE_BACKENDS = ("onnxruntime", "tensorrt")  # backends that load artifacts from an engine directory
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
@@ -53,8 +56,10 @@ def is_engine_dir(path: str | os.PathLike) -> bool:
 
 def rebuild_hint(manifest: dict[str, Any], engine_dir: Path) -> str:
     """The command that rebuilds ``engine_dir`` from its recorded source."""
-    source = manifest.get("source", {}).get("model_dir", "MODEL_DIR")
-    return (f"rebuild it: python -m export.build_engines --model {source} --out {engine_dir} "
+    source = manifest.get("source") if isinstance(manifest, dict) else None
+    model_dir = source.get("model_dir", "MODEL_DIR") if isinstance(source, dict) else "MODEL_DIR"
+    manifest = manifest if isinstance(manifest, dict) else {}
+    return (f"rebuild it: python -m export.build_engines --model {model_dir} --out {engine_dir} "
             f"--backend {manifest.get('backend', 'onnxruntime')} --precision {manifest.get('precision', 'fp16')}")
 
 
@@ -79,14 +84,41 @@ def read_manifest(engine_dir: str | os.PathLike) -> dict[str, Any]:
     return manifest
 
 
+def engine_file(engine_dir: Path, name: Any, manifest: dict[str, Any]) -> Path:
+    """``engine_dir / name`` for a file name read from ``manifest.json``, refusing any that leaves the directory.
+
+    A name must be a non-empty relative path with ``/`` separators and no ``..`` part, and the file it
+    names (after following symlinks) must lie inside ``engine_dir``.
+
+    Raises:
+        EngineError: ``name`` is absolute, contains ``..``, is not a string, or resolves outside ``engine_dir``.
+    """
+    manifest_path = Path(engine_dir) / MANIFEST_NAME
+    if (not isinstance(name, str) or not name or "\\" in name or "\0" in name or os.path.isabs(name)
+            or name.startswith("/") or any(part in ("", ".", "..") for part in name.split("/"))):
+        raise EngineError(f"lists the file {name!r}, which is not a plain path inside the engine directory "
+                          f"(tampered manifest?); {rebuild_hint(manifest, Path(engine_dir))}", manifest_path)
+    path = Path(engine_dir) / name
+    if not path.resolve().is_relative_to(Path(engine_dir).resolve()):
+        raise EngineError(f"lists the file {name!r}, which resolves outside the engine directory (symlink?); "
+                          f"{rebuild_hint(manifest, Path(engine_dir))}", manifest_path)
+    return path
+
+
 def verify_files(engine_dir: Path, files: dict[str, str], manifest: dict[str, Any]) -> None:
     """Check that every ``name -> sha256`` in ``files`` exists under ``engine_dir`` with that hash.
 
+    Every name must stay inside ``engine_dir`` (see :func:`engine_file`).
+
     Raises:
-        EngineError: names the first missing or changed file.
+        EngineError: ``files`` is not a name -> sha256 mapping; names the first file that escapes the
+            directory, is missing or has changed.
     """
+    if not isinstance(files, dict) or not all(isinstance(d, str) for d in files.values()):
+        raise EngineError(f"a file list is not a mapping of name -> sha256 (tampered manifest?); "
+                          f"{rebuild_hint(manifest, Path(engine_dir))}", Path(engine_dir) / MANIFEST_NAME)
     for name, digest in files.items():
-        path = engine_dir / name
+        path = engine_file(engine_dir, name, manifest)
         if not path.is_file():
             raise EngineError(f"artifact {name} is missing; {rebuild_hint(manifest, engine_dir)}", path)
         if sha256_file(path) != digest:
@@ -137,6 +169,7 @@ def open_engine_dir(engine_dir: str | os.PathLike, device: torch.device | None, 
 
     root = Path(engine_dir).resolve()
     manifest = read_manifest(root)
+    check_manifest(manifest, root)
     backend = get_backend(manifest["backend"])
     if precision is not None and precision != manifest["precision"]:
         raise EngineError(f"engines were built for {manifest['precision']}, but {precision} was requested; "
@@ -153,10 +186,64 @@ def open_engine_dir(engine_dir: str | os.PathLike, device: torch.device | None, 
             raise EngineError(f"engines were built for {built}, this GPU is {here}; {rebuild_hint(manifest, root)}",
                               root)
     verify_files(root, manifest.get("files", {}), manifest)
+    try:
+        config = PipelineConfig.from_json(manifest["pipeline"]["config"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise EngineError(f"malformed pipeline config ({type(exc).__name__}: {exc}); "
+                          f"{rebuild_hint(manifest, root)}", root / MANIFEST_NAME) from None
     graphs = {}
     for name, entry in manifest["graphs"].items():
-        verify_files(root, entry["files"], manifest)
-        spec = GraphSpec.from_json(entry["spec"])
-        graphs[name] = backend.load_graph(spec, root / entry["artifact"], device, providers)
-    config = PipelineConfig.from_json(manifest["pipeline"]["config"])
+        verify_files(root, entry["files"], manifest)  # the artifact is one of these (check_manifest)
+        try:
+            spec = GraphSpec.from_json(entry["spec"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise EngineError(f"malformed spec of graph {name} ({type(exc).__name__}: {exc}); "
+                              f"{rebuild_hint(manifest, root)}", root / MANIFEST_NAME) from None
+        graphs[name] = backend.load_graph(spec, engine_file(root, entry["artifact"], manifest), device, providers)
     return EngineDir(root, manifest, Graphs(manifest["backend"], config, graphs))
+
+
+def check_manifest(manifest: dict[str, Any], engine_dir: Path) -> None:
+    """Check the structure of a parsed manifest before anything in it is used.
+
+    ``manifest.json`` carries no hash of itself, so a hand-edited or truncated-then-repaired manifest is
+    caught here instead of as a ``KeyError`` deep in loading: a known backend and precision, one entry per
+    pipeline graph whose ``artifact`` is among the ``files`` it verifies, and a ``pipeline`` section.
+
+    Raises:
+        EngineError: the first problem found, naming ``manifest.json``.
+    """
+    from .graphs.modules import GRAPH_NAMES
+
+    path = Path(engine_dir) / MANIFEST_NAME
+
+    def fail(problem: str) -> None:
+        raise EngineError(f"{problem} (tampered or damaged manifest); {rebuild_hint(manifest, Path(engine_dir))}",
+                          path)
+
+    if manifest.get("backend") not in ENGINE_BACKENDS:
+        fail(f"backend {manifest.get('backend')!r} is not one of {', '.join(ENGINE_BACKENDS)}")
+    if manifest.get("precision") not in ("fp32", "fp16", "bf16"):
+        fail(f"precision {manifest.get('precision')!r} is not fp32, fp16 or bf16")
+    if not isinstance(manifest.get("files", {}), dict):
+        fail("'files' is not a mapping of name -> sha256")
+    pipeline = manifest.get("pipeline")
+    if not (isinstance(pipeline, dict) and isinstance(pipeline.get("config"), dict)
+            and isinstance(pipeline.get("scheduler_config"), dict)
+            and isinstance(pipeline.get("demo"), (dict, type(None)))):
+        fail("no valid 'pipeline' section (config, scheduler_config)")
+    graphs = manifest.get("graphs")
+    if not isinstance(graphs, dict):
+        fail("no 'graphs' mapping")
+    missing = [name for name in GRAPH_NAMES if name not in graphs]
+    unknown = [name for name in graphs if name not in GRAPH_NAMES]
+    if missing or unknown:
+        fail(f"graph entries missing: {', '.join(missing) or 'none'}; unknown: {', '.join(map(str, unknown)) or 'none'}"
+             f" (expected exactly {', '.join(GRAPH_NAMES)})")
+    for name, entry in graphs.items():
+        if not (isinstance(entry, dict) and isinstance(entry.get("files"), dict)
+                and isinstance(entry.get("spec"), dict)):
+            fail(f"malformed entry for graph {name} (needs artifact, files and spec)")
+        if not isinstance(entry.get("artifact"), str) or entry["artifact"] not in entry["files"]:
+            fail(f"graph {name}: its artifact {entry.get('artifact')!r} is not among the files whose sha256 is "
+                 f"checked ({', '.join(map(str, entry['files']))})")
