@@ -52,8 +52,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from bench.presets import (DEFAULT_CACHE, REPO, SPEECH, BenchError, Size, check_engines_match, ensure_engines,
-                           ensure_inputs, ensure_model, log)
+from bench.presets import (DEFAULT_CACHE, REPO, SPEECH, BenchError, Size, bench_threads, check_engines_match,
+                           ensure_engines, ensure_inputs, ensure_model, log)
 from bench.presets import SIZES as ALL_SIZES
 from sonic_rt.runtime import STAGES
 
@@ -417,11 +417,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     command = shlex.join(["python", "-m", "bench.backends", *(sys.argv[1:] if argv is None else argv)])
-    saved = torch.get_num_threads(), os.environ.get("SONIC_RT_ORT_THREADS")
-    if args.threads:  # before any runtime is loaded: the ORT backend reads the variable at session creation
-        torch.set_num_threads(args.threads)
-        os.environ["SONIC_RT_ORT_THREADS"] = str(args.threads)
-    try:
+    with bench_threads(args.threads):  # before any runtime is loaded (onnxruntime reads it then)
         from sonic_rt.errors import SonicError
 
         try:
@@ -451,12 +447,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.out.write_text(json.dumps(report, indent=1) + "\n")
         log(f"wrote {args.out}")
         return 0
-    finally:
-        torch.set_num_threads(saved[0])
-        if saved[1] is None:
-            os.environ.pop("SONIC_RT_ORT_THREADS", None)
-        else:
-            os.environ["SONIC_RT_ORT_THREADS"] = saved[1]
 
 
 if __name__ == "__main__":

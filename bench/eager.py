@@ -36,12 +36,10 @@ import torch
 
 from sonic_rt import media
 from sonic_rt.audio_features import (AUDIO_FRAMES_PER_FRAME, BUCKET_OFFSET, BUCKET_PAD, BUCKET_SCALE, BUCKET_WINDOW,
-                                     SAMPLE_RATE, SAMPLES_PER_AUDIO_FRAME, TOKEN_PAD, TOKEN_WINDOW, TOKENS_PER_FRAME,
-                                     WHISPER_CHUNK_SAMPLES, num_generated_frames)
-from sonic_rt.errors import AudioError, InputError
-from sonic_rt.face import FaceBox, prepare_reference
+                                     SAMPLE_RATE, TOKEN_PAD, TOKEN_WINDOW, TOKENS_PER_FRAME, WHISPER_CHUNK_SAMPLES)
+from sonic_rt.errors import InputError
 from sonic_rt.runtime import DEFAULT_SEED, OUTPUT_FPS, AnimateResult, Runtime, _Timer, _to_uint8
-from sonic_rt.sampling import SamplingConfig, combine_guidance, euler_v_step, karras_schedule, window_indices
+from sonic_rt.sampling import combine_guidance, euler_v_step, karras_schedule, window_indices
 
 MEL_FRAMES_PER_CHUNK = 3000  # Whisper input frames per 30 s (official encoder window)
 
@@ -98,23 +96,11 @@ class EagerPipeline:
 
         # 1. Inputs, face crop and reference tensors (the runtime's own checks: same errors)
         with timer.stage("preprocess"):
-            try:
-                config = SamplingConfig(steps=steps, frames_per_window=frames_per_window, shift_offset=shift_offset)
-            except ValueError as exc:
-                raise InputError(str(exc)) from None
-            out_path = media.check_output_path(out) if out is not None else None
-            image_source = os.fspath(image) if isinstance(image, (str, os.PathLike)) else None
-            pil_image = media.load_image(image)
-            samples, audio_source = self.runtime._load_audio(audio)
-            audio_frames = len(samples) // SAMPLES_PER_AUDIO_FRAME  # official audio_len (25 fps)
-            num_frames = num_generated_frames(len(samples))
-            if num_frames < 1:
-                raise AudioError(f"audio is {len(samples) / SAMPLE_RATE:.3f} s long, shorter than one generated "
-                                 "frame (80 ms)", audio_source)
-            reference = prepare_reference(
-                pil_image, self.runtime.face_detector,
-                face_box=FaceBox.from_user(face_box) if face_box is not None else None, crop=crop,
-                min_resolution=min_resolution or self.runtime.default_min_resolution, source=image_source)
+            prepared = self.runtime.prepare(image, audio, out, steps=steps, frames_per_window=frames_per_window,
+                                            shift_offset=shift_offset, dynamic_scale=dynamic_scale,
+                                            min_resolution=min_resolution, face_box=face_box, crop=crop)
+            config, out_path, samples = prepared.config, prepared.out_path, prepared.samples
+            audio_frames, num_frames, reference = prepared.audio_frames, prepared.num_frames, prepared.reference
             width, height = reference.size
 
         # 2. Whisper: mel features per 30 s chunk, concatenated; the encoder twice per 3000-frame window

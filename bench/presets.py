@@ -16,6 +16,7 @@ Inputs: skimage's astronaut portrait and real speech (espeak-ng), tiled to any l
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -24,7 +25,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -240,3 +241,21 @@ def check_engines_match(model_dir: Path, engine_dir: Path) -> None:
         if not path.is_file() or sha256_file(path) != digest:
             raise BenchError(f"{engine_dir} was not built from {model_dir} ({rel} differs); rebuild it with "
                              f"python -m export.build_engines --model {model_dir} --out {engine_dir}, or drop --engines")
+
+
+@contextlib.contextmanager
+def bench_threads(threads: int | None) -> Iterator[None]:
+    """With ``threads``: torch.set_num_threads and ``SONIC_RT_ORT_THREADS`` (read when an onnxruntime session
+    is created, so enter this before loading runtimes) for the block; both restored after."""
+    saved = torch.get_num_threads(), os.environ.get("SONIC_RT_ORT_THREADS")
+    if threads:
+        torch.set_num_threads(threads)
+        os.environ["SONIC_RT_ORT_THREADS"] = str(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved[0])
+        if saved[1] is None:
+            os.environ.pop("SONIC_RT_ORT_THREADS", None)
+        else:
+            os.environ["SONIC_RT_ORT_THREADS"] = saved[1]

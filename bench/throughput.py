@@ -62,8 +62,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from bench.presets import (DEFAULT_CACHE, REPO, SIZES, BenchError, Size, check_engines_match, ensure_engines,
-                           ensure_inputs, ensure_model, log, speech_of_length)
+from bench.presets import (DEFAULT_CACHE, REPO, SIZES, BenchError, Size, bench_threads, check_engines_match,
+                           ensure_engines, ensure_inputs, ensure_model, log, speech_of_length)
 
 BACKENDS = ("eager", "torch", "onnxruntime", "tensorrt")
 RESULTS = REPO / "bench" / "results"
@@ -598,11 +598,7 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     command = shlex.join(["python", "-m", "bench.throughput", *(sys.argv[1:] if argv is None else argv)])
-    saved = torch.get_num_threads(), os.environ.get("SONIC_RT_ORT_THREADS")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-        os.environ["SONIC_RT_ORT_THREADS"] = str(args.threads)
-    try:
+    with bench_threads(args.threads):  # before any runtime is loaded (onnxruntime reads it then)
         from sonic_rt.errors import SonicError
 
         try:
@@ -618,12 +614,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(markdown, flush=True)
         log(f"wrote {args.out} (.md, .png beside it)")
         return 0
-    finally:
-        torch.set_num_threads(saved[0])
-        if saved[1] is None:
-            os.environ.pop("SONIC_RT_ORT_THREADS", None)
-        else:
-            os.environ["SONIC_RT_ORT_THREADS"] = saved[1]
 
 
 if __name__ == "__main__":

@@ -74,6 +74,27 @@ class AnimateResult:
     reference: Reference = field(repr=False)
 
 
+@dataclass
+class PreparedInputs:
+    """Checked inputs of one animation (:meth:`Runtime.prepare`).
+
+    Attributes:
+        config: the sampling settings.
+        out_path: the checked ``.mp4`` path, or None.
+        samples: float32 mono audio at 16 kHz, ``[S]``.
+        audio_frames: official ``audio_len`` = S // 640 (25 fps audio frames).
+        num_frames: N generated frames (12.5 fps), >= 1.
+        reference: the prepared portrait.
+    """
+
+    config: SamplingConfig
+    out_path: Path | None
+    samples: np.ndarray
+    audio_frames: int
+    num_frames: int
+    reference: Reference
+
+
 def _default_device(device: str | torch.device | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -325,25 +346,11 @@ class Runtime:
 
         # 1. Check inputs (cheap, before any model runs)
         with timer.stage("preprocess"):
-            try:
-                config = SamplingConfig(steps=steps, frames_per_window=frames_per_window, shift_offset=shift_offset)
-            except ValueError as exc:
-                raise InputError(str(exc)) from None
-            if not (isinstance(dynamic_scale, (int, float)) and math.isfinite(dynamic_scale) and dynamic_scale >= 0):
-                raise InputError(f"dynamic_scale must be a finite number >= 0, got {dynamic_scale!r}")
-            out_path = media.check_output_path(out) if out is not None else None
-            image_source = os.fspath(image) if isinstance(image, (str, os.PathLike)) else None
-            pil_image = media.load_image(image)
-            samples, audio_source = self._load_audio(audio)
-            audio_frames = len(samples) // SAMPLES_PER_AUDIO_FRAME
-            num_frames = num_generated_frames(len(samples))
-            if num_frames < 1:
-                raise AudioError(f"audio is {len(samples) / SAMPLE_RATE:.3f} s long, shorter than one generated "
-                                 "frame (80 ms)", audio_source)
-            # 2. Reference image: detect the face, crop, mask, resize, CLIP pixels
-            reference = prepare_reference(
-                pil_image, self.face_detector, face_box=FaceBox.from_user(face_box) if face_box is not None else None,
-                crop=crop, min_resolution=min_resolution or self.default_min_resolution, source=image_source)
+            prepared = self.prepare(image, audio, out, steps=steps, frames_per_window=frames_per_window,
+                                    shift_offset=shift_offset, dynamic_scale=dynamic_scale,
+                                    min_resolution=min_resolution, face_box=face_box, crop=crop)
+            config, out_path, samples = prepared.config, prepared.out_path, prepared.samples
+            audio_frames, num_frames, reference = prepared.audio_frames, prepared.num_frames, prepared.reference
             width, height = reference.size
             self._check_engine_shapes(width, height, config.frames_per_window)
             factor = cfg.vae_scale_factor
@@ -451,6 +458,35 @@ class Runtime:
         self.distributed.shutdown()
 
     # ------------------------------------------------------------------------------------------------
+    def prepare(self, image, audio, out, *, steps: int, frames_per_window: int, shift_offset: int,
+                dynamic_scale: float, min_resolution: int | None, face_box, crop: bool) -> "PreparedInputs":
+        """Step 1-2 of :meth:`animate`: check every input and prepare the reference, before any model runs
+        (also used by the eager baseline, so both refuse the same inputs with the same errors).
+
+        Raises:
+            ImageError, AudioError, FaceNotFoundError, OutputPathError, InputError: as :meth:`animate`.
+        """
+        try:
+            config = SamplingConfig(steps=steps, frames_per_window=frames_per_window, shift_offset=shift_offset)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+        if not (isinstance(dynamic_scale, (int, float)) and math.isfinite(dynamic_scale) and dynamic_scale >= 0):
+            raise InputError(f"dynamic_scale must be a finite number >= 0, got {dynamic_scale!r}")
+        out_path = media.check_output_path(out) if out is not None else None
+        image_source = os.fspath(image) if isinstance(image, (str, os.PathLike)) else None
+        pil_image = media.load_image(image)
+        samples, audio_source = self._load_audio(audio)
+        num_frames = num_generated_frames(len(samples))
+        if num_frames < 1:
+            raise AudioError(f"audio is {len(samples) / SAMPLE_RATE:.3f} s long, shorter than one generated "
+                             "frame (80 ms)", audio_source)
+        # Reference image: detect the face, crop, mask, resize, CLIP pixels
+        reference = prepare_reference(
+            pil_image, self.face_detector, face_box=FaceBox.from_user(face_box) if face_box is not None else None,
+            crop=crop, min_resolution=min_resolution or self.default_min_resolution, source=image_source)
+        return PreparedInputs(config, out_path, samples, len(samples) // SAMPLES_PER_AUDIO_FRAME, num_frames,
+                              reference)
+
     def _check_batching(self, windows_per_call: int) -> None:
         """The UNet graph must take a batch of 3 x windows_per_call (engines are built for a range)."""
         batch = self.graphs.unet.spec.dims["batch"]
