@@ -9,7 +9,7 @@ What is measured, for each model size (``--sizes``), in one process:
 The torch backend is ``Runtime(model_dir)``, the PyTorch reference exactly as it runs the pipeline (the UNet in
 the official attention structure). The onnxruntime backend is ``Runtime(engine_dir)`` over an fp32 engine
 directory built by :func:`export.build_engines.build_engines` (CPU execution provider; its UNet holds the
-exact attention simplifications of performance.md, savings 2-3). Engines and checkpoints are cached under
+exact attention simplifications of docs/performance.md, savings 2-3). Engines and checkpoints are cached under
 ``engines/bench/`` and reused while their inputs are unchanged (build_engines checks the hashes).
 
 1. **Per graph** (``graph <name>`` rows): each of the eight graphs of :mod:`sonic_rt.graphs`, both backends

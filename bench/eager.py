@@ -3,7 +3,7 @@
 Every speedup in ``bench/`` is a ratio against this pipeline. It computes the same function as
 :meth:`sonic_rt.Runtime.animate` (same weights, same sampler math, same output frames up to floating-point
 reduction order) but does the work the way the official ``sonic.py`` + ``SonicPipeline.__call__`` do it
-(sonic_reference.md sections 1-6 and 10):
+(docs/official_algorithm.md sections 1-6 and 10):
 
 - **Whisper twice** per 30 s chunk: once with ``output_hidden_states=True``, once more for
   ``last_hidden_state`` (section 2.6).

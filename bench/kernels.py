@@ -77,12 +77,12 @@ import torch
 RESULTS_DIR = Path(__file__).parent / "results"
 KERNEL_MODULE = "kernels.audio_attention"
 
-# The workload (performance.md, "The workload"): 512x512 crops, 3 CFG rows per UNet call.
+# The workload (docs/performance.md, "The workload"): 512x512 crops, 3 CFG rows per UNet call.
 RESOLUTION = 512
 CFG_ROWS = 3
 FACE_AREA = 0.35
 AUDIO_SCALE = 1.0  # official ip_audio_scale
-# performance.md: dense fp16/bf16 measured on one H100 (the "floor" of every figure there).
+# docs/performance.md: dense fp16/bf16 measured on one H100 (the "floor" of every figure there).
 PEAK_TFLOPS = 800.0
 # Datasheet HBM bandwidth (TB/s) by device-name fragment, most specific first; --peak-tbs overrides.
 PEAK_TBS = (("H100 PCIe", 2.0), ("H100 NVL", 3.9), ("H100", 3.35), ("H200", 4.8), ("A100", 2.0), ("B200", 8.0))
@@ -90,10 +90,10 @@ PEAK_TBS = (("H100 PCIe", 2.0), ("H100 NVL", 3.9), ("H100", 3.35), ("H200", 4.8)
 # supported head dims are the real constraint), and runs 1 warm-up + 2 timed calls.
 TINY = 8
 TINY_WARMUP, TINY_REPEATS = 1, 2
-# Tolerance rule of STYLE.md for low-precision kernels: |kernel - fp32| <= 2 |torch - fp32| + atol(dtype).
+# The low-precision rule of docs/testing.md: |kernel - fp32| <= 2 |torch - fp32| + atol(dtype).
 TOLERANCE_ATOL = {"fp16": 1e-3, "bf16": 1e-2, "fp32": 1e-5}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-# performance.md: the Triton interpreter computes bf16 tl.dot wrongly (triton-lang/triton#11584).
+# docs/development.md: the Triton interpreter computes bf16 tl.dot wrongly (triton-lang/triton#11584).
 INTERPRETER_DTYPES = ("fp16",)
 
 
@@ -393,7 +393,8 @@ def add_common_arguments(p: argparse.ArgumentParser, program: str, warmup: int, 
     p.add_argument("--face-area", type=float, default=FACE_AREA,
                    help="fraction of the frame covered by the square face box (default 0.35)")
     p.add_argument("--peak-tflops", type=float, default=PEAK_TFLOPS,
-                   help="dense fp16/bf16 peak for the efficiency figure (default 800, performance.md's H100 figure)")
+                   help="dense fp16/bf16 peak for the efficiency figure "
+                        "(default 800, docs/performance.md's H100 figure)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None,
                    help=f"JSON path (default bench/results/{program}-<gpu-name>.json)")

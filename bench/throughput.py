@@ -24,7 +24,7 @@ For each backend: one warm-up call (shortest audio, 1 step) kept apart from meas
 - achieved TFLOP/s of the denoise stage: FLOPs of one UNet call (``FlopCounterMode``, counted in the
   structure the backend runs: official for eager, simplified for the others) x calls / denoise seconds,
   and the **UNet floor**: the official FLOPs of the run's UNet calls at this machine's measured matmul
-  peak (fp32 2048^3 GEMM on CPU; fp16 8192^3 on CUDA), performance.md's definition,
+  peak (fp32 2048^3 GEMM on CPU; fp16 8192^3 on CUDA), docs/performance.md's definition,
 - the speedup over eager at the same length (total and per stage).
 
 **Scaling**: per backend, least-squares fits of total seconds and of added peak RSS against audio seconds

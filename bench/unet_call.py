@@ -11,21 +11,21 @@ channels, latent 64x64 (512x512), ``clip_embeds [3, 1, 1024]``, ``audio_tokens [
 
 - ``reference``: the official structure (SDPA over the single CLIP token; temporal audio context repeated and
   projected at every position);
-- ``sdpa``: the exact simplifications (performance.md savings 2-3), torch SDPA;
+- ``sdpa``: the exact simplifications (docs/performance.md savings 2-3), torch SDPA;
 - ``triton``: the same with the fused kernel of ``kernels/audio_attention.py`` (skips zero-mask blocks).
 
 Timing: ``torch.cuda.Event`` pairs recorded on the current stream around each call, ``--warmup`` (3) untimed
 calls first, then ``--repeats`` (10) timed calls; the median is reported. Host launch overhead is included
 (this is the eager model as the pipeline runs it). The FLOPs of one call are counted once, on the
 ``reference`` call, with ``torch.utils.flop_counter.FlopCounterMode`` (1 FLOP = 1 multiply or add, as in
-performance.md: ~100 TFLOP at 512x512).
+docs/performance.md: ~100 TFLOP at 512x512).
 
 How to read the numbers
 -----------------------
 - ``ms``: median time of one UNet call; ``speedup`` = reference ms / this ms.
 - ``TFLOP/s`` = reference FLOPs / time: *effective* throughput of the same function (the simplified paths do a
   few % fewer FLOPs, so their figure is what the reference would have needed to reach to be as fast).
-- ``efficiency`` = that / ``--peak-tflops`` (800, the dense fp16 figure of performance.md); equivalently the
+- ``efficiency`` = that / ``--peak-tflops`` (800, the dense fp16 figure of docs/performance.md); equivalently the
   floor (reference FLOPs / peak, ~125 ms on an H100) divided by the time.
 - ``max|diff|``: max abs difference of the v-prediction from the ``reference`` implementation's (fp32 math on
   the outputs); ``ref max|v|`` gives its scale. Differences come from reduction order in fp16/bf16.

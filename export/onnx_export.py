@@ -2,7 +2,7 @@
 
 The TorchScript exporter (``dynamo=False``) is used on purpose: the dynamo exporter produces a broken UNet
 graph when frames are dynamic and batch > 1 (onnxscript ``repeat_interleave`` translation, "invalid expand
-shape" in ONNX Runtime; see ../shared/reference/environment.md). Dynamic axes come from the graph's
+shape" in ONNX Runtime; see docs/development.md). Dynamic axes come from the graph's
 :class:`~sonic_rt.graphs.GraphSpec`, never restated here.
 """
 

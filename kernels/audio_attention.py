@@ -6,7 +6,7 @@ Computes, per batch row ``n``, head ``h`` and query ``i`` (all math in fp32, one
 
     out[n, i, h] = clip_v[n, h] + scale * mask[i] * softmax(q[n, i, h] . k[n, :, h]^T / sqrt(d)) @ v[n, :, h]
 
-which is Sonic's audio attention after the exact simplifications of performance.md (2-4):
+which is Sonic's audio attention after the exact simplifications of docs/performance.md (savings 2-4):
 
 - **spatial** (:func:`spatial_audio_attention`): ``n`` = a frame of a window (B*F rows), ``i`` = its H_l*W_l
   latent positions, ``k, v`` = ``to_k_ip / to_v_ip`` of that frame's 32 audio tokens, ``mask`` = the level's face
@@ -29,7 +29,7 @@ mask                    any real values; a block is skipped iff every value in i
 ======================  =============================================================================
 
 Limits: CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1`` was set before this module was imported
-(the interpreter; bf16 ``tl.dot`` is wrong there, see environment.md). The wrappers raise
+(the interpreter; bf16 ``tl.dot`` is wrong there, see docs/development.md). The wrappers raise
 :class:`KernelUnsupported` on anything else, naming the constraint, so callers can fall back.
 
 :func:`audio_attention_reference` is the plain PyTorch definition every test compares against.

@@ -2,12 +2,12 @@
 
 The loader never uses these: it reads every size from the config files in the model directory. They
 are here to (a) build the full-size architecture on the meta device in tests (its keys and shapes must
-equal ``sonic_checkpoint_keys.txt``), (b) build full-size random-weight models for GPU benchmarks, and
+equal ``tests/data/sonic_checkpoint_keys.txt``), (b) build full-size random-weight models for GPU benchmarks, and
 (c) derive the small demo checkpoint from.
 
 Sources: ``stabilityai/stable-video-diffusion-img2vid-xt`` ``unet/config.json``, ``vae/config.json``,
 ``image_encoder/config.json``, ``scheduler/scheduler_config.json``; ``openai/whisper-tiny``
-``config.json``; sonic_reference.md sections 2.1-2.6 and 3.
+``config.json``; docs/official_algorithm.md sections 2.1-2.6 and 3.
 """
 
 from __future__ import annotations

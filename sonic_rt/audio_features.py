@@ -1,4 +1,4 @@
-"""Whisper-tiny audio features and Sonic's per-frame audio windows (sonic_reference.md 2.6-2.8).
+"""Whisper-tiny audio features and Sonic's per-frame audio windows (docs/official_algorithm.md 2.6-2.8).
 
 Timeline: 16 kHz samples; 25 "audio frames" per second (640 samples each); Whisper tokens at 50 Hz
 (2 per audio frame); one generated frame per 2 audio frames (12.5 fps), i.e. 4 Whisper tokens.

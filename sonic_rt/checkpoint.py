@@ -1,6 +1,6 @@
 """Strict loading of Sonic's official checkpoint layout.
 
-The model directory is laid out as the official release (sonic_reference.md section 2)::
+The model directory is laid out as the official release (docs/official_algorithm.md section 2)::
 
     MODEL_DIR/
       Sonic/unet.pth  Sonic/audio2token.pth  Sonic/audio2bucket.pth

@@ -18,7 +18,7 @@ from .models.unet import SonicUNet
 
 logger = logging.getLogger(__name__)
 
-# Window lengths of the two adapters: algorithm constants of official sonic.py (sonic_reference.md 2.6).
+# Window lengths of the two adapters: algorithm constants of official sonic.py (docs/official_algorithm.md 2.6).
 AUDIO2TOKEN_WINDOW = 10
 AUDIO2BUCKET_WINDOW = 50
 NUM_BUCKETS = 2

@@ -1,6 +1,6 @@
 """Sonic's sampler: Euler (Karras sigmas, v-prediction), 3-way CFG and time-aware position shift fusion.
 
-Everything here is the algorithm of official ``SonicPipeline.__call__`` (sonic_reference.md sections 3-5);
+Everything here is the algorithm of official ``SonicPipeline.__call__`` (docs/official_algorithm.md sections 3-5);
 how windows are dispatched (sequentially here) is kept apart in :func:`sample`'s ``run_window`` argument so a
 scheduler can batch or parallelise them later without touching the math.
 """

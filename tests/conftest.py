@@ -13,7 +13,7 @@ import pytest
 DATA = Path(__file__).parent / "data"
 
 # Triton kernels run in the interpreter where there is no GPU. The flag must be set before any module that
-# defines a @triton.jit kernel is imported (environment.md); on a GPU machine the kernels are compiled.
+# defines a @triton.jit kernel is imported (docs/development.md); on a GPU machine the kernels are compiled.
 if "TRITON_INTERPRET" not in os.environ:
     import torch
 

@@ -71,8 +71,8 @@ def fp16_engine_dir(demo_dir, tmp_path_factory):
 @torch.no_grad()
 @pytest.mark.parametrize("name", [n for n in GRAPH_NAMES if n not in ("audio2token", "audio2bucket", "rife")])
 def test_fp16_graph_obeys_the_low_precision_rule(fp16_engine_dir, reference, name):
-    """fp16 (STYLE.md): the exported graph may be at most 2x as far from the fp32 reference as PyTorch's own
-    fp16 result, plus atol 2e-3 * (1 + max|reference|)."""
+    """fp16 (the low-precision rule of docs/testing.md): the exported graph may be at most 2x as far from the
+    fp32 reference as PyTorch's own fp16 result, plus atol 2e-3 * (1 + max|reference|)."""
     graph = open_engine_dir(fp16_engine_dir, None, None).graphs.graphs[name]
     assert graph.spec.inputs[0].dtype == "float16"
     half = copy.deepcopy(reference[name]).half()

@@ -22,7 +22,8 @@ cpu_kernels = pytest.mark.skipif(not INTERPRETED, reason="CPU kernel runs need T
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED, reason="needs a CUDA GPU, compiled")
 
-# fp32 kernels (IEEE dots) match the fp32 reference to 2e-6 abs + rel here; fp16/bf16 follow the STYLE.md rule.
+# fp32 kernels (IEEE dots) match the fp32 reference to 2e-6 abs + rel here; fp16/bf16 follow the low-precision
+# rule of docs/testing.md.
 FP32_TOL = 2e-6
 LOW_ATOL = {torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
@@ -49,8 +50,8 @@ def _masks(h, w):
 
 
 def _check(got, want_fp32, same_dtype_ref, dtype):
-    """fp32: tight. fp16/bf16 (STYLE.md): at most 2x as far from the fp32 reference as PyTorch's own result in
-    the same dtype, plus a dtype-dependent atol."""
+    """fp32: tight. fp16/bf16 (the low-precision rule of docs/testing.md): at most 2x as far from the fp32
+    reference as PyTorch's own result in the same dtype, plus a dtype-dependent atol."""
     err = (got.float() - want_fp32).abs().max()
     if dtype == torch.float32:
         assert err <= FP32_TOL * (1 + want_fp32.abs().max()), float(err)

@@ -6,7 +6,7 @@ their state dicts load strictly. Sizes are constructor arguments: the loader der
 Whisper and UNet config files and the checkpoint shapes, never from literals.
 
 Source: official Sonic ``src/models/audio_adapter/audio_proj.py`` (``AudioProjModel``) and
-``audio_to_bucket.py`` (``Audio2bucketModel``); sonic_reference.md sections 2.7 and 2.8.
+``audio_to_bucket.py`` (``Audio2bucketModel``); docs/official_algorithm.md sections 2.7 and 2.8.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ The official file has no config: the width ``c`` (official 90) is read from the 
 :func:`ifnet_width_from_state_dict`, so the same code loads the small demo file.
 
 Source: Practical-RIFE ``IFNet_HDv3`` as vendored by official Sonic (``src/utils/RIFE``),
-sonic_reference.md section 2.11.
+docs/official_algorithm.md section 2.11.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Sonic's UNet: the diffusers SVD-xt ``UNetSpatioTemporalConditionModel`` plus audio cross-attention.
 
-Sonic changes only the 32 ``attn2`` attention processors of the SVD UNet (sonic_reference.md 2.2-2.3):
+Sonic changes only the 32 ``attn2`` attention processors of the SVD UNet (docs/official_algorithm.md 2.2-2.3):
 
 - spatial ``transformer_blocks.0.attn2`` (query = the H_l*W_l tokens of one frame)::
 
@@ -21,14 +21,14 @@ Two implementations of the same function (:class:`AudioAttention`):
 
 - ``REFERENCE`` follows the official structure: full SDPA over the single CLIP token, and the temporal
   window-mean context repeated for and projected at every spatial position;
-- ``SDPA`` uses the exact simplifications of performance.md ("exact-math savings" 2-3): softmax over one
+- ``SDPA`` uses the exact simplifications of docs/performance.md (exact-math savings 2-3): softmax over one
   key is exactly 1, so the CLIP branch is ``to_v(clip)`` broadcast to every query; the temporal audio K/V
   are projected once per window and shared by all positions. This is what the exported graphs contain.
 - ``TRITON`` computes the same as ``SDPA`` with one fused kernel per layer (``kernels/audio_attention.py``),
   which also skips the query blocks whose face mask is exactly zero.
 
 Both read the face mask of their level from :func:`level_face_masks`, computed once per resolution with
-the official downsampling (performance.md saving 4) instead of once per layer and call.
+the official downsampling (docs/performance.md saving 4) instead of once per layer and call.
 
 The per-frame audio tokens and the masks do not fit diffusers' UNet signature, so :class:`SonicUNet`
 hands them to its processors through :class:`AudioConditioning`, a thread-local set for the duration of
