@@ -1,8 +1,10 @@
 """Sonic's sampler: Euler (Karras sigmas, v-prediction), 3-way CFG and time-aware position shift fusion.
 
-Everything here is the algorithm of official ``SonicPipeline.__call__`` (docs/official_algorithm.md sections 3-5);
-how windows are dispatched (sequentially here) is kept apart in :func:`sample`'s ``run_window`` argument so a
-scheduler can batch or parallelise them later without touching the math.
+Everything here is the algorithm of official ``SonicPipeline.__call__`` (docs/official_algorithm.md sections 3-5).
+:func:`sample` owns the math (which windows run at each step, the Euler step, the per-frame averaging); the
+model call is the ``denoise`` callable it is given (guided v-prediction for a group of windows), and how the
+windows of a step are grouped and executed (batches, lanes, ranks) is its ``scheduler``'s job
+(:class:`sonic_rt.scheduler.WindowScheduler`, sequential by default), which never changes the result.
 """
 
 from __future__ import annotations
@@ -101,7 +103,7 @@ def combine_guidance(v: torch.Tensor, image_scale: float, audio_scale: float) ->
 
 @dataclass(frozen=True)
 class Window:
-    """One window of one step, as handed to ``run_window``.
+    """One window of one step, as handed to ``denoise`` (in a list) and ``on_window``.
 
     Attributes:
         step: denoising step index i.

@@ -17,7 +17,7 @@ Sonic changes only the 32 ``attn2`` attention processors of the SVD UNet (docs/o
 ``to_k_ip.0`` / ``to_v_ip.0`` live on the processors, so the state-dict keys are exactly the official
 ``...attn2.processor.to_k_ip.0.weight``. Everything else is diffusers' own code.
 
-Two implementations of the same function (:class:`AudioAttention`):
+Three implementations of the same function (:class:`AudioAttention`):
 
 - ``REFERENCE`` follows the official structure: full SDPA over the single CLIP token, and the temporal
   window-mean context repeated for and projected at every spatial position;
@@ -27,8 +27,9 @@ Two implementations of the same function (:class:`AudioAttention`):
 - ``TRITON`` computes the same as ``SDPA`` with one fused kernel per layer (``kernels/audio_attention.py``),
   which also skips the query blocks whose face mask is exactly zero.
 
-Both read the face mask of their level from :func:`level_face_masks`, computed once per resolution with
-the official downsampling (docs/performance.md saving 4) instead of once per layer and call.
+All three read the face mask of their level from :func:`level_face_masks`, computed once per resolution with
+the official downsampling (docs/performance.md saving 4) instead of once per layer and call. Only a call with
+``face_mask=`` (the official structure, REFERENCE) downsamples the pixel-resolution mask in every layer.
 
 The per-frame audio tokens and the masks do not fit diffusers' UNet signature, so :class:`SonicUNet`
 hands them to its processors through :class:`AudioConditioning`, a thread-local set for the duration of
