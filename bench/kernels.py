@@ -19,11 +19,11 @@ with :func:`sonic_rt.models.unet.level_face_masks`, so the kernel's zero-block s
 
 Three implementations of ``clip_v + scale * mask * softmax(q k^T / sqrt(d)) v``, in fp16 and bf16:
 
-- ``eager``: :func:`kernels.audio_attention.audio_attention_reference` in the benchmark dtype (explicit
+- ``eager``: :func:`sonic_rt.kernels.audio_attention.audio_attention_reference` in the benchmark dtype (explicit
   matmul, softmax, matmul: the plain PyTorch definition);
 - ``sdpa``: what ``AudioAttention.SDPA`` runs (``SpatialAudioAttnProcessor`` / ``TemporalAudioAttnProcessor``):
   ``F.scaled_dot_product_attention`` on ``[N, heads, L, d]`` views, then the mask multiply and the CLIP add;
-- ``triton``: :func:`kernels.audio_attention.spatial_audio_attention` / ``temporal_audio_attention``.
+- ``triton``: :func:`sonic_rt.kernels.audio_attention.spatial_audio_attention` / ``temporal_audio_attention``.
 
 Timing: ``torch.cuda.Event`` pairs recorded on the current stream around each call; ``--warmup`` calls (5)
 first, apart, then ``--repeats`` (20) timed calls queued behind a device-side sleep so that the events time
@@ -75,7 +75,7 @@ from typing import Callable, Iterator
 import torch
 
 RESULTS_DIR = Path(__file__).parent / "results"
-KERNEL_MODULE = "kernels.audio_attention"
+KERNEL_MODULE = "sonic_rt.kernels.audio_attention"
 
 # The workload (docs/performance.md, "The workload"): 512x512 crops, 3 CFG rows per UNet call.
 RESOLUTION = 512
@@ -325,8 +325,8 @@ def sdpa_audio_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, clip
 def bench_layer(layer: LayerShape, dtype_name: str, mask: torch.Tensor | None, device: torch.device,
                 warmup: int, repeats: int, peak: tuple[float, float | None], seed: int) -> dict:
     """Time eager, sdpa and triton on one layer shape; returns its JSON row."""
-    from kernels.audio_attention import (audio_attention_reference, spatial_audio_attention,
-                                         temporal_audio_attention)
+    from sonic_rt.kernels.audio_attention import (audio_attention_reference, spatial_audio_attention,
+                                                  temporal_audio_attention)
 
     dtype = DTYPES[dtype_name]
     n, length, tokens, c, heads = layer.rows, layer.queries, layer.tokens, layer.channels, layer.heads

@@ -12,7 +12,7 @@ channels, latent 64x64 (512x512), ``clip_embeds [3, 1, 1024]``, ``audio_tokens [
 - ``reference``: the official structure (SDPA over the single CLIP token; temporal audio context repeated and
   projected at every position);
 - ``sdpa``: the exact simplifications (docs/performance.md savings 2-3), torch SDPA;
-- ``triton``: the same with the fused kernel of ``kernels/audio_attention.py`` (skips zero-mask blocks).
+- ``triton``: the same with the fused kernel of ``sonic_rt/kernels/audio_attention.py`` (skips zero-mask blocks).
 
 Timing: ``torch.cuda.Event`` pairs recorded on the current stream around each call, ``--warmup`` (3) untimed
 calls first, then ``--repeats`` (10) timed calls; the median is reported. Host launch overhead is included

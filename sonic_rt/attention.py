@@ -9,7 +9,8 @@ name           what                                                       where
 ``sdpa``       exact simplifications with torch SDPA (what the exported   fallback on CUDA when Triton
                graphs contain)                                            cannot be used
 ``triton``     exact simplifications, one fused Triton kernel per layer   default on CUDA where its
-               (``kernels/audio_attention.py``), zero-mask blocks skipped  constraints hold
+               (:mod:`sonic_rt.kernels.audio_attention`), zero-mask       constraints hold
+               blocks skipped
 =============  =========================================================  ==============================
 
 ``auto`` (None) picks as in the last column; when it cannot use Triton on CUDA it prints the reason once.
@@ -31,7 +32,7 @@ _REASONS_PRINTED: set[str] = set()
 def triton_unusable_reason(device: torch.device, head_dims: set[int]) -> str | None:
     """Why the Triton kernels cannot run for this device and these head dims, or None when they can."""
     try:
-        from kernels.audio_attention import SUPPORTED_HEAD_DIMS, interpreting
+        from .kernels.audio_attention import SUPPORTED_HEAD_DIMS, interpreting
     except ImportError as exc:
         return f"triton is not installed ({exc}); pip install 'sonic_rt[gpu]'"
     if device.type != "cuda" and not (device.type == "cpu" and interpreting()):

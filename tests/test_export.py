@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -249,8 +250,9 @@ def test_tensorrt_engines_for_another_version_or_gpu_are_refused(engine_dir, tmp
 # --- CLI ------------------------------------------------------------------------------------------------------------
 
 def _cli(*args, env=None):
+    # export/ is not installed (docs/development.md#packaging): run it from the repository root
     return subprocess.run([sys.executable, "-m", "export.build_engines", *args], capture_output=True, text=True,
-                          env=env, timeout=900)
+                          env=env, timeout=900, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_cli_help_and_clear_errors(tmp_path):

@@ -15,7 +15,7 @@ from sonic_rt.demo import DEMO_UNET_CONFIG
 from sonic_rt.errors import InputError
 from sonic_rt.models.unet import AudioAttention, SonicUNet, level_face_masks
 
-kernels = pytest.importorskip("kernels.audio_attention")
+kernels = pytest.importorskip("sonic_rt.kernels.audio_attention")
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 cpu_kernels = pytest.mark.skipif(not INTERPRETED, reason="CPU kernel runs need TRITON_INTERPRET=1 (set by conftest "
                                  "where there is no GPU)")

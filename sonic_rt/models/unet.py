@@ -24,8 +24,8 @@ Three implementations of the same function (:class:`AudioAttention`):
 - ``SDPA`` uses the exact simplifications of docs/performance.md (exact-math savings 2-3): softmax over one
   key is exactly 1, so the CLIP branch is ``to_v(clip)`` broadcast to every query; the temporal audio K/V
   are projected once per window and shared by all positions. This is what the exported graphs contain.
-- ``TRITON`` computes the same as ``SDPA`` with one fused kernel per layer (``kernels/audio_attention.py``),
-  which also skips the query blocks whose face mask is exactly zero.
+- ``TRITON`` computes the same as ``SDPA`` with one fused kernel per layer
+  (``sonic_rt/kernels/audio_attention.py``), which also skips the query blocks whose face mask is exactly zero.
 
 All three read the face mask of their level from :func:`level_face_masks`, computed once per resolution with
 the official downsampling (docs/performance.md saving 4) instead of once per layer and call. Only a call with
@@ -59,7 +59,7 @@ class AudioAttention(enum.Enum):
 
     REFERENCE = "reference"  # the official structure
     SDPA = "sdpa"            # exact simplifications, torch SDPA
-    TRITON = "triton"        # exact simplifications, fused Triton kernels (kernels/audio_attention.py)
+    TRITON = "triton"        # exact simplifications, fused Triton kernels (sonic_rt/kernels/)
 
 
 class AudioConditioning(threading.local):
@@ -127,7 +127,7 @@ class SpatialAudioAttnProcessor(_AudioAttnProcessor):
         cond = self.conditioning
         query = attn.to_q(hidden_states)
         if cond.attention is AudioAttention.TRITON:
-            from kernels.audio_attention import spatial_audio_attention
+            from ..kernels.audio_attention import spatial_audio_attention
 
             audio = cond.audio_tokens.flatten(0, 1)  # [B*F, T, D]
             mask = cond.face_masks[self.level].reshape(-1)  # [H_l*W_l]
@@ -174,7 +174,7 @@ class TemporalAudioAttnProcessor(_AudioAttnProcessor):
         clip = encoder_hidden_states.reshape(batch, -1, encoder_hidden_states.shape[-1])[:, :1]  # [B, 1, D]
         q = query.reshape(batch, -1, channels)  # [B, HW*F, C]
         if cond.attention is AudioAttention.TRITON:
-            from kernels.audio_attention import temporal_audio_attention
+            from ..kernels.audio_attention import temporal_audio_attention
 
             out = temporal_audio_attention(q, self.to_k_ip[0](audio_mean), self.to_v_ip[0](audio_mean),
                                            attn.to_v(clip)[:, 0], attn.heads, cond.scale)
