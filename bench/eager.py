@@ -27,7 +27,6 @@ re-encodes it with ffmpeg to mux the audio; here one encode writes video and aud
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from contextlib import ExitStack
@@ -39,7 +38,7 @@ from sonic_rt.audio_features import (AUDIO_FRAMES_PER_FRAME, BUCKET_OFFSET, BUCK
                                      SAMPLE_RATE, TOKEN_PAD, TOKEN_WINDOW, TOKENS_PER_FRAME, WHISPER_CHUNK_SAMPLES)
 from sonic_rt.errors import InputError
 from sonic_rt.runtime import DEFAULT_SEED, OUTPUT_FPS, AnimateResult, Runtime, _Timer, _to_uint8
-from sonic_rt.sampling import combine_guidance, euler_v_step, karras_schedule, window_indices
+from sonic_rt.sampling import combine_guidance, euler_v_step, initial_noise, karras_schedule, window_indices
 
 MEL_FRAMES_PER_CHUNK = 3000  # Whisper input frames per 30 s (official encoder window)
 
@@ -58,7 +57,7 @@ class EagerPipeline:
     """
 
     def __init__(self, runtime: Runtime):
-        if runtime.backend != "torch":
+        if runtime.graphs.backend.is_exported:
             raise InputError(f"the eager baseline needs a torch-backend Runtime (weights), not {runtime.backend} "
                              f"engines ({runtime.source})")
         g = runtime.graphs
@@ -150,24 +149,24 @@ class EagerPipeline:
         sigmas, timesteps = karras_schedule(self.runtime.scheduler_config, config.steps)
         latent_shape = (1, num_frames, cfg.latent_channels, height // cfg.vae_scale_factor,
                         width // cfg.vae_scale_factor)
-        noise = torch.randn(latent_shape, generator=torch.Generator().manual_seed(int(seed)))
-        latents = ref_latents.unsqueeze(1) + noise.to(device, dtype) * sigmas[0].item()
+        noise = initial_noise(seed, tuple(reference.ref_img.shape), latent_shape, device, dtype)
+        latents = ref_latents.unsqueeze(1) + noise * sigmas[0].to(device, dtype)
         with timer.stage("denoise"):
             windows_per_step = len(window_indices(num_frames, config.frames_per_window, 0, config.shift_offset))
             bar = tqdm(total=config.steps * windows_per_step, desc="eager denoising", unit="window",
                        disable=not progress, dynamic_ncols=True)
             with bar:
                 for i in range(config.steps):
-                    sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+                    sigma, sigma_next = sigmas[i], sigmas[i + 1]  # fp32 0-dim tensors, as diffusers
                     acc = torch.zeros_like(latents)
                     count = torch.zeros(1, num_frames, 1, 1, 1, dtype=latents.dtype, device=device)
                     for idx in window_indices(num_frames, config.frames_per_window, i, config.shift_offset):
                         idx = torch.tensor(idx, device=device)
                         x = latents[:, idx]                                            # [1, T, 4, h, w]
-                        inp = torch.cat([x] * 3) / math.sqrt(sigma**2 + 1)
+                        inp = torch.cat([x] * 3) / ((sigma**2 + 1) ** 0.5)
                         inp = torch.cat([inp, image_latents_all[:, idx]], dim=2)       # [3, T, 8, h, w]
                         b = motion_buckets[0, idx].mean(dim=0)                         # the window's 2 buckets
-                        ids = torch.tensor([[config.fps, b[0], b[1]]], dtype=torch.float16, device=device)
+                        ids = torch.tensor([[config.fps, b[0], b[1]]], dtype=dtype, device=device)
                         v = self.unet(inp, timesteps[i].reshape(1).to(device), image_embeddings[:, idx[0]],
                                       audio_prompts[:, idx], ids.float().repeat(3, 1), face_mask=face_mask)
                         v = combine_guidance(v, config.image_guidance_scale, config.audio_guidance_scale)
@@ -182,7 +181,7 @@ class EagerPipeline:
             chunk = self.runtime.graphs.vae_decoder.spec.dims["frames"].max  # official decode_chunk_size (8)
             decoded = []
             for s in range(0, num_frames, chunk):
-                z = latents[0, s:s + chunk] / cfg.vae_scaling_factor
+                z = 1 / cfg.vae_scaling_factor * latents[0, s:s + chunk]
                 decoded.append(self.vae.decode(z, num_frames=len(z)).sample.cpu().float())
             video = (torch.cat(decoded) * 0.5 + 0.5).clamp(0, 1)  # [N, 3, H, W] fp32 on the CPU
             del decoded

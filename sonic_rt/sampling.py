@@ -9,7 +9,6 @@ windows of a step are grouped and executed (batches, lanes, ranks) is its ``sche
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
@@ -82,16 +81,26 @@ def window_indices(num_frames: int, frames_per_window: int, step: int, shift_off
             for s in window_starts(num_frames, frames_per_window, step, shift_offset)]
 
 
-def euler_v_step(v: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor | float,
-                 sigma_next: torch.Tensor | float) -> torch.Tensor:
-    """One Euler step of a v-prediction model (diffusers ``EulerDiscreteScheduler.step``, no churn).
+def euler_v_step(v: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+    """One Euler step of a v-prediction model, operation for operation as diffusers
+    ``EulerDiscreteScheduler.step`` computes it (no churn, so ``sigma_hat == sigma``).
 
-    ``x0 = v * (-sigma / sqrt(sigma^2 + 1)) + x / (sigma^2 + 1)``;
-    ``x_next = x + (x - x0) / sigma * (sigma_next - sigma)``. Computed in fp32, returned in ``v.dtype``.
+    ``x`` is upcast to fp32; ``x0 = v * (-sigma / sqrt(sigma^2 + 1)) + x / (sigma^2 + 1)`` (the product with
+    ``v`` stays in ``v``'s dtype, as diffusers' does); ``x_next = x + (x - x0) / sigma * (sigma_next - sigma)``.
+
+    Args:
+        v: model output [..] (fp32, fp16 or bf16); x: latents of the same shape.
+        sigma, sigma_next: the step's sigmas as 0-dim float32 tensors (diffusers keeps them as fp32 tensors, and
+            the coefficients are computed in fp32, not in Python's float64).
+
+    Returns:
+        ``x_next`` in ``v.dtype``.
     """
-    x32 = x.float()
-    x0 = v.float() * (-sigma / (sigma**2 + 1) ** 0.5) + x32 / (sigma**2 + 1)
-    return (x32 + (x32 - x0) / sigma * (sigma_next - sigma)).to(v.dtype)
+    x = x.to(torch.float32)
+    x0 = v * (-sigma / (sigma**2 + 1) ** 0.5) + (x / (sigma**2 + 1))
+    derivative = (x - x0) / sigma
+    dt = sigma_next - sigma
+    return (x + derivative * dt).to(v.dtype)
 
 
 def combine_guidance(v: torch.Tensor, image_scale: float, audio_scale: float) -> torch.Tensor:
@@ -109,14 +118,15 @@ class Window:
         step: denoising step index i.
         index: frame indices [T] (long tensor on the latents' device).
         timestep: 0-dim UNet timestep.
-        sigma, sigma_next: the step's (sigma_i, sigma_{i+1}).
+        sigma, sigma_next: the step's (sigma_i, sigma_{i+1}), 0-dim float32 CPU tensors (diffusers computes the
+            step's coefficients from fp32 tensors; a 0-dim CPU tensor combines with device tensors without a copy).
     """
 
     step: int
     index: torch.Tensor
     timestep: torch.Tensor
-    sigma: float
-    sigma_next: float
+    sigma: torch.Tensor
+    sigma_next: torch.Tensor
 
 
 def sample(latents: torch.Tensor, sigmas: torch.Tensor, timesteps: torch.Tensor, config: SamplingConfig,
@@ -148,7 +158,7 @@ def sample(latents: torch.Tensor, sigmas: torch.Tensor, timesteps: torch.Tensor,
     device = latents.device
     steps = len(timesteps)
     for i in range(steps):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
         windows = [Window(step=i, index=torch.tensor(idx, device=device), timestep=timesteps[i].to(device),
                           sigma=sigma, sigma_next=sigma_next)
                    for idx in window_indices(num_frames, config.frames_per_window, i, config.shift_offset)]
@@ -179,6 +189,32 @@ def sample(latents: torch.Tensor, sigmas: torch.Tensor, timesteps: torch.Tensor,
     return latents
 
 
-def scale_model_input(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """diffusers ``scale_model_input``: ``x / sqrt(sigma^2 + 1)``."""
-    return x / math.sqrt(sigma**2 + 1)
+def scale_model_input(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """diffusers ``EulerDiscreteScheduler.scale_model_input``: ``x / (sigma^2 + 1) ** 0.5`` with ``sigma`` a
+    0-dim float32 tensor (the divisor is computed in fp32; the result keeps ``x``'s dtype)."""
+    return x / ((sigma**2 + 1) ** 0.5)
+
+
+def initial_noise(seed: int, image_shape: tuple[int, ...], latent_shape: tuple[int, ...], device: torch.device,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """The initial noise of a seeded run, drawn exactly as the official pipeline draws it.
+
+    The official code seeds the global generator (``seed_everything(seed)``), then draws
+    ``randn(image_shape)`` for the conditioning-image noise augmentation (multiplied by
+    ``noise_aug_strength`` = 0, but drawn) and then ``randn(latent_shape)`` for the latents, both in the working
+    dtype on the working device (docs/official_algorithm.md, RNG draw order). A private generator seeded
+    the same way gives the same stream without touching global state.
+
+    Args:
+        seed: the seed (official default 72589).
+        image_shape: ``[1, 3, H, W]`` of the reference image in pixels.
+        latent_shape: ``[1, N, 4, H/8, W/8]``.
+        device, dtype: the working device and dtype (the noise differs between CPU and CUDA, and between fp32
+            and fp16, as the official noise does).
+
+    Returns:
+        ``[1, N, 4, H/8, W/8]`` noise in ``dtype`` on ``device``.
+    """
+    generator = torch.Generator(device).manual_seed(int(seed))
+    torch.randn(image_shape, generator=generator, device=device, dtype=dtype)  # noise augmentation draw
+    return torch.randn(latent_shape, generator=generator, device=device, dtype=dtype)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from sonic_rt.architectures import SVD_XT_SCHEDULER_CONFIG
-from sonic_rt.sampling import (SamplingConfig, combine_guidance, euler_v_step, karras_schedule, sample,
-                               window_indices, window_starts)
+from sonic_rt.sampling import (SamplingConfig, combine_guidance, euler_v_step, initial_noise, karras_schedule,
+                               sample, scale_model_input, window_indices, window_starts)
 
 # docs/official_algorithm.md section 3, computed with diffusers 0.29.0
 OFFICIAL_SIGMAS = [700.0, 545.729, 421.569, 322.454, 244.023, 182.547, 134.854, 98.267, 70.541, 49.810, 34.537,
@@ -38,8 +38,40 @@ def test_euler_v_step_matches_diffusers_scheduler():
     for i in (0, 3, 24):
         scheduler._step_index = i
         want = scheduler.step(v, timesteps[i], x).prev_sample
-        got = euler_v_step(v, x, float(sigmas[i]), float(sigmas[i + 1]))
+        got = euler_v_step(v, x, sigmas[i], sigmas[i + 1])
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_euler_step_and_input_scaling_are_bit_identical_to_diffusers_at_every_step(dtype):
+    """The coefficients come from fp32 sigma tensors, as diffusers computes them (not Python floats)."""
+    from diffusers import EulerDiscreteScheduler
+
+    scheduler = EulerDiscreteScheduler.from_config(SVD_XT_SCHEDULER_CONFIG)
+    scheduler.set_timesteps(25)
+    sigmas, timesteps = karras_schedule(SVD_XT_SCHEDULER_CONFIG, 25)
+    gen = torch.Generator().manual_seed(1)
+    x = (torch.randn(1, 25, 4, 16, 16, generator=gen) * 30).to(dtype)
+    v = torch.randn(1, 25, 4, 16, 16, generator=gen).to(dtype)
+    for i in range(25):
+        scheduler._step_index = i
+        assert torch.equal(scale_model_input(x, sigmas[i]), scheduler.scale_model_input(x, timesteps[i]))
+        scheduler._step_index = i
+        want = scheduler.step(v, timesteps[i], x).prev_sample
+        assert want.dtype == dtype and torch.equal(euler_v_step(v, x, sigmas[i], sigmas[i + 1]), want), i
+
+
+def test_seeded_noise_is_the_official_draw_sequence():
+    """seed_everything(seed), then randn of the image shape (noise augmentation), then the latents."""
+    image_shape, latent_shape = (1, 3, 128, 128), (1, 60, 4, 16, 16)
+    for dtype in (torch.float32, torch.float16):
+        torch.manual_seed(72589)  # what the official seed_everything does to torch's CPU generator
+        torch.randn(image_shape, dtype=dtype)
+        official = torch.randn(latent_shape, dtype=dtype)
+        got = initial_noise(72589, image_shape, latent_shape, torch.device("cpu"), dtype)
+        assert got.dtype == dtype and torch.equal(got, official)
+    other = initial_noise(72590, image_shape, latent_shape, torch.device("cpu"), torch.float32)
+    assert not torch.equal(other, initial_noise(72589, image_shape, latent_shape, torch.device("cpu"), torch.float32))
 
 
 def test_cfg_combination():
