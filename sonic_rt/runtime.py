@@ -33,8 +33,8 @@ from .face import FaceBox, Reference, load_face_detector, prepare_reference
 from .manifest import is_engine_dir, open_engine_dir
 from .models.unet import level_face_masks
 from .scheduler import Distributed, SchedulerConfig, WindowScheduler
-from .sampling import SamplingConfig, Window, combine_guidance, karras_schedule, sample, scale_model_input, \
-    window_starts
+from .sampling import SamplingConfig, Window, combine_guidance, initial_noise, karras_schedule, sample, \
+    scale_model_input, window_starts
 
 DEFAULT_SEED = 72589          # official config `seed`
 DEFAULT_MIN_RESOLUTION = 512  # official `image_size` / `min_resolution`
@@ -221,7 +221,7 @@ class Runtime:
         providers: ONNX Runtime execution providers for an onnxruntime engine directory (None: CPU on CPU,
             CUDA on CUDA; e.g. ``["TensorrtExecutionProvider", "CUDAExecutionProvider"]``).
         attention: the torch backend's audio-attention implementation (:mod:`sonic_rt.attention`): None/"auto"
-            (Triton on CUDA where it can run, else the reason is printed once; the reference on CPU),
+            (Triton on CUDA where it can run, else the reason is printed once; sdpa on CPU, which skips zero-mask queries),
             "reference", "sdpa" or "triton". Engines keep standard ops: only None/"auto" is accepted there.
         scheduler: how the windows of a step run (:class:`~sonic_rt.scheduler.SchedulerConfig`: windows per
             UNet call, parallel lanes). Under ``torchrun`` (``WORLD_SIZE`` > 1) the windows are also sharded
@@ -385,10 +385,11 @@ class Runtime:
         # 5. Initial latents: reference latents + sigma_max * noise (scheduler.add_noise at t[0])
         sigmas, timesteps = karras_schedule(self.scheduler_config, config.steps)
         if latents is None:
-            noise = torch.randn(latent_shape, generator=torch.Generator().manual_seed(int(seed)))
+            noise = initial_noise(seed, tuple(reference.ref_img.shape), latent_shape, device, dtype)
         else:
             noise, seed = latents, None
-        init = ref_latents.unsqueeze(1) + noise.to(device, dtype) * sigmas[0].item()
+        # diffusers add_noise: the schedule's sigmas are cast to the latents' dtype
+        init = ref_latents.unsqueeze(1) + noise.to(device, dtype) * sigmas[0].to(device, dtype)
 
         def say(message: str, info: dict) -> None:
             print(f"sonic_rt: {message}", file=sys.stderr, flush=True)
@@ -407,9 +408,9 @@ class Runtime:
             inp = torch.cat([inp, image], dim=2)
             uncond = uncond_tokens.expand(n, frames, -1, -1)
             audio_rows = torch.cat([uncond, uncond, *(cond_tokens[:, w.index] for w in windows)])  # [3n, T, 32, D]
-            # per-window mean buckets; official builds added_time_ids as an fp16 tensor (values quantised)
+            # per-window mean buckets; official builds added_time_ids in the working dtype (fp16 rounds them)
             ids = torch.stack([torch.cat([fps_id, buckets[0, w.index].mean(dim=0)]) for w in windows])  # [n, 3]
-            time_ids = ids.half().float().repeat(3, 1)  # [3n, 3]
+            time_ids = ids.to(dtype).float().repeat(3, 1)  # [3n, 3]
             v = g.unet(inp, windows[0].timestep.reshape(1).float(), clip_rows.repeat_interleave(n, dim=0),
                        audio_rows, time_ids, *face_masks)
             return combine_guidance(v, config.image_guidance_scale, config.audio_guidance_scale)
@@ -572,7 +573,7 @@ class _StreamingOutput:
     def _chunk(self, z: torch.Tensor) -> None:
         timer, g = self.timer, self.graphs
         with timer.stage("decode"):
-            z = z / g.config.vae_scaling_factor
+            z = (1 / g.config.vae_scaling_factor) * z  # official decode_latents: 1 / 0.18215 * z
             decoded = self.decode_memory.run(len(z), lambda part: g.vae_decoder(z[part]))  # [n, 3, H, W]
             frames = (decoded.float() * 0.5 + 0.5).clamp(0, 1)
         out = frames
