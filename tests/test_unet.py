@@ -215,3 +215,37 @@ def test_official_per_layer_mask_call_equals_the_per_level_masks(unet, size):
     assert all(batch == 15 for batch, _, _ in calls)
     with pytest.raises(ValueError, match="not both"):
         unet(*args, *masks, face_mask=mask)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("box", [(30, 90, 40, 100), (0, 128, 0, 128), (0, 0, 0, 0)])
+def test_sdpa_skips_zero_mask_queries_on_cpu_with_bit_identical_output(unet, box, monkeypatch):
+    """On CPU the SDPA path attends to the audio only at positions whose face mask is non-zero: the output is
+    bit for bit the full computation's (face box, whole frame, no face), and a NaN planted in a zero-mask
+    query never reaches the output, so those positions are really skipped."""
+    import sonic_rt.models.unet as unet_module
+
+    attn = find(unet, SpatialAudioAttnProcessor)
+    b, f, hw, c = 3, 4, 16 * 16, attn.to_q.out_features
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(b * f, hw, c, generator=gen)
+    clip = torch.randn(b * f, 1, 32, generator=gen)
+    audio = torch.randn(b, f, 32, 32, generator=gen)
+    mask = torch.zeros(1, 1, 128, 128)
+    y0, y1, x0, x1 = box
+    mask[..., y0:y1, x0:x1] = 1.0
+    cond = unet.conditioning
+    cond.audio_tokens, cond.scale, cond.attention = audio, 1.0, AudioAttention.SDPA
+    cond.face_masks = level_face_masks(mask, (16, 16), [attn.processor.level])
+    skipped = attn(x, encoder_hidden_states=clip)
+    monkeypatch.setattr(unet_module, "_skips_zero_mask", lambda query: False)
+    full = attn(x, encoder_hidden_states=clip)
+    assert torch.equal(skipped, full)
+    outside = cond.face_masks[attn.processor.level].reshape(-1) == 0
+    if outside.any() and not outside.all():
+        monkeypatch.undo()
+        poisoned = x.clone()
+        # to_q is linear without bias, so a NaN input row gives a NaN query row at that position only
+        poisoned[:, outside.nonzero()[0, 0]] = float("nan")
+        out = attn(poisoned, encoder_hidden_states=clip)
+        assert not out.isnan().any()  # the full path would give NaN there (NaN * 0)

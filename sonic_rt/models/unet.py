@@ -138,6 +138,8 @@ class SpatialAudioAttnProcessor(_AudioAttnProcessor):
             out = _attention(attn, query, attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states))
         else:  # one CLIP key: its softmax weight is exactly 1
             out = attn.to_v(encoder_hidden_states)
+            if cond.face_mask is None and _skips_zero_mask(query):
+                return self._finish(attn, self._masked_only(attn, query, out, cond))
         audio = cond.audio_tokens.flatten(0, 1)  # [B*F, T, D]
         audio_out = _attention(attn, query, self.to_k_ip[0](audio), self.to_v_ip[0](audio))
         if cond.face_mask is not None:  # official: downsampled here, per layer and call, [B*F, H_l*W_l, C]
@@ -146,6 +148,34 @@ class SpatialAudioAttnProcessor(_AudioAttnProcessor):
             mask = cond.face_masks[self.level].reshape(1, -1, 1).to(query.dtype)  # [1, H_l*W_l, 1]
         out = out + cond.scale * (audio_out * mask)
         return self._finish(attn, out)
+
+    def _masked_only(self, attn: Attention, query: torch.Tensor, clip_v: torch.Tensor,
+                     cond: AudioConditioning) -> torch.Tensor:
+        """The SDPA path computing the audio attention only at positions whose face mask is non-zero.
+
+        Where the mask is exactly 0 the audio term ``scale * (attn * 0)`` adds exactly 0, so those positions are
+        ``to_v(clip)`` alone; the others get the same operations as the full path, row for row (attention rows
+        are independent), so the result equals the full path's.
+
+        Args:
+            query: ``[B*F, H_l*W_l, C]``; clip_v: ``to_v(clip)`` ``[B*F, 1, C]``.
+
+        Returns:
+            ``[B*F, H_l*W_l, C]`` before ``to_out``.
+        """
+        mask = cond.face_masks[self.level].reshape(-1).to(query.dtype)  # [H_l*W_l]
+        keep = mask.nonzero().flatten()  # host sync: CPU only (see _skips_zero_mask)
+        out = clip_v.expand(-1, query.shape[1], -1).clone()  # [B*F, H_l*W_l, C]
+        if len(keep) == 0:
+            return out
+        audio = cond.audio_tokens.flatten(0, 1)  # [B*F, T, D]
+        key, value = self.to_k_ip[0](audio), self.to_v_ip[0](audio)
+        if len(keep) == len(mask):  # no zero in the mask: nothing to skip
+            return clip_v + cond.scale * (_attention(attn, query, key, value) * mask.reshape(1, -1, 1))
+        # [B*F, K, C]: the K positions inside the face
+        audio_out = _attention(attn, query[:, keep], key, value)
+        out[:, keep] = clip_v + cond.scale * (audio_out * mask[keep].reshape(1, -1, 1))
+        return out
 
 
 class TemporalAudioAttnProcessor(_AudioAttnProcessor):
@@ -182,6 +212,12 @@ class TemporalAudioAttnProcessor(_AudioAttnProcessor):
         audio_out = _attention(attn, q, self.to_k_ip[0](audio_mean), self.to_v_ip[0](audio_mean))
         out = attn.to_v(clip) + cond.scale * audio_out  # [B, HW*F, C]
         return self._finish(attn, out.reshape(query.shape))
+
+
+def _skips_zero_mask(query: torch.Tensor) -> bool:
+    """Whether the SDPA path skips the zero-mask positions: on CPU in eager mode only (finding the positions is a
+    host sync on CUDA, where the Triton kernel skips them instead; traced and compiled graphs keep static work)."""
+    return query.device.type == "cpu" and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
 
 
 def attention_level(name: str, num_levels: int) -> int:
