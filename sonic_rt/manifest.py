@@ -37,7 +37,6 @@ from .errors import EngineError
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "sonic_rt.engines/1"
-ENGINE_BACKENDS = ("onnxruntime", "tensorrt")  # backends that load artifacts from an engine directory
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
@@ -164,23 +163,23 @@ def open_engine_dir(engine_dir: str | os.PathLike, device: torch.device | None, 
             version or GPU.
         BackendUnavailableError: the backend's library or device is missing here.
     """
-    from .backends import Graphs, get_backend
+    from . import backends
     from .graphs import GraphSpec, PipelineConfig
 
     root = Path(engine_dir).resolve()
     manifest = read_manifest(root)
     check_manifest(manifest, root)
-    backend = get_backend(manifest["backend"])
+    backend = backends.get_backend(manifest["backend"])
     if precision is not None and precision != manifest["precision"]:
         raise EngineError(f"engines were built for {manifest['precision']}, but {precision} was requested; "
                           f"omit the dtype or {rebuild_hint({**manifest, 'precision': precision}, root)}", root)
     recorded = manifest.get("libraries", {})
     for library, version in backend.versions().items():
-        if manifest["backend"] == "tensorrt" and recorded.get(library) != version:
+        if backend.compiled and recorded.get(library) != version:  # a compiled artifact needs its library version
             raise EngineError(f"engines were built with {library} {recorded.get(library)}, this is {version}; "
                               f"{rebuild_hint(manifest, root)}", root)
     device = torch.device(device) if device is not None else backend.default_device()
-    if manifest["backend"] == "tensorrt":
+    if backend.compiled:  # ... and the GPU it was built for
         here, built = backend.gpu_identity(device), manifest.get("gpu")
         if here != built:
             raise EngineError(f"engines were built for {built}, this GPU is {here}; {rebuild_hint(manifest, root)}",
@@ -200,7 +199,7 @@ def open_engine_dir(engine_dir: str | os.PathLike, device: torch.device | None, 
             raise EngineError(f"malformed spec of graph {name} ({type(exc).__name__}: {exc}); "
                               f"{rebuild_hint(manifest, root)}", root / MANIFEST_NAME) from None
         graphs[name] = backend.load_graph(spec, engine_file(root, entry["artifact"], manifest), device, providers)
-    return EngineDir(root, manifest, Graphs(manifest["backend"], config, graphs))
+    return EngineDir(root, manifest, backends.Graphs.from_mapping(backend, config, graphs))
 
 
 def check_manifest(manifest: dict[str, Any], engine_dir: Path) -> None:
@@ -213,6 +212,7 @@ def check_manifest(manifest: dict[str, Any], engine_dir: Path) -> None:
     Raises:
         EngineError: the first problem found, naming ``manifest.json``.
     """
+    from .backends import engine_backends
     from .graphs.modules import GRAPH_NAMES
 
     path = Path(engine_dir) / MANIFEST_NAME
@@ -221,8 +221,8 @@ def check_manifest(manifest: dict[str, Any], engine_dir: Path) -> None:
         raise EngineError(f"{problem} (tampered or damaged manifest); {rebuild_hint(manifest, Path(engine_dir))}",
                           path)
 
-    if manifest.get("backend") not in ENGINE_BACKENDS:
-        fail(f"backend {manifest.get('backend')!r} is not one of {', '.join(ENGINE_BACKENDS)}")
+    if manifest.get("backend") not in engine_backends():
+        fail(f"backend {manifest.get('backend')!r} is not one of {', '.join(engine_backends())}")
     if manifest.get("precision") not in ("fp32", "fp16", "bf16"):
         fail(f"precision {manifest.get('precision')!r} is not fp32, fp16 or bf16")
     if not isinstance(manifest.get("files", {}), dict):

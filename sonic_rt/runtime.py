@@ -270,7 +270,7 @@ class Runtime:
             self.face_detector = load_face_detector(paths.root)
             marker = json.loads(paths.demo_marker.read_text()) if paths.demo_marker else None
             self.source = paths.root
-        self.backend = self.graphs.backend
+        self.backend = self.graphs.backend.name  # "torch", "onnxruntime", "tensorrt"; the class: self.graphs.backend
         unet_module = getattr(self.graphs.unet, "module", None)
         self.attention = unet_module.attention.value if unet_module is not None else "engine"
         self.dtype = self.graphs.unet.spec.inputs[0].torch_dtype  # the working dtype of latents (official: fp16)
@@ -491,7 +491,7 @@ class Runtime:
     def _check_batching(self, windows_per_call: int) -> None:
         """The UNet graph must take a batch of 3 x windows_per_call (engines are built for a range)."""
         batch = self.graphs.unet.spec.dims["batch"]
-        if self.backend != "torch" and not batch.min <= 3 * windows_per_call <= batch.max:
+        if self.graphs.backend.is_exported and not batch.min <= 3 * windows_per_call <= batch.max:
             raise InputError(f"the engines in {self.source} take {batch.min // 3}..{batch.max // 3} windows per UNet "
                              f"call, {windows_per_call} were asked for; rebuild them with --windows "
                              f"1:{windows_per_call}:{windows_per_call} (python -m export.build_engines)")

@@ -16,6 +16,7 @@ import torch
 import sonic_rt
 from export.build_engines import BuildOptions, build_engines
 from export.onnx_export import ExportError
+from sonic_rt.backends import Backend
 from sonic_rt.checkpoint import resolve_model_dir
 from sonic_rt.errors import BackendUnavailableError, EngineError, InputError
 from sonic_rt.graphs import DimRange, Precision, ShapeOptions, graph_modules
@@ -208,10 +209,11 @@ def test_another_precision_or_format_is_refused(engine_dir, tmp_path):
         sonic_rt.Runtime(out)
 
 
-class _FakeTensorRT:
+class _FakeTensorRT(Backend):
     """Stands in for the TensorRT backend class (which cannot import here) to test the manifest checks."""
 
     name, artifact_suffix = "tensorrt", ".plan"
+    compiled = True  # like TensorRTBackend: library version and GPU are checked on load
     version = "10.9.0"
 
     @classmethod

@@ -21,7 +21,7 @@ import torch
 
 from ..errors import BackendUnavailableError, EngineError
 from ..graphs import GraphSpec
-from . import Graph
+from . import Backend, Graph
 
 _NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
 
@@ -89,8 +89,9 @@ class OnnxRuntimeGraph(Graph):
         return outputs
 
 
-class OnnxRuntimeBackend:
-    """Loads exported ``<graph>.onnx`` files (see :mod:`export.build_engines`)."""
+class OnnxRuntimeBackend(Backend):
+    """Loads exported ``<graph>.onnx`` files (see :mod:`export.build_engines`); they run on any device and
+    onnxruntime version, so neither is checked on load."""
 
     name = "onnxruntime"
     artifact_suffix = ".onnx"
@@ -101,11 +102,13 @@ class OnnxRuntimeBackend:
 
     @classmethod
     def default_device(cls) -> torch.device:
+        """CUDA when torch sees a GPU and onnxruntime has the CUDA execution provider, else the CPU."""
         cuda = torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers()
         return torch.device("cuda" if cuda else "cpu")
 
     @classmethod
     def load_graph(cls, spec: GraphSpec, path: Path, device: torch.device,
                    providers: Sequence[str] | None = None) -> OnnxRuntimeGraph:
+        """One session over ``path`` (threads from ``SONIC_RT_ORT_THREADS``, else onnxruntime's default)."""
         threads = int(os.environ.get("SONIC_RT_ORT_THREADS", "0")) or None
         return OnnxRuntimeGraph(spec, path, device, providers, threads)

@@ -30,8 +30,8 @@ import tensorrt as trt
 import torch
 
 from ..errors import BackendUnavailableError, EngineError
-from ..graphs import GraphSpec
-from . import Graph
+from ..graphs import GraphSpec, Precision
+from . import Backend, Graph
 
 LOGGER = trt.Logger(trt.Logger.WARNING)
 REBUILD = "rebuild it with python -m export.build_engines (see --help)"
@@ -75,7 +75,7 @@ class TensorRTGraph(Graph):
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
-        super().__init__(spec, device, check_ranges=True)
+        super().__init__(spec, device, check_ranges=TensorRTBackend.checks_ranges)
         self.path = Path(path)
         try:
             plan = self.path.read_bytes()
@@ -163,11 +163,15 @@ class TensorRTGraph(Graph):
             return outputs
 
 
-class TensorRTBackend:
-    """Loads ``<graph>.plan`` files built by :func:`export.tensorrt_build.build_engine`."""
+class TensorRTBackend(Backend):
+    """Loads ``<graph>.plan`` files built by :func:`export.tensorrt_build.build_engine`: compiled for one GPU and
+    TensorRT version (both checked on load), with one optimisation profile (shapes outside it are refused)."""
 
     name = "tensorrt"
     artifact_suffix = ".plan"
+    checks_ranges = True
+    compiled = True
+    default_precision = Precision.FP16
 
     @staticmethod
     def versions() -> dict[str, str]:

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..graphs import GraphSpec, PipelineConfig, Precision, graph_modules, graph_specs
 from ..graphs.modules import FP32_GRAPHS, ShapeOptions
-from . import Graph, Graphs
+from . import Backend, Graph, Graphs
 
 
 class TorchGraph(Graph):
@@ -25,10 +25,20 @@ class TorchGraph(Graph):
         return list(out) if isinstance(out, (tuple, list)) else [out]
 
 
-class TorchBackend:
-    """Builds :class:`Graphs` over loaded :class:`~sonic_rt.loading.SonicModels`."""
+class TorchBackend(Backend):
+    """Builds :class:`Graphs` over loaded :class:`~sonic_rt.loading.SonicModels` (no artifacts, any batch)."""
 
     name = "torch"
+    artifact_suffix = None
+
+    @staticmethod
+    def versions() -> dict[str, str]:
+        return {"torch": torch.__version__}
+
+    @classmethod
+    def default_device(cls) -> torch.device:
+        """CUDA when torch sees a GPU, else the CPU."""
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     @classmethod
     def from_models(cls, models) -> Graphs:
@@ -38,5 +48,5 @@ class TorchBackend:
         specs = graph_specs(config, ShapeOptions(), Precision.from_torch(models.dtype),
                             fp32_graphs=FP32_GRAPHS | {"whisper_encoder"})
         modules = graph_modules(models)
-        return Graphs(cls.name, config, {name: TorchGraph(spec, modules[name], models.device)
-                                         for name, spec in specs.items()})
+        return Graphs.from_mapping(cls, config, {name: TorchGraph(spec, modules[name], models.device)
+                                                 for name, spec in specs.items()})
