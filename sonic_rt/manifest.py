@@ -2,7 +2,8 @@
 
 An engine directory (written by ``python -m export.build_engines``) holds one artifact per graph
 (``<graph>.onnx`` or ``<graph>.plan``), the small support files the pipeline needs besides the graphs
-(Whisper's ``preprocessor_config.json``, the optional YOLO face detector) and ``manifest.json``::
+(Whisper's ``preprocessor_config.json``, the optional YOLO face detector) and ``manifest.json``, whose schema
+is :class:`Manifest` (with :class:`PipelineInfo` and one :class:`GraphEntry` per graph)::
 
     format            "sonic_rt.engines/1"
     backend           "onnxruntime" | "tensorrt"
@@ -24,19 +25,25 @@ rebuild; nothing falls back silently.
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+import types
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping, NoReturn
 
 import torch
 
 from .errors import EngineError
+from .graphs import GRAPH_NAMES, GraphSpec, PipelineConfig, Precision, ShapeOptions
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "sonic_rt.engines/1"
+_OMIT_NONE = {"omit_none": True}  # field metadata: left out of the JSON when None
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
@@ -53,37 +60,273 @@ def is_engine_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / MANIFEST_NAME).is_file()
 
 
-def rebuild_hint(manifest: dict[str, Any], engine_dir: Path) -> str:
-    """The command that rebuilds ``engine_dir`` from its recorded source."""
-    source = manifest.get("source") if isinstance(manifest, dict) else None
-    model_dir = source.get("model_dir", "MODEL_DIR") if isinstance(source, dict) else "MODEL_DIR"
-    manifest = manifest if isinstance(manifest, dict) else {}
+def rebuild_hint(manifest: Manifest | Mapping[str, Any] | None, engine_dir: Path, *,
+                 precision: str | None = None) -> str:
+    """The command that rebuilds ``engine_dir`` from its recorded source.
+
+    Args:
+        manifest: the parsed :class:`Manifest`, or the raw JSON (any shape: missing parts get placeholders).
+        engine_dir: the engine directory.
+        precision: the precision to rebuild for (default: the manifest's).
+    """
+    if isinstance(manifest, Manifest):
+        model_dir = manifest.source.get("model_dir", "MODEL_DIR")
+        backend, recorded = manifest.backend, manifest.precision.value
+    else:
+        manifest = manifest if isinstance(manifest, Mapping) else {}
+        source = manifest.get("source")
+        model_dir = source.get("model_dir", "MODEL_DIR") if isinstance(source, Mapping) else "MODEL_DIR"
+        backend, recorded = manifest.get("backend", "onnxruntime"), manifest.get("precision", "fp16")
     return (f"rebuild it: python -m export.build_engines --model {model_dir} --out {engine_dir} "
-            f"--backend {manifest.get('backend', 'onnxruntime')} --precision {manifest.get('precision', 'fp16')}")
+            f"--backend {backend} --precision {precision or recorded}")
 
 
 def read_manifest(engine_dir: str | os.PathLike) -> dict[str, Any]:
-    """Parse ``engine_dir/manifest.json``.
+    """Parse ``engine_dir/manifest.json`` as JSON and check its format version (not its structure: that is
+    :meth:`Manifest.from_json`, or :meth:`Manifest.load` for both).
 
     Raises:
         EngineError: missing, not JSON, or another format version.
     """
     path = Path(engine_dir) / MANIFEST_NAME
     try:
-        manifest = json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except FileNotFoundError:
         raise EngineError("no manifest.json: not an engine directory (python -m export.build_engines writes one)",
                           engine_dir) from None
     except (OSError, ValueError) as exc:
         raise EngineError(f"manifest.json is unreadable ({exc}); rebuild the engine directory", path) from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise EngineError(f"manifest format {found!r} is not {FORMAT!r}; "
-                          f"{rebuild_hint(manifest if isinstance(manifest, dict) else {}, Path(engine_dir))}", path)
-    return manifest
+    _check_format(data, Path(engine_dir))
+    return data
 
 
-def engine_file(engine_dir: Path, name: Any, manifest: dict[str, Any]) -> Path:
+def _check_format(data: Any, engine_dir: Path) -> None:
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise EngineError(f"manifest format {found!r} is not {FORMAT!r}; {rebuild_hint(data, engine_dir)}",
+                          engine_dir / MANIFEST_NAME)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The schema: dataclasses whose annotations are the checked JSON types
+# ---------------------------------------------------------------------------------------------------------
+Fail = Callable[[str], NoReturn]
+
+
+def _conforms(value: Any, hint: Any) -> bool:
+    """Whether the JSON ``value`` has the type ``hint`` (Any, None, str, int, float, bool, unions, dict[K, V],
+    list[T])."""
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if origin in (typing.Union, types.UnionType):
+        return any(_conforms(value, arg) for arg in typing.get_args(hint))
+    if origin is dict:
+        key, item = typing.get_args(hint)
+        return isinstance(value, dict) and all(_conforms(k, key) and _conforms(v, item) for k, v in value.items())
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_conforms(v, item) for v in value)
+    if hint in (int, float):  # JSON numbers; a bool is not one
+        return isinstance(value, (int, float) if hint is float else int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+class _Record:
+    """A dataclass that reads and writes itself as JSON, its field annotations being the schema.
+
+    :meth:`_parse` checks a JSON mapping against the fields: every field without a default present, each
+    value of its annotated type. A field typed with a class that has ``from_json`` (a :class:`_Record`,
+    :class:`GraphSpec`, :class:`PipelineConfig`, :class:`ShapeOptions`) is converted with it, an enum field
+    (:class:`Precision`) from its value. Unknown keys are ignored.
+    """
+
+    @classmethod
+    def _parse(cls, data: Any, fail: Fail, where: str | None, done: Mapping[str, Any] | None = None) -> Any:
+        """An instance from ``data``; ``fail(problem)`` raises on the first problem, ``where`` names the
+        record in problems ("graph unet"; None at the top level); ``done`` holds fields already converted."""
+        if not isinstance(data, dict):
+            fail(f"{where or 'the manifest'} is {type(data).__name__}, not a mapping")
+        hints = typing.get_type_hints(cls)
+        values = dict(done or {})
+        for f in dataclasses.fields(cls):
+            what = f"{f.name} of {where}" if where else f.name
+            if f.name in values:
+                continue
+            if f.name not in data:
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                    fail(f"{what} is missing")
+                continue
+            values[f.name] = _convert(data[f.name], hints[f.name], f.type, what, fail)
+        return cls(**values)
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON mapping :meth:`_parse` reads back (fields in declaration order)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None and f.metadata.get("omit_none"):
+                continue
+            out[f.name] = _to_json(value)
+        return out
+
+
+def _convert(value: Any, hint: Any, text: str, what: str, fail: Fail) -> Any:
+    """``value`` checked against ``hint`` (spelt ``text`` in problems) and converted where the type has a
+    JSON form."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1
+    target = args[0] if optional else hint
+    if optional and value is None:
+        return None
+    if isinstance(target, type) and issubclass(target, enum.Enum):
+        choices = [member.value for member in target]
+        if value not in choices:
+            fail(f"{what} {value!r} is not one of {', '.join(map(str, choices))}")
+        return target(value)
+    if isinstance(target, type) and issubclass(target, _Record):
+        return target._parse(value, fail, what)
+    if isinstance(target, type) and hasattr(target, "from_json"):
+        if not isinstance(value, dict):
+            fail(f"{what} is {type(value).__name__}, not a mapping")
+        try:
+            return target.from_json(value)
+        except (KeyError, TypeError, ValueError) as exc:
+            fail(f"malformed {what} ({type(exc).__name__}: {exc})")
+    if not _conforms(value, hint):
+        found = repr(value)
+        fail(f"{what} is not {text} (found {found if len(found) <= 60 else found[:57] + '...'})")
+    return value
+
+
+def _to_json(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if hasattr(value, "to_json"):
+        return value.to_json()
+    if isinstance(value, dict):
+        return {k: _to_json(v) for k, v in value.items()}
+    return value
+
+
+@dataclass(kw_only=True)
+class PipelineInfo(_Record):
+    """What the pipeline needs besides the graphs.
+
+    Attributes:
+        config: model sizes and constants.
+        scheduler_config: the checkpoint's ``scheduler/scheduler_config.json``.
+        demo: the demo checkpoint's marker (``random_weights``, ``min_resolution``), None for real weights.
+    """
+
+    config: PipelineConfig
+    scheduler_config: dict[str, Any]
+    demo: dict[str, Any] | None = None
+
+
+@dataclass(kw_only=True)
+class GraphEntry(_Record):
+    """One graph of an engine directory.
+
+    Attributes:
+        artifact: the file the backend loads (``<graph>.onnx`` or ``<graph>.plan``); one of :attr:`files`.
+        check: max |difference| from PyTorch fp32 per shape point, measured at build time.
+        tensorrt: TensorRT's build info (:func:`export.tensorrt_build.build_engine`); None (and absent from
+            the JSON) for ONNX artifacts.
+        files: every file of the graph (the artifact, an ONNX ``.data`` file) -> sha256.
+        spec: the graph's I/O description.
+        build_key: sha256 of :attr:`build_key_inputs`, everything the artifact depends on.
+        build_key_inputs: spec, backend, precision, opset, source sha256s, library versions, GPU.
+        seconds: how long exporting (and compiling) took.
+    """
+
+    artifact: str
+    check: dict[str, float] = field(default_factory=dict)
+    tensorrt: dict[str, Any] | None = field(default=None, metadata=_OMIT_NONE)
+    files: dict[str, str]
+    spec: GraphSpec
+    build_key: str | None = None
+    build_key_inputs: dict[str, Any] = field(default_factory=dict)
+    seconds: float | None = None
+
+
+@dataclass(kw_only=True)
+class Manifest(_Record):
+    """``manifest.json`` of an engine directory (see the module docstring for the fields).
+
+    :meth:`from_json` is the one place its structure is checked; :meth:`to_json` writes what it reads.
+    """
+
+    format: str = FORMAT
+    backend: str
+    precision: Precision
+    opset: int | None = None
+    shapes: ShapeOptions | None = None
+    pipeline: PipelineInfo
+    source: dict[str, Any] = field(default_factory=dict)
+    libraries: dict[str, str] = field(default_factory=dict)
+    gpu: dict[str, str] | None = None
+    graphs: dict[str, GraphEntry]
+    files: dict[str, str] = field(default_factory=dict)
+    created: str | None = None
+    command: str | None = None
+
+    @classmethod
+    def from_json(cls, data: Any, engine_dir: str | os.PathLike) -> Manifest:
+        """Check the parsed ``manifest.json`` of ``engine_dir`` and convert it.
+
+        ``manifest.json`` carries no hash of itself, so a hand-edited or truncated-then-repaired manifest is
+        caught here instead of as a ``KeyError`` deep in loading: the format version, a backend that loads
+        engine directories, every field of its annotated type (specs and the pipeline config parsed), one
+        entry per pipeline graph, each one's ``artifact`` among the ``files`` it verifies.
+
+        Raises:
+            EngineError: the first problem found, naming ``manifest.json`` and how to rebuild.
+        """
+        from .backends import engine_backends
+
+        engine_dir = Path(engine_dir)
+        _check_format(data, engine_dir)
+
+        def fail(problem: str) -> NoReturn:
+            raise EngineError(f"{problem} (tampered or damaged manifest); {rebuild_hint(data, engine_dir)}",
+                              engine_dir / MANIFEST_NAME)
+
+        if data.get("backend") not in engine_backends():
+            fail(f"backend {data.get('backend')!r} is not one of {', '.join(engine_backends())}")
+        graphs = data.get("graphs")
+        if not isinstance(graphs, dict):
+            fail("no 'graphs' mapping")
+        missing = [name for name in GRAPH_NAMES if name not in graphs]
+        unknown = [name for name in graphs if name not in GRAPH_NAMES]
+        if missing or unknown:
+            fail(f"graph entries missing: {', '.join(missing) or 'none'}; unknown: "
+                 f"{', '.join(map(str, unknown)) or 'none'} (expected exactly {', '.join(GRAPH_NAMES)})")
+        entries = {name: GraphEntry._parse(entry, fail, f"graph {name}") for name, entry in graphs.items()}
+        for name, entry in entries.items():
+            if entry.artifact not in entry.files:
+                fail(f"graph {name}: its artifact {entry.artifact!r} is not among the files whose sha256 is "
+                     f"checked ({', '.join(entry.files)})")
+        return cls._parse(data, fail, None, {"graphs": entries})
+
+    @classmethod
+    def load(cls, engine_dir: str | os.PathLike) -> Manifest:
+        """:func:`read_manifest` then :meth:`from_json`. Raises :class:`EngineError` (see both)."""
+        return cls.from_json(read_manifest(engine_dir), engine_dir)
+
+    def write(self, engine_dir: str | os.PathLike) -> Path:
+        """Write ``engine_dir/manifest.json`` (indented JSON); returns its path."""
+        path = Path(engine_dir) / MANIFEST_NAME
+        path.write_text(json.dumps(self.to_json(), indent=1))
+        return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Verification and loading
+# ---------------------------------------------------------------------------------------------------------
+def engine_file(engine_dir: Path, name: Any, manifest: Manifest | Mapping[str, Any]) -> Path:
     """``engine_dir / name`` for a file name read from ``manifest.json``, refusing any that leaves the directory.
 
     A name must be a non-empty relative path with ``/`` separators and no ``..`` part, and the file it
@@ -104,7 +347,7 @@ def engine_file(engine_dir: Path, name: Any, manifest: dict[str, Any]) -> Path:
     return path
 
 
-def verify_files(engine_dir: Path, files: dict[str, str], manifest: dict[str, Any]) -> None:
+def verify_files(engine_dir: Path, files: dict[str, str], manifest: Manifest | Mapping[str, Any]) -> None:
     """Check that every ``name -> sha256`` in ``files`` exists under ``engine_dir`` with that hash.
 
     Every name must stay inside ``engine_dir`` (see :func:`engine_file`).
@@ -130,16 +373,16 @@ class EngineDir:
     """A verified engine directory: its manifest and the graphs loaded by its backend."""
 
     root: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
     graphs: Any  # sonic_rt.backends.Graphs
 
     @property
     def scheduler_config(self) -> dict[str, Any]:
-        return self.manifest["pipeline"]["scheduler_config"]
+        return self.manifest.pipeline.scheduler_config
 
     @property
     def demo(self) -> dict[str, Any] | None:
-        return self.manifest["pipeline"].get("demo")
+        return self.manifest.pipeline.demo
 
     def feature_extractor(self):
         """Whisper's feature extractor from the copied ``whisper/preprocessor_config.json``."""
@@ -159,91 +402,32 @@ def open_engine_dir(engine_dir: str | os.PathLike, device: torch.device | None, 
         providers: ONNX Runtime execution providers (None: CPU on CPU, CUDA on CUDA).
 
     Raises:
-        EngineError: unreadable manifest; missing/corrupted artifact; built for another precision, TensorRT
-            version or GPU.
+        EngineError: unreadable or malformed manifest; missing/corrupted artifact; built for another
+            precision, or (compiled backends: TensorRT) another library version or GPU.
         BackendUnavailableError: the backend's library or device is missing here.
     """
     from . import backends
-    from .graphs import GraphSpec, PipelineConfig
 
     root = Path(engine_dir).resolve()
-    manifest = read_manifest(root)
-    check_manifest(manifest, root)
-    backend = backends.get_backend(manifest["backend"])
-    if precision is not None and precision != manifest["precision"]:
-        raise EngineError(f"engines were built for {manifest['precision']}, but {precision} was requested; "
-                          f"omit the dtype or {rebuild_hint({**manifest, 'precision': precision}, root)}", root)
-    recorded = manifest.get("libraries", {})
-    for library, version in backend.versions().items():
-        if backend.compiled and recorded.get(library) != version:  # a compiled artifact needs its library version
-            raise EngineError(f"engines were built with {library} {recorded.get(library)}, this is {version}; "
-                              f"{rebuild_hint(manifest, root)}", root)
+    manifest = Manifest.load(root)
+    backend = backends.get_backend(manifest.backend)
+    if precision is not None and precision != manifest.precision.value:
+        raise EngineError(f"engines were built for {manifest.precision.value}, but {precision} was requested; "
+                          f"omit the dtype or {rebuild_hint(manifest, root, precision=precision)}", root)
+    if backend.compiled:  # a compiled artifact runs only on the library version it was built with
+        for library, version in backend.versions().items():
+            if manifest.libraries.get(library) != version:
+                raise EngineError(f"engines were built with {library} {manifest.libraries.get(library)}, this is "
+                                  f"{version}; {rebuild_hint(manifest, root)}", root)
     device = torch.device(device) if device is not None else backend.default_device()
-    if backend.compiled:  # ... and the GPU it was built for
-        here, built = backend.gpu_identity(device), manifest.get("gpu")
+    if backend.compiled:  # ... and on the GPU it was built for
+        here, built = backend.gpu_identity(device), manifest.gpu
         if here != built:
             raise EngineError(f"engines were built for {built}, this GPU is {here}; {rebuild_hint(manifest, root)}",
                               root)
-    verify_files(root, manifest.get("files", {}), manifest)
-    try:
-        config = PipelineConfig.from_json(manifest["pipeline"]["config"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise EngineError(f"malformed pipeline config ({type(exc).__name__}: {exc}); "
-                          f"{rebuild_hint(manifest, root)}", root / MANIFEST_NAME) from None
+    verify_files(root, manifest.files, manifest)
     graphs = {}
-    for name, entry in manifest["graphs"].items():
-        verify_files(root, entry["files"], manifest)  # the artifact is one of these (check_manifest)
-        try:
-            spec = GraphSpec.from_json(entry["spec"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise EngineError(f"malformed spec of graph {name} ({type(exc).__name__}: {exc}); "
-                              f"{rebuild_hint(manifest, root)}", root / MANIFEST_NAME) from None
-        graphs[name] = backend.load_graph(spec, engine_file(root, entry["artifact"], manifest), device, providers)
-    return EngineDir(root, manifest, backends.Graphs.from_mapping(backend, config, graphs))
-
-
-def check_manifest(manifest: dict[str, Any], engine_dir: Path) -> None:
-    """Check the structure of a parsed manifest before anything in it is used.
-
-    ``manifest.json`` carries no hash of itself, so a hand-edited or truncated-then-repaired manifest is
-    caught here instead of as a ``KeyError`` deep in loading: a known backend and precision, one entry per
-    pipeline graph whose ``artifact`` is among the ``files`` it verifies, and a ``pipeline`` section.
-
-    Raises:
-        EngineError: the first problem found, naming ``manifest.json``.
-    """
-    from .backends import engine_backends
-    from .graphs.modules import GRAPH_NAMES
-
-    path = Path(engine_dir) / MANIFEST_NAME
-
-    def fail(problem: str) -> None:
-        raise EngineError(f"{problem} (tampered or damaged manifest); {rebuild_hint(manifest, Path(engine_dir))}",
-                          path)
-
-    if manifest.get("backend") not in engine_backends():
-        fail(f"backend {manifest.get('backend')!r} is not one of {', '.join(engine_backends())}")
-    if manifest.get("precision") not in ("fp32", "fp16", "bf16"):
-        fail(f"precision {manifest.get('precision')!r} is not fp32, fp16 or bf16")
-    if not isinstance(manifest.get("files", {}), dict):
-        fail("'files' is not a mapping of name -> sha256")
-    pipeline = manifest.get("pipeline")
-    if not (isinstance(pipeline, dict) and isinstance(pipeline.get("config"), dict)
-            and isinstance(pipeline.get("scheduler_config"), dict)
-            and isinstance(pipeline.get("demo"), (dict, type(None)))):
-        fail("no valid 'pipeline' section (config, scheduler_config)")
-    graphs = manifest.get("graphs")
-    if not isinstance(graphs, dict):
-        fail("no 'graphs' mapping")
-    missing = [name for name in GRAPH_NAMES if name not in graphs]
-    unknown = [name for name in graphs if name not in GRAPH_NAMES]
-    if missing or unknown:
-        fail(f"graph entries missing: {', '.join(missing) or 'none'}; unknown: {', '.join(map(str, unknown)) or 'none'}"
-             f" (expected exactly {', '.join(GRAPH_NAMES)})")
-    for name, entry in graphs.items():
-        if not (isinstance(entry, dict) and isinstance(entry.get("files"), dict)
-                and isinstance(entry.get("spec"), dict)):
-            fail(f"malformed entry for graph {name} (needs artifact, files and spec)")
-        if not isinstance(entry.get("artifact"), str) or entry["artifact"] not in entry["files"]:
-            fail(f"graph {name}: its artifact {entry.get('artifact')!r} is not among the files whose sha256 is "
-                 f"checked ({', '.join(map(str, entry['files']))})")
+    for name, entry in manifest.graphs.items():
+        verify_files(root, entry.files, manifest)  # the artifact is one of these (Manifest.from_json)
+        graphs[name] = backend.load_graph(entry.spec, engine_file(root, entry.artifact, manifest), device, providers)
+    return EngineDir(root, manifest, backends.Graphs.from_mapping(backend, manifest.pipeline.config, graphs))
