@@ -13,6 +13,10 @@ Everything is written to a temporary sibling directory and moved into place at t
 Ctrl-C leaves no half-written engine directory (the previous one, if any, stays as it was). Re-running
 with unchanged inputs reuses every verified artifact and says so; a changed input (weights, shapes,
 precision, library version) rebuilds exactly the graphs that depend on it and says why.
+
+The code follows those phases: :func:`plan_build` (what each graph depends on; reuse or rebuild, and why),
+:func:`_build_graph` per graph (export, check, and :func:`_compile_graph` for a compiled backend), the
+manifest (:class:`~sonic_rt.manifest.Manifest`) with the support files, then :func:`_swap_into_place`.
 """
 
 from __future__ import annotations
@@ -31,14 +35,16 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from torch import nn
 
 import sonic_rt
-from export.onnx_export import OPSET, ExportError, export_graph, run_check
-from sonic_rt.checkpoint import ModelPaths, resolve_model_dir
+from export.onnx_export import OPSET, ExportError, check_parity, export_graph, run_check
+from sonic_rt.backends import Backend, engine_backends, get_backend
+from sonic_rt.checkpoint import ModelPaths, read_config, resolve_model_dir
 from sonic_rt.errors import InputError, SonicError
 from sonic_rt.graphs import DimRange, GraphSpec, PipelineConfig, Precision, ShapeOptions, graph_modules, graph_specs
 from sonic_rt.graphs.modules import GRAPH_NAMES
-from sonic_rt.manifest import FORMAT, MANIFEST_NAME, read_manifest, sha256_file
+from sonic_rt.manifest import MANIFEST_NAME, GraphEntry, Manifest, PipelineInfo, sha256_file
 from sonic_rt.models.unet import AudioAttention
 
 # Parity of each exported graph against PyTorch fp32 at build time (diff <= atol + rtol * max|reference|).
@@ -64,7 +70,41 @@ class BuildReport:
 
     out: Path
     actions: dict[str, tuple[str, str]]
-    manifest: dict[str, Any]
+    manifest: Manifest
+
+
+@dataclass
+class BuildPlan:
+    """What :func:`build_engines` will do, decided before anything is written (:func:`plan_build`).
+
+    Attributes:
+        out: the engine directory to write (absolute).
+        backend: the backend class the artifacts are for.
+        device: where PyTorch traces the graphs and runs the parity reference.
+        paths: the resolved weights directory.
+        old: the manifest already in ``out`` (None when there is none).
+        sources: every source file (relative to ``paths.root``) -> sha256.
+        versions: library versions recorded in the manifest and the build keys.
+        gpu: the GPU compiled artifacts are tied to (:meth:`Backend.gpu_identity`), None for ONNX.
+        config: model sizes and constants.
+        specs, modules: per graph, its spec (options' shapes and precision) and its fp32 module.
+        keys: per graph, everything its artifact depends on (:func:`_build_key`).
+        reasons: per graph, why it is rebuilt, or None when the artifact in ``out`` is reused.
+    """
+
+    out: Path
+    backend: type[Backend]
+    device: torch.device
+    paths: ModelPaths
+    old: Manifest | None
+    sources: dict[str, str]
+    versions: dict[str, str]
+    gpu: dict[str, str] | None
+    config: PipelineConfig
+    specs: dict[str, GraphSpec]
+    modules: dict[str, nn.Module]
+    keys: dict[str, dict[str, Any]]
+    reasons: dict[str, str | None]
 
 
 def _source_files(paths: ModelPaths) -> dict[str, list[Path]]:
@@ -85,15 +125,13 @@ def _source_files(paths: ModelPaths) -> dict[str, list[Path]]:
     }
 
 
-def _library_versions(backend: str) -> dict[str, str]:
+def _library_versions(backend: type[Backend]) -> dict[str, str]:
     import onnx
     import onnxslim
 
     versions = {"sonic_rt": sonic_rt.__version__, "torch": torch.__version__, "onnx": onnx.__version__,
                 "onnxslim": onnxslim.__version__}
-    from sonic_rt.backends import get_backend
-
-    versions.update(get_backend(backend).versions())
+    versions.update(backend.versions())
     return versions
 
 
@@ -108,13 +146,13 @@ def _key_digest(key: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
-def _why_rebuild(old_entry: dict | None, key: dict[str, Any], old_dir: Path | None) -> str | None:
+def _why_rebuild(old_entry: GraphEntry | None, key: dict[str, Any], old_dir: Path | None) -> str | None:
     """None when the old artifact can be reused, else the reason to rebuild."""
     if old_entry is None or old_dir is None:
         return "not built yet"
-    old_key = old_entry.get("build_key_inputs", {})
+    old_key = old_entry.build_key_inputs
     if _key_digest(old_key) == _key_digest(key):
-        for name, digest in old_entry["files"].items():
+        for name, digest in old_entry.files.items():
             path = old_dir / name
             if not path.is_file() or sha256_file(path) != digest:
                 return f"artifact {name} is missing or corrupted"
@@ -144,10 +182,151 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# 1. Plan: what each graph depends on, and which ones to rebuild
+# ---------------------------------------------------------------------------------------------------------
+def plan_build(model_dir: str | os.PathLike, out: Path, options: BuildOptions, backend: type[Backend],
+               device: torch.device, log: Callable[[str], None]) -> BuildPlan:
+    """Hash the sources, load the fp32 models and decide per graph whether the artifact in ``out`` is reused.
+
+    Raises:
+        InputError: ``out`` exists and is not an engine directory.
+        EngineError: ``out``'s manifest is unreadable or malformed.
+        CheckpointError: the weights directory is unusable.
+    """
+    if out.exists() and not (out / MANIFEST_NAME).is_file() and (not out.is_dir() or any(out.iterdir())):
+        raise InputError(f"{out} exists and is not an engine directory; choose another --out or remove it")
+    old = Manifest.load(out) if (out / MANIFEST_NAME).is_file() else None
+    paths = resolve_model_dir(model_dir)
+    log(f"hashing source files in {paths.root}")
+    depends = _source_files(paths)
+    hashes = {p: sha256_file(p) for p in sorted({p for files in depends.values() for p in files})}
+    rel = {p: str(p.relative_to(paths.root)) for p in hashes}
+    versions = _library_versions(backend)
+    gpu = backend.gpu_identity(device)
+    log(f"loading {paths.root} on {device}")
+    models, modules = _load_for_export(paths, device)
+    config = PipelineConfig.from_models(models)
+    specs = graph_specs(config, options.shapes, options.precision)
+    keys = {name: _build_key(specs[name], options, {rel[p]: hashes[p] for p in depends[name]}, versions, gpu)
+            for name in GRAPH_NAMES}
+    # a manifest from another backend/precision: everything differs, and the reasons say so
+    reasons = {name: _why_rebuild(old.graphs.get(name) if old else None, keys[name], out if old else None)
+               for name in GRAPH_NAMES}
+    return BuildPlan(out, backend, device, paths, old, {rel[p]: h for p, h in hashes.items()}, versions, gpu,
+                     config, specs, modules, keys, reasons)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 2. Build each graph (or reuse it)
+# ---------------------------------------------------------------------------------------------------------
+def _reuse_graph(plan: BuildPlan, name: str, tmp: Path) -> GraphEntry:
+    """Link the verified artifact files of ``name`` from the old directory into ``tmp``; its old entry."""
+    entry = plan.old.graphs[name]
+    for file in entry.files:
+        _place(plan.out / file, tmp / file)
+    return entry
+
+
+def _build_graph(plan: BuildPlan, name: str, options: BuildOptions, tmp: Path, log: Callable[[str], None]
+                 ) -> GraphEntry:
+    """Export graph ``name`` to ONNX in ``tmp`` and check it against PyTorch fp32; for a compiled backend, then
+    compile it (:func:`_compile_graph`), keeping only the compiled artifact.
+
+    Raises:
+        ExportError / EngineError: the export, the compilation or a parity check failed.
+    """
+    started = time.perf_counter()
+    module, spec = plan.modules[name], plan.specs[name]
+    fp32 = spec.inputs[0].dtype == "float32"
+    export_module = module if fp32 else copy.deepcopy(module).to(torch.float16)
+    onnx_path = tmp / f"{name}.onnx"
+    files = export_graph(export_module, spec, onnx_path, opset=options.opset)
+    del export_module
+    rtol, atol = CHECK_TOLERANCE[Precision.FP32 if fp32 else options.precision]
+    check = run_check(module, spec, onnx_path, options.check_points, rtol=rtol, atol=atol)
+    log(f"{name}: ONNX exported and checked at {'/'.join(options.check_points)} shapes "
+        f"(max |diff| vs PyTorch fp32 {max(check.values()):.2g})")
+    artifact, info = onnx_path, None
+    if plan.backend.compiled:
+        artifact, info, check = _compile_graph(plan, name, onnx_path, options, tmp, (rtol, atol), log)
+        for file in files:
+            file.unlink()
+        files = [artifact]
+    return GraphEntry(artifact=artifact.name, check=check, tensorrt=info,
+                      files={f.name: sha256_file(f) for f in files}, spec=spec, build_key=_key_digest(plan.keys[name]),
+                      build_key_inputs=plan.keys[name], seconds=round(time.perf_counter() - started, 2))
+
+
+def _compile_graph(plan: BuildPlan, name: str, onnx_path: Path, options: BuildOptions, tmp: Path,
+                   tolerance: tuple[float, float], log: Callable[[str], None]
+                   ) -> tuple[Path, dict[str, Any], dict[str, float]]:
+    """Compile the ONNX export of ``name`` into the backend's artifact, load it and check it against PyTorch.
+
+    TensorRT is the one compiled backend (:attr:`Backend.compiled`); its tactic timings are kept in
+    ``tmp/timing.cache`` between graphs and builds. Returns the artifact, the build info and the parity report.
+    """
+    from export.tensorrt_build import build_engine, profile_table
+
+    spec, module = plan.specs[name], plan.modules[name]
+    artifact = tmp / f"{name}{plan.backend.artifact_suffix}"
+    for line in profile_table(spec):
+        log(f"{name}:   {line}")
+    info = build_engine(onnx_path, spec, artifact, options.precision, timing_cache=tmp / TIMING_CACHE)
+    graph = plan.backend.load_graph(spec, artifact, plan.device)
+    rtol, atol = tolerance
+    check = check_parity(module, spec, lambda args, point: graph(*args), options.check_points, rtol=rtol, atol=atol,
+                         seed=200, label=artifact.name)
+    log(f"{name}: TensorRT engine built and checked (max |diff| {max(check.values()):.2g})")
+    return artifact, info, check
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3. The manifest and the support files
+# ---------------------------------------------------------------------------------------------------------
+def _write_support_files(paths: ModelPaths, tmp: Path) -> dict[str, str]:
+    """Copy Whisper's preprocessor config and the YOLO face detector (if any) into ``tmp``; name -> sha256."""
+    support = {}
+    (tmp / "whisper").mkdir()
+    shutil.copy2(paths.whisper / "preprocessor_config.json", tmp / "whisper" / "preprocessor_config.json")
+    support["whisper/preprocessor_config.json"] = sha256_file(tmp / "whisper" / "preprocessor_config.json")
+    if paths.yoloface is not None:
+        shutil.copy2(paths.yoloface, tmp / paths.yoloface.name)
+        support[paths.yoloface.name] = sha256_file(tmp / paths.yoloface.name)
+    return support
+
+
+def _manifest(plan: BuildPlan, options: BuildOptions, graphs: dict[str, GraphEntry], support: dict[str, str],
+              command: str | None) -> Manifest:
+    paths = plan.paths
+    demo = json.loads(paths.demo_marker.read_text()) if paths.demo_marker else None
+    pipeline = PipelineInfo(config=plan.config, scheduler_config=read_config(paths.scheduler / "scheduler_config.json"),
+                            demo=demo)
+    return Manifest(backend=plan.backend.name, precision=options.precision, opset=options.opset, shapes=options.shapes,
+                    pipeline=pipeline, source={"model_dir": str(paths.root), "files": plan.sources},
+                    libraries=plan.versions, gpu=plan.gpu, graphs=graphs, files=support,
+                    created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), command=command)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 4. Swap into place
+# ---------------------------------------------------------------------------------------------------------
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    """Replace ``out`` by the complete ``tmp``: the old directory stays intact until the new one is complete."""
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def build_engines(model_dir: str | os.PathLike, out: str | os.PathLike, options: BuildOptions, *,
                   log: Callable[[str], None] = _log, device: torch.device | None = None,
                   command: str | None = None) -> BuildReport:
     """Export (and for TensorRT build) every graph of the model in ``model_dir`` into ``out``.
+
+    Steps: plan (:func:`plan_build`: what each graph depends on, which to reuse and why), build or reuse
+    each graph in a temporary sibling directory, write the support files and the manifest, swap into place.
 
     Args:
         model_dir: official-layout weights directory (or the demo checkpoint).
@@ -166,118 +345,34 @@ def build_engines(model_dir: str | os.PathLike, out: str | os.PathLike, options:
         InputError: ``out`` exists and is not an engine directory.
         ExportError / EngineError: a graph failed its checks (nothing is written then).
     """
-    from sonic_rt.backends import get_backend
-
     out = Path(out).resolve()
     backend = get_backend(options.backend)  # fails early, naming what to install
-    if options.backend == "tensorrt":
-        from export.tensorrt_build import build_engine as build_trt_engine
-        from export.tensorrt_build import profile_table
-    if out.exists() and not (out / MANIFEST_NAME).is_file() and (not out.is_dir() or any(out.iterdir())):
-        raise InputError(f"{out} exists and is not an engine directory; choose another --out or remove it")
-    old_manifest = read_manifest(out) if (out / MANIFEST_NAME).is_file() else None
-    old_dir = out if old_manifest is not None else None
     if device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    paths = resolve_model_dir(model_dir)
-
-    # 1. What each graph depends on: source hashes, spec, versions, GPU
-    log(f"hashing source files in {paths.root}")
-    depends = _source_files(paths)
-    hashes = {p: sha256_file(p) for p in sorted({p for files in depends.values() for p in files})}
-    rel = {p: str(p.relative_to(paths.root)) for p in hashes}
-    versions = _library_versions(options.backend)
-    gpu = backend.gpu_identity(device) if options.backend == "tensorrt" else None
-    log(f"loading {paths.root} on {device}")
-    models, modules = _load_for_export(paths, device)
-    config = PipelineConfig.from_models(models)
-    specs = graph_specs(config, options.shapes, options.precision)
-    keys = {name: _build_key(specs[name], options, {rel[p]: hashes[p] for p in depends[name]}, versions, gpu)
-            for name in GRAPH_NAMES}
-    reasons = {name: _why_rebuild(old_manifest["graphs"].get(name) if old_manifest else None, keys[name], old_dir)
-               for name in GRAPH_NAMES}
-    # a manifest from another backend/precision: everything differs, and the reasons say so
+    plan = plan_build(model_dir, out, options, backend, device, log)
 
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    timing_cache = tmp / TIMING_CACHE  # TensorRT tactic timings, carried over between builds (not an artifact)
-    if old_dir is not None and (old_dir / TIMING_CACHE).is_file():
-        shutil.copy2(old_dir / TIMING_CACHE, timing_cache)
+    if plan.old is not None and (out / TIMING_CACHE).is_file():  # TensorRT tactic timings (not an artifact)
+        shutil.copy2(out / TIMING_CACHE, tmp / TIMING_CACHE)
     actions: dict[str, tuple[str, str]] = {}
     try:
-        graphs_entry: dict[str, Any] = {}
-        suffix = backend.artifact_suffix
+        graphs: dict[str, GraphEntry] = {}
         for i, name in enumerate(GRAPH_NAMES, 1):
-            prefix = f"[{i}/{len(GRAPH_NAMES)}] {name}"
-            if reasons[name] is None:
-                entry = old_manifest["graphs"][name]
-                for file in entry["files"]:
-                    _place(old_dir / file, tmp / file)
-                graphs_entry[name] = entry
+            prefix = f"[{i}/{len(GRAPH_NAMES)}] "
+            reason = plan.reasons[name]
+            if reason is None:
+                graphs[name] = _reuse_graph(plan, name, tmp)
                 actions[name] = ("reused", "inputs unchanged, sha256 verified")
-                log(f"{prefix}: reused (inputs unchanged, sha256 verified)")
+                log(f"{prefix}{name}: reused (inputs unchanged, sha256 verified)")
                 continue
-            log(f"{prefix}: building ({reasons[name]})")
-            started = time.perf_counter()
-            module = modules[name]
-            spec = specs[name]
-            export_module = module if spec.inputs[0].dtype == "float32" else copy.deepcopy(module).to(torch.float16)
-            onnx_path = tmp / f"{name}.onnx"
-            files = export_graph(export_module, spec, onnx_path, opset=options.opset)
-            del export_module
-            rtol, atol = CHECK_TOLERANCE[Precision.FP32 if spec.inputs[0].dtype == "float32" else options.precision]
-            check = run_check(module, spec, onnx_path, options.check_points, rtol=rtol, atol=atol)
-            log(f"{prefix}: ONNX exported and checked at {'/'.join(options.check_points)} shapes "
-                f"(max |diff| vs PyTorch fp32 {max(check.values()):.2g})")
-            entry = {"artifact": onnx_path.name, "check": check}
-            if options.backend == "tensorrt":
-                plan = tmp / f"{name}{suffix}"
-                for line in profile_table(spec):
-                    log(f"{prefix}:   {line}")
-                info = build_trt_engine(onnx_path, spec, plan, options.precision,
-                                        timing_cache=timing_cache)
-                for file in files:
-                    file.unlink()
-                files = [plan]
-                entry.update(artifact=plan.name, tensorrt=info)
-                graph = backend.load_graph(spec, plan, device)
-                entry["check"] = _check_graph(graph, module, spec, options.check_points, rtol, atol, device)
-                log(f"{prefix}: TensorRT engine built and checked (max |diff| {max(entry['check'].values()):.2g})")
-            entry.update(files={f.name: sha256_file(f) for f in files}, spec=spec.to_json(),
-                         build_key=_key_digest(keys[name]), build_key_inputs=keys[name],
-                         seconds=round(time.perf_counter() - started, 2))
-            graphs_entry[name] = entry
-            actions[name] = ("built", reasons[name])
-
-        # 2. Support files and the manifest
-        support = {}
-        (tmp / "whisper").mkdir()
-        shutil.copy2(paths.whisper / "preprocessor_config.json", tmp / "whisper" / "preprocessor_config.json")
-        support["whisper/preprocessor_config.json"] = sha256_file(tmp / "whisper" / "preprocessor_config.json")
-        if paths.yoloface is not None:
-            shutil.copy2(paths.yoloface, tmp / paths.yoloface.name)
-            support[paths.yoloface.name] = sha256_file(tmp / paths.yoloface.name)
-        demo = json.loads(paths.demo_marker.read_text()) if paths.demo_marker else None
-        from sonic_rt.checkpoint import read_config
-
-        manifest = {
-            "format": FORMAT, "backend": options.backend, "precision": options.precision.value,
-            "opset": options.opset, "shapes": options.shapes.to_json(),
-            "pipeline": {"config": config.to_json(),
-                         "scheduler_config": read_config(paths.scheduler / "scheduler_config.json"), "demo": demo},
-            "source": {"model_dir": str(paths.root), "files": {rel[p]: h for p, h in hashes.items()}},
-            "libraries": versions, "gpu": gpu, "graphs": graphs_entry, "files": support,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "command": command,
-        }
-        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
-        # 3. Swap into place: the old directory stays intact until the new one is complete
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        if out.exists():
-            out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
+            log(f"{prefix}{name}: building ({reason})")
+            graphs[name] = _build_graph(plan, name, options, tmp, lambda line: log(prefix + line))
+            actions[name] = ("built", reason)
+        manifest = _manifest(plan, options, graphs, _write_support_files(plan.paths, tmp), command)
+        manifest.write(tmp)
+        _swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -292,26 +387,6 @@ def _load_for_export(paths: ModelPaths, device: torch.device):
     models = load_models(paths, device, torch.float32)
     models.unet.attention = AudioAttention.SDPA
     return models, graph_modules(models)
-
-
-def _check_graph(graph, module, spec: GraphSpec, points, rtol, atol, device) -> dict[str, float]:
-    """Compare a loaded backend graph with the fp32 module at ``points`` (used for TensorRT engines)."""
-    report = {}
-    for i, point in enumerate(points):
-        args = spec.sample_inputs(point, seed=200 + i, device=device)
-        with torch.no_grad():
-            want = module(*[a.float() if a.is_floating_point() else a for a in args])
-        got = graph(*args)
-        want = want if isinstance(want, tuple) else (want,)
-        got = got if isinstance(got, tuple) else (got,)
-        worst = 0.0
-        for w, g in zip(want, got):
-            diff = float((g.float() - w.float()).abs().max())
-            if not diff <= atol + rtol * float(w.abs().max()):
-                raise ExportError(f"{spec.name}: engine output differs from PyTorch by {diff:.3g} at {point} shapes")
-            worst = max(worst, diff)
-        report[point] = worst
-    return report
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -343,7 +418,7 @@ def parser() -> argparse.ArgumentParser:
     src.add_argument("--demo", action="store_true", help="the small random-weight demo checkpoint (created on first "
                      "use in ~/.cache/sonic_rt)")
     p.add_argument("--out", type=Path, required=True, help="engine directory to write, e.g. engines/demo-ort")
-    p.add_argument("--backend", choices=("onnxruntime", "tensorrt"), default="onnxruntime",
+    p.add_argument("--backend", choices=engine_backends(), default="onnxruntime",
                    help="onnxruntime: portable .onnx graphs (CPU/CUDA/TensorRT execution providers); tensorrt: "
                         "serialized TensorRT 10 engines for this GPU and TensorRT version (default: onnxruntime)")
     p.add_argument("--precision", choices=("fp32", "fp16"), default=None,
@@ -372,14 +447,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     signal.signal(signal.SIGTERM, raise_interrupt)  # SIGTERM unwinds like Ctrl-C: the temporary directory goes
     try:
-        from sonic_rt.backends import get_backend
-
-        get_backend(args.backend)  # before any work: names what to install
+        backend = get_backend(args.backend)  # before any work: names what to install
         from sonic_rt.demo import DEMO_MIN_RESOLUTION, ensure_demo_model
 
         default_res = (DimRange(DEMO_MIN_RESOLUTION, DEMO_MIN_RESOLUTION, 2 * DEMO_MIN_RESOLUTION) if args.demo
                        else DimRange(512, 512, 1024))
-        precision = Precision(args.precision or ("fp16" if args.backend == "tensorrt" else "fp32"))
+        precision = Precision(args.precision) if args.precision else backend.default_precision
         points = tuple(p.strip() for p in args.check.split(",") if p.strip())
         if not points or any(p not in ("min", "opt", "max") for p in points):
             raise InputError(f"--check takes min, opt and/or max, got {args.check!r}")
