@@ -211,3 +211,17 @@ def test_cli_sigterm_during_sampling_leaves_no_output(demo_dir, portrait, long_s
     assert proc.returncode == 130, err.decode() + rest
     assert "no output written" in rest
     assert only(outdir) == []
+
+
+def test_the_fallback_face_detector_is_said_once_and_reported(demo_dir, portrait, speech, capsys):
+    """Without yoloface_v5m.pt the OpenCV detector finds the face: one stderr line per Runtime, and every
+    AnimateResult carries the note; an explicit face box uses no detector and carries none."""
+    rt = sonic_rt.Runtime(demo_dir)
+    first = rt.animate(portrait, speech, None, **FAST)
+    second = rt.animate(portrait, speech, None, **FAST)
+    said = [line for line in capsys.readouterr().err.splitlines() if "Haar cascade" in line]
+    assert len(said) == 1 and "yoloface_v5m.pt" in said[0]
+    assert first.reference.detector == "haar" and any("Haar cascade" in n for n in first.notes)
+    assert second.notes == first.notes
+    boxed = rt.animate(portrait, speech, None, face_box=(150, 60, 130, 160), **FAST)
+    assert boxed.notes == ()
