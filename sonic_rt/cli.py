@@ -48,8 +48,12 @@ def _add_animate(sub) -> None:
                    help="UNet/VAE/CLIP dtype (default: fp16 on cuda, fp32 on cpu; an engine directory's own precision)")
     p.add_argument("--attention", default="auto", choices=["auto", "reference", "sdpa", "triton"],
                    help="audio-attention implementation of the torch backend: triton (fused kernels, CUDA), sdpa "
-                        "(exact simplifications), reference (official structure). auto: triton on cuda where it "
-                        "can run, reference on cpu")
+                        "(exact simplifications; on cpu it skips queries outside the face), reference (official "
+                        "structure, for checking). auto: triton on cuda where it can run, else sdpa")
+    p.add_argument("--compile", action="store_true",
+                   help="run the UNet under torch.compile: each shape compiles once (about 2 minutes on a 2-core "
+                        "CPU, seconds when cached on disk), then UNet calls are about 1.3x faster on CPU; frames "
+                        "differ from eager ones by fp32 rounding (within 2 uint8 levels). Off by default")
     p.add_argument("--windows-per-call", type=int, default=1,
                    help="shift-fusion windows batched into one UNet call (batch 3x; engines must be built with "
                         "--windows covering it)")
@@ -142,7 +146,7 @@ def _animate(args) -> int:
     from .scheduler import SchedulerConfig
 
     runtime = Runtime(model_dir, device=args.device, dtype=args.dtype, trust_pickle=args.trust_pickle,
-                      attention=args.attention,
+                      attention=args.attention, compile=args.compile,
                       scheduler=SchedulerConfig(windows_per_call=args.windows_per_call, lanes=args.lanes))
     quiet = args.quiet or runtime.distributed.rank != 0
     result = runtime.animate(args.image, args.audio, args.out, steps=args.steps, seed=args.seed,

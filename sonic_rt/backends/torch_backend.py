@@ -18,10 +18,21 @@ class TorchGraph(Graph):
     def __init__(self, spec: GraphSpec, module: nn.Module, device: torch.device):
         super().__init__(spec, device)
         self.module = module
+        self.call = module  # what run() calls: the module, or its compiled form (compile())
+
+    def compile(self, what: str, say=None) -> bool:
+        """Run the module under ``torch.compile`` from now on (:mod:`sonic_rt.compiling`); returns False (and
+        says why) where compiling cannot work, leaving the module uncompiled."""
+        from ..compiling import compile_module
+
+        compiled = compile_module(self.module, what, self.device, say)
+        if compiled is not None:
+            self.call = compiled
+        return compiled is not None
 
     def run(self, inputs: list[torch.Tensor], values: Mapping[str, int]) -> list[torch.Tensor]:
         with torch.inference_mode():
-            out = self.module(*inputs)
+            out = self.call(*inputs)
         return list(out) if isinstance(out, (tuple, list)) else [out]
 
 

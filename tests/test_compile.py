@@ -1,0 +1,48 @@
+"""Opt-in torch.compile of the UNet: same video within 2 uint8 levels, one compile per shape, clear fallback."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import sonic_rt
+from sonic_rt import compiling
+
+FAST = dict(steps=2, progress=False)
+
+
+@pytest.fixture(scope="module")
+def eager_frames(runtime, portrait, speech):
+    return runtime.animate(portrait, speech, None, **FAST).frames
+
+
+@pytest.mark.slow
+def test_compiled_unet_gives_the_eager_frames_within_2_levels_and_compiles_each_shape_once(
+        demo_dir, portrait, speech, eager_frames, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(compiling.ENV_CACHE, str(tmp_path / "inductor"))
+    rt = sonic_rt.Runtime(demo_dir, compile=True)
+    first = rt.animate(portrait, speech, None, **FAST)
+    err = capsys.readouterr().err
+    assert err.count("compiling the UNet for input") == 1 and "compiled the UNet in" in err
+    assert any((tmp_path / "inductor").iterdir())  # the on-disk cache was written
+    diff = np.abs(first.frames.astype(int) - eager_frames.astype(int))
+    assert first.frames.shape == eager_frames.shape and diff.max() <= 2
+    again = rt.animate(portrait, speech, None, **FAST)
+    assert "compiling" not in capsys.readouterr().err  # same shape: no new compile
+    assert np.array_equal(again.frames, first.frames)
+
+
+def test_without_a_compiler_compile_says_so_and_runs_uncompiled(demo_dir, portrait, speech, eager_frames,
+                                                                monkeypatch, capsys):
+    monkeypatch.setattr(compiling, "compile_unavailable_reason", lambda device: "no C++ compiler was found")
+    rt = sonic_rt.Runtime(demo_dir, compile=True)
+    err = capsys.readouterr().err
+    assert "not compiling the UNet: no C++ compiler was found; running it uncompiled" in err
+    assert rt.graphs.unet.call is rt.graphs.unet.module
+    assert np.array_equal(rt.animate(portrait, speech, None, **FAST).frames, eager_frames)
+
+
+def test_compile_is_refused_for_engine_directories(tmp_path):
+    (tmp_path / "manifest.json").write_text("{}")
+    with pytest.raises(sonic_rt.InputError, match="compile=True applies to the torch backend"):
+        sonic_rt.Runtime(tmp_path, compile=True)
