@@ -6,6 +6,10 @@ Every model here is a seeded random-weight checkpoint written in exactly the off
 - ``demo``: the demo checkpoint itself (UNet [32, 32], cross-attention 32) at 128x128;
 - ``mid``: the demo with a wider 3-level UNet (SVD's block types, one level fewer, 10 M parameters) and a
   64-wide cross-attention, at 256x256;
+- ``widths``: the demo's narrow UNet at 128x128, but every width the official code hard-codes at full size:
+  cross-attention 1024 (so 32 audio tokens x 1024 per frame), whisper-tiny (384-wide states), CLIP projection
+  1024, the official adapter width (1024) and full-size RIFE. Its audio path has the real model's proportions,
+  so it is the CPU workload for comparing the runtime with the official pipeline structure;
 - ``full``: the official architectures (:mod:`sonic_rt.architectures`: the 1.5 B-parameter SVD-xt UNet,
   ViT-H CLIP, the SVD temporal VAE, whisper-tiny, the official adapter and RIFE sizes) at 512x512. For GPUs:
   writing it needs ~6 GB of host memory and ~5 GB of disk (its ``unet.pth`` is stored in fp16; the
@@ -45,6 +49,8 @@ MID_UNET_OVERRIDES = {
     "cross_attention_dim": 64,
     "sample_size": MID_RESOLUTION // 8,
 }
+WIDTHS_VERSION = 1
+WIDTHS_RESOLUTION = 128
 FULL_VERSION = 1
 FULL_RESOLUTION = 512  # official min_resolution
 
@@ -89,6 +95,23 @@ def write_mid_model(out: str | os.PathLike) -> Path:
                               seed=DEMO_SEED + 100, overwrite=True)
 
 
+def write_widths_model(out: str | os.PathLike) -> Path:
+    """Write the official-widths random-weight checkpoint to ``out`` (seeded): the demo's narrow UNet and VAE
+    with cross-attention 1024, whisper-tiny, a small CLIP tower projecting to 1024, adapters at the official
+    ``intermediate_dim`` 1024 and RIFE at its official width."""
+    from sonic_rt.architectures import AUDIO2TOKEN_ARGS, RIFE_WIDTH, WHISPER_TINY_CONFIG
+    from sonic_rt.demo import DEMO_CLIP, DEMO_SEED, DEMO_UNET_CONFIG, DEMO_VAE_CONFIG, DEMO_VERSION, \
+        write_random_model
+
+    whisper = {k: v for k, v in WHISPER_TINY_CONFIG.items() if k not in ("architectures", "model_type")}
+    marker = {"random_weights": True, "note": _note("official-widths"), "min_resolution": WIDTHS_RESOLUTION,
+              "version": DEMO_VERSION, "bench_size": "widths", "bench_version": WIDTHS_VERSION}
+    unet = {**DEMO_UNET_CONFIG, "cross_attention_dim": AUDIO2TOKEN_ARGS["output_dim"]}
+    return write_random_model(out, unet_config=unet, vae_config=DEMO_VAE_CONFIG, clip=DEMO_CLIP, whisper=whisper,
+                              adapter_hidden=AUDIO2TOKEN_ARGS["intermediate_dim"], rife_width=RIFE_WIDTH,
+                              marker=marker, seed=DEMO_SEED + 300, overwrite=True)
+
+
 def write_full_model(out: str | os.PathLike) -> Path:
     """Write the full-size random-weight checkpoint (the official architectures) to ``out`` (seeded)."""
     from sonic_rt.architectures import (AUDIO2TOKEN_ARGS, RIFE_WIDTH, SVD_XT_IMAGE_ENCODER_CONFIG,
@@ -127,7 +150,7 @@ class Size:
     """One model size of the benchmarks.
 
     Attributes:
-        name: ``demo``, ``mid`` or ``full``.
+        name: ``demo``, ``mid``, ``widths`` or ``full``.
         resolution: video height = width in pixels (the engines' opt shape).
         steps: default denoising steps of a whole-video run in ``bench.backends``.
         write: writes the checkpoint into a directory.
@@ -150,6 +173,9 @@ SIZES = {
                  "demo checkpoint: UNet [32, 32], cross-attention 32; 128x128"),
     "mid": Size("mid", MID_RESOLUTION, 2, write_mid_model, _current("mid", MID_VERSION),
                 "UNet [64, 128, 128], heads [2, 4, 4], cross-attention 64; 256x256"),
+    "widths": Size("widths", WIDTHS_RESOLUTION, 25, write_widths_model, _current("widths", WIDTHS_VERSION),
+                   "demo UNet [32, 32] with the official widths: cross-attention 1024, whisper-tiny, CLIP "
+                   "projection 1024, adapters 1024, RIFE 90; 128x128"),
     "full": Size("full", FULL_RESOLUTION, 25, write_full_model, _current("full", FULL_VERSION),
                  "the official architectures (SVD-xt UNet 1.5 B, ViT-H CLIP, whisper-tiny), random weights; "
                  "512x512", gpu_only=True),

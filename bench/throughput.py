@@ -65,7 +65,14 @@ import torch
 from bench.presets import (DEFAULT_CACHE, REPO, SIZES, BenchError, Size, bench_threads, check_engines_match,
                            ensure_engines, ensure_inputs, ensure_model, log, speech_of_length)
 
-BACKENDS = ("eager", "torch", "onnxruntime", "tensorrt")
+BACKENDS = ("eager", "torch", "reference", "compile", "bf16", "onnxruntime", "tensorrt")
+DEFAULT_BACKENDS = ("eager", "torch", "onnxruntime", "tensorrt")
+# The torch Runtime with one option changed from its defaults (name -> (Runtime keyword arguments, description)).
+OPTIONS = {
+    "reference": ({"attention": "reference"}, "attention='reference' (the official attention structure)"),
+    "compile": ({"compile": True}, "compile=True (torch.compile of the UNet)"),
+    "bf16": ({"dtype": "bf16"}, "dtype='bf16'"),
+}
 RESULTS = REPO / "bench" / "results"
 RSS_INTERVAL_S = 0.005
 MB = 1024 * 1024
@@ -84,6 +91,8 @@ PRESETS = {
     # 2 steps: time per step is constant, so the lengths, not the steps, show the scaling; a few minutes on 2 cores
     "demo": Preset(SIZES["demo"], (4.0, 10.0, 60.0), 2),
     "mid": Preset(SIZES["mid"], (2.0, 4.0, 10.0), 1),
+    # the official step count: the workload whose audio-path proportions match the real model's
+    "widths": Preset(SIZES["widths"], (4.0, 10.0), 25),
     "full": Preset(SIZES["full"], (4.0, 10.0, 60.0), 25),
 }
 
@@ -207,14 +216,19 @@ def load_backends(names: Sequence[str], model_dir: Path, args, device: torch.dev
     loaded: dict[str, Backend] = {}
     skipped: dict[str, str] = {}
     builds: dict[str, Any] = {}
-    # CPU "auto" is the reference structure (parity first); the optimised path is sdpa there
-    torch_rt = sonic_rt.Runtime(model_dir, device=device, attention="sdpa" if device.type == "cpu" else None)
+    torch_rt = sonic_rt.Runtime(model_dir, device=device)  # default settings
     if "eager" in names:
         loaded["eager"] = Backend("eager", EagerPipeline(torch_rt).animate,
                                   "official structure, PyTorch eager (bench/eager.py)", "official", torch_rt)
     if "torch" in names:
-        loaded["torch"] = Backend("torch", torch_rt.animate, f"sonic_rt Runtime, torch backend, attention "
-                                  f"{torch_rt.attention}", "simplified", torch_rt)
+        loaded["torch"] = Backend("torch", torch_rt.animate, f"sonic_rt Runtime, default settings (torch backend, "
+                                  f"attention {torch_rt.attention}, {str(torch_rt.dtype)[6:]})", "simplified",
+                                  torch_rt)
+    for name, (kwargs, what) in OPTIONS.items():
+        if name in names:
+            rt = sonic_rt.Runtime(model_dir, device=device, **kwargs)
+            structure = "official" if rt.attention == "reference" else "simplified"
+            loaded[name] = Backend(name, rt.animate, f"sonic_rt Runtime, defaults but {what}", structure, rt)
     precision = "fp16" if device.type == "cuda" else "fp32"
     for name in ("onnxruntime", "tensorrt"):
         if name not in names:
@@ -400,6 +414,10 @@ def format_markdown(report: dict[str, Any]) -> str:
              f"{report['unet_call_flops']['simplified'] / 1e12:.4g} TFLOP simplified"]
     for name, reason in report["skipped"].items():
         lines.append(f"- {name}: skipped, {reason}")
+    for name, what in report["backends"].items():
+        first = report.get("first_call_s", {}).get(name)
+        lines.append(f"- {name}: {what}" + (f"; first call (warm-up, 1 step, compiling included) {first:.1f} s"
+                                            if first is not None else ""))
     backends = list(report["runs"])
     lines += ["", "## Per run", "",
               "| backend | audio s | total s | frames/s | s per video s | speedup vs eager | UNet TFLOP/s | "
@@ -494,8 +512,10 @@ memory (RSS; CUDA), UNet TFLOP/s against the measured matmul floor, speedup over
 time and memory with audio length (fits printed, PNG plotted). One warm-up call per backend, then one
 measured call per audio length, each writing a real mp4.
 
-backends: eager, torch (sonic_rt Runtime over the weights), onnxruntime, tensorrt (engines built from the
-same weights with export.build_engines and cached; skipped with the reason where unavailable)
+backends: eager, torch (sonic_rt Runtime over the weights, default settings), one option changed from
+the defaults: reference (attention='reference'), compile (compile=True), bf16 (dtype='bf16'); onnxruntime,
+tensorrt (engines built from the same weights with export.build_engines and cached; skipped with the reason
+where unavailable). The first call of each (the warm-up, compiling included) is timed and reported.
 
 presets (random-weight checkpoints in the official layout, cached in --cache):
 {presets}""",
@@ -504,8 +524,9 @@ presets (random-weight checkpoints in the official layout, cached in --cache):
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="model size (default: full on a CUDA GPU, demo on CPU)")
     p.add_argument("--seconds", default=None, help="comma-separated audio lengths in seconds (default: the preset's)")
-    p.add_argument("--backends", default=",".join(BACKENDS), help=f"comma-separated from {', '.join(BACKENDS)} "
-                   "(default: all; eager is the baseline of every speedup)")
+    p.add_argument("--backends", default=",".join(DEFAULT_BACKENDS), help=f"comma-separated from "
+                   f"{', '.join(BACKENDS)} (default: {','.join(DEFAULT_BACKENDS)}; eager is the baseline of every "
+                   "speedup)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps per run (default: the preset's)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     p.add_argument("--threads", type=int, default=None, help="torch (and onnxruntime) threads on CPU")
@@ -575,13 +596,15 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
                      "warmup": f"one animate per backend: {min(args.seconds):g} s of audio, 1 step"},
         "backends": {n: b.description for n, b in backends.items()}, "skipped": skipped, "engine_builds": builds,
         "unet_call_flops": flops, "peak": peak,
-        "state_mb_per_audio_s": state_mb_per_audio_s(torch_rt, args.resolution), "runs": {}}
+        "state_mb_per_audio_s": state_mb_per_audio_s(torch_rt, args.resolution), "first_call_s": {}, "runs": {}}
     with tempfile.TemporaryDirectory(prefix="sonic_rt_throughput_") as tmp:
         work = Path(tmp)
         for name, backend in backends.items():
             log(f"{name}: warm-up")
+            started = time.perf_counter()
             backend.animate(image, audios[min(args.seconds)], work / "warmup.mp4", steps=1, progress=False,
                             min_resolution=args.resolution)
+            report["first_call_s"][name] = time.perf_counter() - started  # includes any compile
             report["runs"][name] = {}
             for seconds in args.seconds:
                 log(f"{name}: {seconds:g} s of audio, {args.steps} steps")

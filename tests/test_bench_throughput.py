@@ -30,6 +30,7 @@ def test_tiny_preset_writes_well_formed_results(demo_dir, engine_dir, tmp_path, 
     assert set(report["machine"]) >= {"platform", "cpu", "torch", "diffusers", "transformers", "onnxruntime"}
     assert report["skipped"] == {"tensorrt": "needs a CUDA GPU"}
     assert list(report["runs"]) == ["eager", "torch", "onnxruntime"]
+    assert set(report["first_call_s"]) == set(report["runs"]) and min(report["first_call_s"].values()) > 0
     flops = report["unet_call_flops"]
     assert flops["official"] > flops["simplified"] > 0 and report["peak"]["tflops"] > 0
     for name, runs in report["runs"].items():
