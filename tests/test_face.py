@@ -417,3 +417,25 @@ def test_yolo_corrupt_and_missing(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError) as ei2:
         YoloFaceDetector(tmp_path / "missing.pt")
     assert "missing.pt" in str(ei2.value)
+
+
+@pytest.mark.parametrize("crop", [True, False])
+def test_exif_orientation_is_applied_with_and_without_crop(astronaut: np.ndarray, haar: HaarFaceDetector,
+                                                           tmp_path: Path, crop: bool) -> None:
+    """A phone photo stored sideways with EXIF Orientation 6 is animated upright in both modes. The official code
+    applies the orientation with the crop (cv2.imread honours EXIF) but not without it (PIL.Image.open does not);
+    sonic_rt applies it in both, on purpose: the same photo should not turn sideways when crop is off."""
+    from sonic_rt.media import load_image
+
+    wide = np.zeros((512, 768, 3), np.uint8)
+    wide[:, 128:640] = astronaut  # displayed upright: 768 wide, 512 tall, face left of centre
+    stored = np.ascontiguousarray(np.rot90(wide, k=1))  # stored rotated 90 degrees counter-clockwise
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    path = tmp_path / "phone.jpg"
+    Image.fromarray(stored).save(path, exif=exif, quality=95)
+    ref = prepare_reference(load_image(path), haar, crop=crop, min_resolution=256)
+    upright = prepare_reference(Image.fromarray(wide), haar, crop=crop, min_resolution=256)
+    assert ref.size == upright.size
+    assert ref.size == ((256, 256) if crop else (384, 256))  # landscape, as displayed
+    assert iou(ref.face_box.xyxy, upright.face_box.xyxy) > 0.8
