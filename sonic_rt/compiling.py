@@ -34,10 +34,15 @@ ENV_CACHE = "TORCHINDUCTOR_CACHE_DIR"  # inductor's own variable, read when it c
 
 
 def cache_dir() -> Path:
-    """Where compiled artefacts are kept: ``$TORCHINDUCTOR_CACHE_DIR`` if set, else
-    ``$XDG_CACHE_HOME/sonic_rt/inductor`` (``~/.cache/sonic_rt/inductor``)."""
-    if os.environ.get(ENV_CACHE):
-        return Path(os.environ[ENV_CACHE])
+    """Where compiled artefacts are kept: ``$TORCHINDUCTOR_CACHE_DIR`` if the user set it, else
+    ``$XDG_CACHE_HOME/sonic_rt/inductor`` (``~/.cache/sonic_rt/inductor``), which outlives reboots (inductor's
+    own default is under /tmp). Inductor writes its default into the variable the first time it runs, so a
+    value equal to that default counts as unset."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    value = os.environ.get(ENV_CACHE)
+    if value and value != default_cache_dir():
+        return Path(value)
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return base / "sonic_rt" / "inductor"
 
@@ -107,5 +112,5 @@ def compile_module(module: nn.Module, what: str, device: torch.device,
     if reason is not None:
         say(f"not compiling the {what}: {reason}; running it uncompiled")
         return None
-    os.environ.setdefault(ENV_CACHE, str(cache_dir()))
+    os.environ[ENV_CACHE] = str(cache_dir())
     return CompiledCall(module, what, device, say)

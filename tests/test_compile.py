@@ -46,3 +46,15 @@ def test_compile_is_refused_for_engine_directories(tmp_path):
     (tmp_path / "manifest.json").write_text("{}")
     with pytest.raises(sonic_rt.InputError, match="compile=True applies to the torch backend"):
         sonic_rt.Runtime(tmp_path, compile=True)
+
+
+def test_compiled_artefacts_go_to_a_lasting_cache_unless_the_user_chose_one(tmp_path, monkeypatch):
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv(compiling.ENV_CACHE, raising=False)
+    assert compiling.cache_dir() == tmp_path / "sonic_rt" / "inductor"
+    monkeypatch.setenv(compiling.ENV_CACHE, default_cache_dir())  # what inductor writes there itself
+    assert compiling.cache_dir() == tmp_path / "sonic_rt" / "inductor"
+    monkeypatch.setenv(compiling.ENV_CACHE, str(tmp_path / "mine"))
+    assert compiling.cache_dir() == tmp_path / "mine"
