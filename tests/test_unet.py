@@ -249,3 +249,30 @@ def test_sdpa_skips_zero_mask_queries_on_cpu_with_bit_identical_output(unet, box
         poisoned[:, outside.nonzero()[0, 0]] = float("nan")
         out = attn(poisoned, encoder_hidden_states=clip)
         assert not out.isnan().any()  # the full path would give NaN there (NaN * 0)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("shape", [(768, 25, 32), (75, 256, 32), (2, 7, 32)])
+def test_split_geglu_is_diffusers_geglu_up_to_summation_order_and_reference_runs_diffusers_own(unet, shape):
+    """Every GEGLU of the UNet computes its two halves as two matmuls outside the REFERENCE structure (same
+    parameters; tolerance 1e-6 abs + rel on values of magnitude ~1), and runs diffusers' own forward, bit for bit,
+    in the REFERENCE structure (the official structure, which the eager baseline uses)."""
+    from diffusers.models.activations import GEGLU
+
+    from sonic_rt.models.unet import SplitGEGLU
+
+    gegs = [m for m in unet.unet.modules() if isinstance(m, GEGLU)]
+    assert gegs and all(type(m) is SplitGEGLU for m in gegs)
+    geglu = gegs[0]
+    x = torch.randn(*shape[:-1], geglu.proj.in_features, generator=torch.Generator().manual_seed(12))
+    official = GEGLU.forward(geglu, x)
+    cond = unet.conditioning
+    try:
+        cond.attention = AudioAttention.REFERENCE
+        assert torch.equal(geglu(x), official)
+        cond.attention = AudioAttention.SDPA
+        split = geglu(x)
+    finally:
+        cond.attention = AudioAttention.REFERENCE
+    assert split.shape == official.shape == (*shape[:-1], geglu.proj.out_features // 2)
+    torch.testing.assert_close(split, official, rtol=1e-6, atol=1e-6)

@@ -21,16 +21,28 @@ from torch import nn
 MIN_ROWS = 256  # small-M matmuls are padded up to this many rows (checked sufficient by tests/test_scheduler.py)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear`` whose CPU matmul never takes MKL's small-M path (padded to :data:`MIN_ROWS` rows there).
+
+    Args:
+        x: ``[..., in]``; weight: ``[out, in]``; bias: ``[out]`` or None.
+
+    Returns:
+        ``[..., out]``, each row computed the same way whatever the number of rows.
+    """
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if rows >= MIN_ROWS or rows == 0 or x.device.type != "cpu" or torch.jit.is_tracing():
+        return F.linear(x, weight, bias)
+    flat = x.reshape(rows, x.shape[-1])
+    padded = torch.cat([flat, flat.new_zeros(MIN_ROWS - rows, flat.shape[1])])
+    return F.linear(padded, weight, bias)[:rows].reshape(*x.shape[:-1], weight.shape[0])
+
+
 class BatchInvariantLinear(nn.Linear):
     """``nn.Linear`` (same parameters and state-dict keys) whose CPU matmuls never take MKL's small-M path."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        if rows >= MIN_ROWS or rows == 0 or x.device.type != "cpu" or torch.jit.is_tracing():
-            return F.linear(x, self.weight, self.bias)
-        flat = x.reshape(rows, x.shape[-1])
-        padded = torch.cat([flat, flat.new_zeros(MIN_ROWS - rows, flat.shape[1])])
-        return F.linear(padded, self.weight, self.bias)[:rows].reshape(*x.shape[:-1], self.out_features)
+        return linear(x, self.weight, self.bias)
 
 
 def make_batch_invariant(module: nn.Module) -> nn.Module:
