@@ -4,13 +4,17 @@ One portrait photo plus a speech recording in, a lip-synced talking-head video o
 
     import sonic_rt
     rt = sonic_rt.Runtime("checkpoints")            # the official Sonic checkpoint layout
-    result = rt.animate("face.png", "speech.wav", "out.mp4")
+    result = rt.animate("face.png", "speech.wav", "out.mp4")           # the official defaults
+    result = rt.animate("face.png", "speech.wav", "out.mp4", steps=10)  # any AnimateOptions field by name
+
+:class:`AnimateOptions` lists every option with its default, unit and source (``AnimateOptions.describe()``).
 """
 
 from .errors import (AudioError, CheckpointError, FaceNotFoundError, ImageError, InputError, OutputPathError,
                      SonicError)
+from .pipeline.options import AnimateOptions
 from .runtime import AnimateResult, Runtime
 
-__all__ = ["Runtime", "AnimateResult", "SonicError", "InputError", "ImageError", "AudioError", "FaceNotFoundError",
-           "OutputPathError", "CheckpointError"]
+__all__ = ["Runtime", "AnimateResult", "AnimateOptions", "SonicError", "InputError", "ImageError", "AudioError",
+           "FaceNotFoundError", "OutputPathError", "CheckpointError"]
 __version__ = "0.1.0"

@@ -14,13 +14,19 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from .pipeline.options import AnimateOptions
+
 if TYPE_CHECKING:
     from .scheduler import WindowScheduler
 
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """Sampling settings; defaults are official ``config/inference/sonic.yaml`` values.
+    """The sampler's settings; defaults are official ``config/inference/sonic.yaml`` values.
+
+    ``steps``, ``frames_per_window`` and ``shift_offset`` are user options: their defaults are those of
+    :class:`~sonic_rt.pipeline.options.AnimateOptions` (one home), and ``Runtime.animate`` builds this object
+    from the options. The rest are model constants.
 
     Attributes:
         steps: ``num_inference_steps`` (25).
@@ -29,11 +35,14 @@ class SamplingConfig:
         image_guidance_scale: g1 = ``min/max_appearance_guidance_scale`` (2.0).
         audio_guidance_scale: g2 = ``audio_guidance_scale`` (7.5).
         fps: UNet fps conditioning, first ``added_time_id`` (12.5; not decremented).
+
+    Raises:
+        ValueError: ``steps`` or ``frames_per_window`` < 1, or ``shift_offset`` < 0.
     """
 
-    steps: int = 25
-    frames_per_window: int = 25
-    shift_offset: int = 7
+    steps: int = AnimateOptions.steps
+    frames_per_window: int = AnimateOptions.frames_per_window
+    shift_offset: int = AnimateOptions.shift_offset
     image_guidance_scale: float = 2.0
     audio_guidance_scale: float = 7.5
     fps: float = 12.5
