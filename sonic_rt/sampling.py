@@ -90,6 +90,16 @@ def window_indices(num_frames: int, frames_per_window: int, step: int, shift_off
             for s in window_starts(num_frames, frames_per_window, step, shift_offset)]
 
 
+def step_window_indices(num_frames: int, frames_per_window: int, step: int, shift_offset: int,
+                        device: torch.device | str = "cpu") -> torch.Tensor:
+    """:func:`window_indices` as one int64 tensor ``[windows, T]`` computed on ``device`` by device kernels
+    (``arange`` and ``remainder``, which is Python's modulo for the negative shifted starts), without a
+    host-to-device copy. Row j is window j; the values equal :func:`window_indices`."""
+    starts = torch.arange(0, num_frames, frames_per_window, device=device) - step * shift_offset  # [W]
+    offsets = torch.arange(frames_per_window, device=device)  # [T]
+    return torch.remainder(starts[:, None] + offsets[None, :], num_frames)
+
+
 def euler_v_step(v: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
     """One Euler step of a v-prediction model, operation for operation as diffusers
     ``EulerDiscreteScheduler.step`` computes it (no churn, so ``sigma_hat == sigma``).
@@ -125,8 +135,8 @@ class Window:
 
     Attributes:
         step: denoising step index i.
-        index: frame indices [T] (long tensor on the latents' device).
-        timestep: 0-dim UNet timestep.
+        index: frame indices [T] (int64 on the latents' device: a row of :func:`step_window_indices`).
+        timestep: 0-dim float32 UNet timestep on the latents' device.
         sigma, sigma_next: the step's (sigma_i, sigma_{i+1}), 0-dim float32 CPU tensors (diffusers computes the
             step's coefficients from fp32 tensors; a 0-dim CPU tensor combines with device tensors without a copy).
     """
@@ -166,11 +176,15 @@ def sample(latents: torch.Tensor, sigmas: torch.Tensor, timesteps: torch.Tensor,
     num_frames = latents.shape[1]
     device = latents.device
     steps = len(timesteps)
+    # Built on the device once per run (one copy of the timesteps, index arithmetic by device kernels), so that
+    # no step blocks the host on a host-to-device copy (on CUDA a pageable copy synchronises).
+    device_timesteps = timesteps.to(device, non_blocking=True)  # staged before return; no host sync
     for i in range(steps):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        windows = [Window(step=i, index=torch.tensor(idx, device=device), timestep=timesteps[i].to(device),
-                          sigma=sigma, sigma_next=sigma_next)
-                   for idx in window_indices(num_frames, config.frames_per_window, i, config.shift_offset)]
+        step_index = step_window_indices(num_frames, config.frames_per_window, i, config.shift_offset, device)
+        windows = [Window(step=i, index=step_index[j], timestep=device_timesteps[i], sigma=sigma,
+                          sigma_next=sigma_next)
+                   for j in range(step_index.shape[0])]
         count = torch.zeros(1, num_frames, 1, 1, 1, dtype=latents.dtype, device=device)
         for window in windows:
             count.index_add_(1, window.index, count.new_ones(1, len(window.index), 1, 1, 1))
