@@ -16,12 +16,15 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Union
 
-import av
 import numpy as np
-import soxr
 from PIL import Image, ImageOps
 
+from ._lazy import LazyModule
 from .errors import AudioError, ImageError, InputError, OutputPathError
+
+# Imported on first use: the models and the sampler run where PyAV / soxr are not installed (sonic_rt/_lazy.py).
+av = LazyModule("av", "av")
+soxr = LazyModule("soxr", "soxr")
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -39,8 +42,16 @@ MAX_AUDIO_SAMPLE_RATE: int = 768_000
 #: the channel mean and the resampler, and poison every feature computed from it.
 MAX_SAMPLE_MAGNITUDE: float = 1e6
 
-# Sample rates the FFmpeg AAC encoder accepts (Hz); other rates are resampled to 48000.
-_AAC_RATES = frozenset(av.Codec("aac", "w").audio_rates or ())
+
+def _aac_rates() -> frozenset[int]:
+    """Sample rates the FFmpeg AAC encoder accepts (Hz); other rates are resampled to 48000."""
+    global _AAC_RATES
+    if _AAC_RATES is None:
+        _AAC_RATES = frozenset(av.Codec("aac", "w").audio_rates or ())
+    return _AAC_RATES
+
+
+_AAC_RATES: frozenset[int] | None = None
 _AAC_FRAME_SIZE = 1024  # samples per AAC frame
 
 
@@ -441,7 +452,7 @@ class VideoWriter:
             self._video = v
             self._audio = None
             if audio_info is not None:
-                out_rate = audio_info.sample_rate if audio_info.sample_rate in _AAC_RATES else 48000
+                out_rate = audio_info.sample_rate if audio_info.sample_rate in _aac_rates() else 48000
                 layout = "mono" if audio_info.channels == 1 else "stereo"
                 a = self._container.add_stream("aac", rate=out_rate, layout=layout)
                 a.time_base = Fraction(1, out_rate)
