@@ -242,6 +242,8 @@ def test_chunked_equals_all_at_once(photo):
     paste = PasteBack(photo, CROP, GEN)
     parts = [paste(frames[a:b]) for a, b in ((0, 1), (1, 9), (9, 12), (12, 21))]
     np.testing.assert_array_equal(np.concatenate(parts), whole)
+    reuse = PasteBack(photo, CROP, GEN, reuse_output=True)  # views of one buffer: copy before the next call
+    np.testing.assert_array_equal(np.concatenate([reuse(frames[a:b]).copy() for a, b in ((0, 5), (5, 21))]), whole)
     # uint8 frames give the same picture as the same values in float
     as_u8 = (frames * 255).round().to(torch.uint8)
     np.testing.assert_array_equal(PasteBack(photo, CROP, GEN)(as_u8),
@@ -257,17 +259,22 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * 4096 / 2**20
 
 
-def test_long_sequence_holds_no_per_frame_state(photo):
-    paste = PasteBack(photo, CROP, GEN)
+@pytest.mark.parametrize("reuse_output", [False, True])
+def test_long_sequence_holds_no_per_frame_state(photo, reuse_output):
+    paste = PasteBack(photo, CROP, GEN, reuse_output=reuse_output)
     chunk = crop_as_generated(photo).float().div(255).expand(16, -1, -1, -1).contiguous()  # the runtime's 16
-    paste(chunk)
-    state, colour, rss = _tensor_state(paste), paste.colour_transform, _rss_mb()
-    for _ in range(20):  # 320 frames
-        out = paste(chunk)
-    assert _tensor_state(paste) == state and paste.colour_transform == colour
-    assert len(vars(paste)) == len(vars(PasteBack(photo, CROP, GEN)))
-    assert _rss_mb() - rss < 64, "RSS grew while compositing chunk after chunk"
-    assert out.shape == (16, 700, 1000, 3)
+    fields = len(vars(paste))
+    rss = []
+    for i in range(16):  # 240 frames: 16, 15, 14, 16, ... (shorter chunks, as at the end of a video)
+        out = paste(chunk[: 16 - i % 3])
+        if i == 0:
+            state, colour = _tensor_state(paste), paste.colour_transform
+        rss.append(_rss_mb())
+    assert _tensor_state(paste) == state and paste.colour_transform == colour and len(vars(paste)) == fields
+    # RSS reaches a plateau (the allocator keeps freed blocks); one kept 15-frame chunk per call would add
+    # 31 MB per call, 300 MB over the last ten
+    assert rss[-1] - rss[5] < 48, f"RSS grew while compositing chunk after chunk: {rss}"
+    assert out.shape == (16 - 15 % 3, 700, 1000, 3)
 
 
 def test_from_reference_maps_the_real_crop_back(photo):
@@ -303,4 +310,5 @@ def test_cuda_matches_cpu(photo):
     frames = crop_as_generated(photo, cast=(12, 0, -9)).float().div(255).expand(5, -1, -1, -1).contiguous()
     cpu = PasteBack(photo, CROP, GEN)(frames)
     gpu = PasteBack(photo, CROP, GEN, device="cuda")(frames.cuda())
-    assert np.abs(cpu.astype(int) - gpu.astype(int)).max() <= 1
+    diff = np.abs(cpu.astype(int) - gpu.astype(int))  # the CPU rounds frames to uint8 before the resize
+    assert diff.max() <= 2 and diff.mean() < 0.3
