@@ -37,7 +37,10 @@ from sonic_rt import media
 from sonic_rt.audio_features import (AUDIO_FRAMES_PER_FRAME, BUCKET_OFFSET, BUCKET_PAD, BUCKET_SCALE, BUCKET_WINDOW,
                                      SAMPLE_RATE, TOKEN_PAD, TOKEN_WINDOW, TOKENS_PER_FRAME, WHISPER_CHUNK_SAMPLES)
 from sonic_rt.errors import InputError
-from sonic_rt.runtime import DEFAULT_SEED, OUTPUT_FPS, AnimateResult, Runtime, _Timer, _to_uint8
+from sonic_rt.pipeline.options import AnimateOptions
+from sonic_rt.pipeline.output import audio_for_mux, output_fps, to_uint8
+from sonic_rt.pipeline.timing import StageTimer
+from sonic_rt.runtime import AnimateResult, Runtime
 from sonic_rt.sampling import combine_guidance, euler_v_step, initial_noise, karras_schedule, window_indices
 
 MEL_FRAMES_PER_CHUNK = 3000  # Whisper input frames per 30 s (official encoder window)
@@ -72,32 +75,31 @@ class EagerPipeline:
         self.rife = g.rife.module.rife                              # IFNet, fp32
 
     @torch.inference_mode()
-    def animate(self, image, audio, out: str | os.PathLike | None = None, *, steps: int = 25,
-                seed: int = DEFAULT_SEED, dynamic_scale: float = 1.0, shift_offset: int = 7,
-                frames_per_window: int = 25, min_resolution: int | None = None, interpolate: bool = True,
-                face_box=None, crop: bool = True, progress: bool = True,
-                return_frames: bool = False) -> AnimateResult:
-        """Animate like :meth:`sonic_rt.Runtime.animate` (same arguments and result), the official way.
+    def animate(self, image, audio, out: str | os.PathLike | None = None, options: AnimateOptions | None = None,
+                **overrides) -> AnimateResult:
+        """Animate like :meth:`sonic_rt.Runtime.animate` (same options, defaults and result), the official way.
 
-        ``timings`` has the runtime's stages (:data:`sonic_rt.runtime.STAGES`), each covering the official
-        work of that stage (e.g. ``audio_features`` holds both Whisper calls, ``decode`` the whole-video
-        decode and its CPU copies).
+        ``options`` and ``**overrides`` are those of the runtime (:class:`sonic_rt.AnimateOptions`); there is
+        no ``latents`` or ``events``. ``timings`` has the runtime's stages (:data:`sonic_rt.pipeline.timing.STAGES`),
+        each covering the official work of that stage (e.g. ``audio_features`` holds both Whisper calls,
+        ``decode`` the whole-video decode and its CPU copies).
 
         Raises:
+            TypeError: an override that is not an option.
             ImageError, AudioError, FaceNotFoundError, OutputPathError, InputError: bad input, before any
             model runs; no output file is left behind.
         """
         from tqdm.auto import tqdm
 
+        options = AnimateOptions.resolve(options, overrides, "EagerPipeline.animate()")
+        seed, dynamic_scale, interpolate = options.seed, options.dynamic_scale, options.interpolate
         device, dtype, cfg = self.device, self.dtype, self.config
-        timer = _Timer(device)
+        timer = StageTimer(device)
         t_start = time.perf_counter()
 
         # 1. Inputs, face crop and reference tensors (the runtime's own checks: same errors)
         with timer.stage("preprocess"):
-            prepared = self.runtime.prepare(image, audio, out, steps=steps, frames_per_window=frames_per_window,
-                                            shift_offset=shift_offset, dynamic_scale=dynamic_scale,
-                                            min_resolution=min_resolution, face_box=face_box, crop=crop)
+            prepared = self.runtime.check_inputs(image, audio, out, options)
             config, out_path, samples = prepared.config, prepared.out_path, prepared.samples
             audio_frames, num_frames, reference = prepared.audio_frames, prepared.num_frames, prepared.reference
             width, height = reference.size
@@ -146,7 +148,7 @@ class EagerPipeline:
             face_mask = reference.face_mask.to(device, dtype)  # [1, 1, H, W]
 
         # 5. Initial latents (scheduler.add_noise at sigma_max), then the windows one after another
-        sigmas, timesteps = karras_schedule(self.runtime.scheduler_config, config.steps)
+        sigmas, timesteps = karras_schedule(self.runtime.noise_schedule_config, config.steps)
         latent_shape = (1, num_frames, cfg.latent_channels, height // cfg.vae_scale_factor,
                         width // cfg.vae_scale_factor)
         noise = initial_noise(seed, tuple(reference.ref_img.shape), latent_shape, device, dtype)
@@ -154,7 +156,7 @@ class EagerPipeline:
         with timer.stage("denoise"):
             windows_per_step = len(window_indices(num_frames, config.frames_per_window, 0, config.shift_offset))
             bar = tqdm(total=config.steps * windows_per_step, desc="eager denoising", unit="window",
-                       disable=not progress, dynamic_ncols=True)
+                       disable=not options.progress, dynamic_ncols=True)
             with bar:
                 for i in range(config.steps):
                     sigma, sigma_next = sigmas[i], sigmas[i + 1]  # fp32 0-dim tensors, as diffusers
@@ -185,7 +187,7 @@ class EagerPipeline:
                 decoded.append(self.vae.decode(z, num_frames=len(z)).sample.cpu().float())
             video = (torch.cat(decoded) * 0.5 + 0.5).clamp(0, 1)  # [N, 3, H, W] fp32 on the CPU
             del decoded
-            generated = _to_uint8(video) if (return_frames or out_path is None) else None
+            generated = to_uint8(video) if (options.return_frames or out_path is None) else None
 
         # 7. RIFE: the whole video back on the device, one pair at a time, the results stacked
         if interpolate:
@@ -199,14 +201,14 @@ class EagerPipeline:
                 del frames
 
         # 8. Encode the whole video at once (uint8 truncation), audio muxed
-        fps = OUTPUT_FPS if interpolate else OUTPUT_FPS / 2
+        fps = output_fps(interpolate)
         num_out = len(video)
         if out_path is not None:
             with timer.stage("encode"), ExitStack() as stack:
                 writer = stack.enter_context(media.VideoWriter(
                     out_path, fps=fps, width=width, height=height,
-                    audio=Runtime._audio_for_mux(audio, samples, stack)))
-                writer.write(_to_uint8(video))
+                    audio=audio_for_mux(audio, samples, stack)))
+                writer.write(to_uint8(video))
         timer.add("total", time.perf_counter() - t_start)
         return AnimateResult(path=out_path, fps=float(fps), num_frames=num_out, num_generated_frames=num_frames,
                              width=width, height=height, timings=timer.ordered(), frames=generated, seed=seed,

@@ -56,20 +56,20 @@ class SamplingConfig:
             raise ValueError(f"shift_offset must be >= 0, got {self.shift_offset}")
 
 
-def karras_schedule(scheduler_config: dict, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+def karras_schedule(noise_schedule_config: dict, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Sigmas and UNet timesteps of the SVD-xt ``EulerDiscreteScheduler`` for ``steps`` steps.
 
-    Uses diffusers' own scheduler on the official ``scheduler_config.json`` (Karras, rho 7, sigma_min 0.002,
-    sigma_max 700, continuous timesteps ``0.25 * ln(sigma)``).
+    Uses diffusers' own scheduler on ``noise_schedule_config``, the official ``scheduler_config.json``
+    (Karras, rho 7, sigma_min 0.002, sigma_max 700, continuous timesteps ``0.25 * ln(sigma)``).
 
     Returns:
         sigmas [steps + 1] float32 (last is 0), timesteps [steps] float32.
     """
     from diffusers import EulerDiscreteScheduler
 
-    scheduler = EulerDiscreteScheduler.from_config(scheduler_config)
-    scheduler.set_timesteps(steps, device="cpu")
-    return scheduler.sigmas.to(torch.float32), scheduler.timesteps.to(torch.float32)
+    noise_scheduler = EulerDiscreteScheduler.from_config(noise_schedule_config)
+    noise_scheduler.set_timesteps(steps, device="cpu")
+    return noise_scheduler.sigmas.to(torch.float32), noise_scheduler.timesteps.to(torch.float32)
 
 
 def window_starts(num_frames: int, frames_per_window: int, step: int, shift_offset: int) -> list[int]:

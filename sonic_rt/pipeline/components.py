@@ -1,0 +1,201 @@
+"""Loading: a weights directory or an engine directory -> one :class:`Components` object.
+
+Both kinds of directory end in the same object (the eight graphs behind one interface, the Whisper feature
+extractor, diffusers' noise-schedule config, the face detector), so nothing after loading asks which
+backend runs the graphs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..backends import Graphs
+from ..errors import InputError
+from ..face import load_face_detector
+from ..manifest import is_engine_dir, open_engine_dir
+from .options import DEFAULT_MIN_RESOLUTION
+
+
+@dataclass
+class Components:
+    """Everything the pipeline runs, loaded once.
+
+    Attributes:
+        graphs: the eight graphs (:class:`~sonic_rt.backends.Graphs`: Whisper encoder, CLIP, VAE encoder,
+            audio2token, audio2bucket, UNet, VAE decoder, RIFE) on one backend.
+        device: the working device.
+        feature_extractor: ``transformers.WhisperFeatureExtractor`` (80 mel bins, 3000 frames per 30 s).
+        noise_schedule_config: diffusers' ``EulerDiscreteScheduler`` config (the checkpoint's
+            ``scheduler/scheduler_config.json``: Karras sigmas, v-prediction); not the window scheduler
+            (:mod:`sonic_rt.scheduler`).
+        face_detector: YOLOv5-face when ``yoloface_v5m.pt`` is present, else the OpenCV Haar fallback.
+        source: the loaded directory (absolute).
+        demo: the demo checkpoint's marker (``random_weights``, ``min_resolution``), or None.
+    """
+
+    graphs: Graphs
+    device: torch.device
+    feature_extractor: Any
+    noise_schedule_config: dict[str, Any]
+    face_detector: Any
+    source: Path
+    demo: dict[str, Any] | None
+
+    @property
+    def backend(self) -> str:
+        """The backend's registry name: "torch", "onnxruntime" or "tensorrt"."""
+        return self.graphs.backend.name
+
+    @property
+    def attention(self) -> str:
+        """The torch backend's audio-attention implementation ("reference", "sdpa", "triton"), or "engine"."""
+        module = getattr(self.graphs.unet, "module", None)
+        return module.attention.value if module is not None else "engine"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The working dtype of the latents (the UNet's first input; official: fp16)."""
+        return self.graphs.unet.spec.inputs[0].torch_dtype
+
+    @property
+    def is_demo(self) -> bool:
+        """Whether these are the random-weight demo checkpoint's graphs."""
+        return bool(self.demo and self.demo.get("random_weights"))
+
+    @property
+    def default_min_resolution(self) -> int:
+        """Short side in pixels when ``min_resolution`` is None: 512, or the demo checkpoint's own."""
+        return int(self.demo["min_resolution"]) if self.is_demo else DEFAULT_MIN_RESOLUTION
+
+    def check_batching(self, windows_per_call: int) -> None:
+        """The UNet graph must take a batch of 3 x ``windows_per_call`` (engines are built for a range).
+
+        Raises:
+            InputError: the engines were built for fewer or more windows per call (says how to rebuild).
+        """
+        batch = self.graphs.unet.spec.dims["batch"]
+        if self.graphs.backend.is_exported and not batch.min <= 3 * windows_per_call <= batch.max:
+            raise InputError(f"the engines in {self.source} take {batch.min // 3}..{batch.max // 3} windows per UNet "
+                             f"call, {windows_per_call} were asked for; rebuild them with --windows "
+                             f"1:{windows_per_call}:{windows_per_call} (python -m export.build_engines)")
+
+    def check_shapes(self, width: int, height: int, frames_per_window: int) -> None:
+        """Engines with optimisation profiles (TensorRT) accept only the shapes they were built for: say so
+        before any model runs.
+
+        Args:
+            width, height: the generated video's size in pixels; frames_per_window: the window length T.
+
+        Raises:
+            InputError: a size or window length outside the built range (says how to rebuild).
+        """
+        unet = self.graphs.unet
+        if not unet.check_ranges:
+            return
+        factor = self.graphs.config.vae_scale_factor
+        for dim, value in (("height", height // factor), ("width", width // factor), ("frames", frames_per_window)):
+            rng = unet.spec.dims[dim]
+            if not rng.min <= value <= rng.max:
+                unit = "frames" if dim == "frames" else "pixels"
+                scale = 1 if dim == "frames" else factor
+                raise InputError(f"the engines in {self.source} take a {dim} of {rng.min * scale}..{rng.max * scale} "
+                                 f"{unit}, this video needs {value * scale}; rebuild them with a wider range "
+                                 "(python -m export.build_engines --resolution/--frames)")
+
+
+def load_components(model_dir: str | os.PathLike, device: str | torch.device | None = None,
+                    dtype: str | torch.dtype | None = None, *, trust_pickle: bool = False,
+                    providers: list[str] | None = None, attention: str | None = None,
+                    compile: bool = False) -> Components:
+    """Load a weights directory (torch backend) or an engine directory (the backend its manifest names).
+
+    Args: as :class:`sonic_rt.Runtime`.
+
+    Raises:
+        CheckpointError, EngineError, BackendUnavailableError, InputError: as :class:`sonic_rt.Runtime`.
+    """
+    if is_engine_dir(model_dir):
+        if attention not in (None, "auto"):
+            raise InputError(f"attention={attention!r} applies to the torch backend; {model_dir} holds exported "
+                             "engines, which keep standard ops")
+        if compile:
+            raise InputError(f"compile=True applies to the torch backend; {model_dir} holds exported engines, "
+                             "which their own runtime optimises")
+        return _load_engines(model_dir, device, dtype, providers)
+    return _load_weights(model_dir, device, dtype, trust_pickle, attention, compile)
+
+
+def _load_engines(model_dir, device, dtype, providers) -> Components:
+    requested = parse_dtype(dtype)
+    precision = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(requested)
+    engine = open_engine_dir(model_dir, default_device(device) if device is not None else None, precision,
+                             providers)
+    return Components(graphs=engine.graphs, device=engine.graphs.unet.device,
+                      feature_extractor=engine.feature_extractor(), noise_schedule_config=engine.scheduler_config,
+                      face_detector=load_face_detector(engine.root), source=engine.root, demo=engine.demo)
+
+
+def _load_weights(model_dir, device, dtype, trust_pickle, attention, compile) -> Components:
+    from ..attention import resolve_attention
+    from ..backends.torch_backend import TorchBackend
+    from ..checkpoint import resolve_model_dir
+    from ..loading import load_models
+
+    device = default_device(device)
+    paths = resolve_model_dir(model_dir)
+    models = load_models(paths, device, default_dtype(dtype, device), trust_pickle=trust_pickle)
+    models.unet.attention = resolve_attention(attention, device, models.unet.head_dims)
+    graphs = TorchBackend.from_models(models)
+    if compile:
+        graphs.unet.compile("UNet")  # says why and stays eager where compiling cannot work
+    demo = json.loads(paths.demo_marker.read_text()) if paths.demo_marker else None
+    return Components(graphs=graphs, device=device, feature_extractor=models.feature_extractor,
+                      noise_schedule_config=models.scheduler_config, face_detector=load_face_detector(paths.root),
+                      source=paths.root, demo=demo)
+
+
+def default_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as a ``torch.device``; None: CUDA when available, else the CPU.
+
+    Raises:
+        InputError: CUDA was asked for and this machine or torch build has none.
+    """
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("device 'cuda' requested but no CUDA GPU is available (this torch build: "
+                         f"{torch.__version__})")
+    return device
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """``"fp16"``/``"float16"``, ``"bf16"``/``"bfloat16"``, ``"fp32"``/``"float32"`` or a torch dtype -> the
+    torch dtype (None stays None).
+
+    Raises:
+        InputError: an unknown name.
+    """
+    if isinstance(dtype, str):
+        names = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16,
+                 "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
+        if dtype not in names:
+            raise InputError(f"unknown dtype {dtype!r}; use one of {', '.join(names)}")
+        dtype = names[dtype]
+    return dtype
+
+
+def default_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """The weights' dtype: ``dtype``, or fp16 on CUDA (official) and fp32 on the CPU when None."""
+    if dtype is None:
+        return torch.float16 if device.type == "cuda" else torch.float32  # official: fp16 on GPU
+    return parse_dtype(dtype)
+
+
+__all__ = ["Components", "load_components", "default_device", "parse_dtype", "default_dtype"]
