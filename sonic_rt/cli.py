@@ -7,6 +7,7 @@ and leaves no partial output.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import signal
 import sys
 from pathlib import Path
@@ -33,16 +34,7 @@ def _add_animate(sub) -> None:
     p.add_argument("--image", required=True, help="portrait image (PNG, JPEG, WebP; RGB, grey or RGBA)")
     p.add_argument("--audio", required=True, help="speech audio (wav, mp3, m4a, flac, or a video's audio track)")
     p.add_argument("--out", required=True, help="output .mp4 (written atomically)")
-    p.add_argument("--steps", type=int, default=25, help="denoising steps")
-    p.add_argument("--seed", type=int, default=72589, help="seed of the initial noise (official default)")
-    p.add_argument("--dynamic-scale", type=float, default=1.0, help="motion strength (gradio range 0.5-2.0)")
-    p.add_argument("--shift-offset", type=int, default=7, help="window shift per step, frames")
-    p.add_argument("--frames-per-window", type=int, default=25, help="window length, frames at 12.5 fps")
-    p.add_argument("--min-resolution", type=int, default=None,
-                   help="short side of the video in pixels (default 512; 128 for the demo checkpoint)")
-    p.add_argument("--no-interpolate", action="store_true", help="skip RIFE: N frames at 12.5 fps")
-    p.add_argument("--face-box", default=None, metavar="X,Y,W,H", help="face box in image pixels (skips detection)")
-    p.add_argument("--no-crop", action="store_true", help="use the whole image instead of a square face crop")
+    add_option_flags(p)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=["fp16", "bf16", "fp32"],
                    help="UNet/VAE/CLIP dtype (default: fp16 on cuda, fp32 on cpu; an engine directory's own precision)")
@@ -62,11 +54,46 @@ def _add_animate(sub) -> None:
                         "CPU). Under torchrun the windows are also sharded over the ranks; rank 0 writes")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow checkpoint pickles that need arbitrary code (only for files you trust)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """CLI entry point; returns the exit code (0 ok, 2 bad input or checkpoint, 130 interrupted)."""
+_TYPES = {"int": int, "float": float, "str": str}
+
+
+def add_option_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per :class:`~sonic_rt.pipeline.options.AnimateOptions` field that has one: the name, type,
+    default and help (with unit and source) come from the field. A bool option is a switch that sets the
+    opposite of its default (``--no-interpolate``, ``--no-crop``, ``--quiet``); left out, the option keeps
+    its default."""
+    from .pipeline.options import AnimateOptions, cli_flag
+
+    for f in dataclasses.fields(AnimateOptions):
+        flag = cli_flag(f)
+        if flag is None:
+            continue
+        meta = f.metadata
+        notes = [f"unit: {meta['unit']}" if meta["unit"] else None,
+                 f"official: {meta['source']}" if meta["source"] else None]
+        help_text = meta["flag_help"] + "".join(f"; {n}" for n in notes if n)
+        if f.type == "bool":
+            parser.add_argument(flag, dest=f.name, action="store_false" if f.default else "store_true",
+                                default=argparse.SUPPRESS, help=help_text)
+        else:
+            kind = _TYPES.get(f.type.removesuffix(" | None"), str)
+            parser.add_argument(flag, dest=f.name, type=kind, default=f.default, metavar=meta["metavar"],
+                                help=help_text)
+
+
+def options_from_args(args: argparse.Namespace):
+    """The :class:`~sonic_rt.pipeline.options.AnimateOptions` of parsed ``animate`` arguments (defaults for
+    the options without a flag or not given)."""
+    from .pipeline.options import AnimateOptions
+
+    return AnimateOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(AnimateOptions)
+                             if hasattr(args, f.name)})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``sonic-rt`` argument parser (``animate``, ``demo-model``, ``convert``)."""
     parser = argparse.ArgumentParser(prog="sonic-rt", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -77,7 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     conv = sub.add_parser("convert", help="rewrite the official .pth/.pkl checkpoints as .safetensors")
     conv.add_argument("--model", required=True, type=Path, help="official-layout checkpoint directory")
     conv.add_argument("--trust-pickle", action="store_true", help="allow pickles that need arbitrary code")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; returns the exit code (0 ok, 2 bad input or checkpoint, 130 interrupted)."""
+    args = build_parser().parse_args(argv)
 
     from .errors import SonicError
 
@@ -134,7 +166,9 @@ def _animate(args) -> int:
     media.check_output_path(args.out)
     media.load_image(args.image)
     media.probe_audio(args.audio)
-    face_box = FaceBox.from_user(args.face_box) if args.face_box is not None else None
+    options = options_from_args(args)
+    if options.face_box is not None:
+        options = dataclasses.replace(options, face_box=FaceBox.from_user(options.face_box))
     if args.demo:
         from .demo import ensure_demo_model
 
@@ -148,12 +182,8 @@ def _animate(args) -> int:
     runtime = Runtime(model_dir, device=args.device, dtype=args.dtype, trust_pickle=args.trust_pickle,
                       attention=args.attention, compile=args.compile,
                       scheduler=SchedulerConfig(windows_per_call=args.windows_per_call, lanes=args.lanes))
-    quiet = args.quiet or runtime.distributed.rank != 0
-    result = runtime.animate(args.image, args.audio, args.out, steps=args.steps, seed=args.seed,
-                             dynamic_scale=args.dynamic_scale, shift_offset=args.shift_offset,
-                             frames_per_window=args.frames_per_window, min_resolution=args.min_resolution,
-                             interpolate=not args.no_interpolate, face_box=face_box, crop=not args.no_crop,
-                             progress=not quiet)
+    progress = options.progress and runtime.distributed.rank == 0  # rank 0 reports
+    result = runtime.animate(args.image, args.audio, args.out, options, progress=progress)
     runtime.close()
     if runtime.distributed.rank != 0:
         return 0  # rank 0 reports and writes
