@@ -23,6 +23,7 @@ import torch
 
 from sonic_rt.errors import BackendUnavailableError, EngineError
 from sonic_rt.graphs import GraphSpec, Precision
+from sonic_rt.graphs.spec import tensorrt_dtype_names
 
 INSTALL = ("TensorRT 10 with its Python bindings: pip install 'sonic_rt[tensorrt]' where NVIDIA's package index "
            "is reachable (the PyPI 'tensorrt' package downloads the libraries from there), or NVIDIA's TensorRT "
@@ -67,8 +68,7 @@ def _write_atomic(path: Path, data) -> None:
 
 def _check_network(trt, network, spec: GraphSpec, onnx_path: Path) -> None:
     """The parsed network's inputs and outputs must be the spec's (names and dtypes)."""
-    dtypes = {trt.DataType.FLOAT: "float32", trt.DataType.HALF: "float16", trt.DataType.BF16: "bfloat16",
-              trt.DataType.INT64: "int64", trt.DataType.INT32: "int32", trt.DataType.BOOL: "bool"}
+    dtypes = tensorrt_dtype_names(trt)
     got = {}
     for count, get in ((network.num_inputs, network.get_input), (network.num_outputs, network.get_output)):
         for i in range(count):

@@ -112,3 +112,26 @@ def test_bad_ranges_and_options_are_refused():
         ShapeOptions(resolution=DimRange(500, 512, 512))
     with pytest.raises(ValueError, match="has no range"):
         GraphSpec("g", (TensorSpec("x", ("n",), "float32"),), (), {})
+
+
+@pytest.mark.parametrize("value, want", [
+    ("fp16", Precision.FP16), ("float16", Precision.FP16), (torch.float16, Precision.FP16),
+    ("bf16", Precision.BF16), ("bfloat16", Precision.BF16), (torch.bfloat16, Precision.BF16),
+    ("fp32", Precision.FP32), ("float32", Precision.FP32), (torch.float32, Precision.FP32),
+    (Precision.FP16, Precision.FP16), (None, None)])
+def test_precision_parses_every_spelling_of_a_dtype(value, want):
+    assert Precision.parse(value) is want
+
+
+def test_precision_owns_the_torch_and_numpy_dtypes_and_names_unknown_ones():
+    import numpy as np
+
+    assert [(p.value, p.dtype, p.torch_dtype) for p in Precision] == [
+        ("fp32", "float32", torch.float32), ("fp16", "float16", torch.float16), ("bf16", "bfloat16", torch.bfloat16)]
+    assert Precision.FP16.numpy_dtype is np.float16 and Precision.FP32.numpy_dtype is np.float32
+    with pytest.raises(ValueError, match="numpy has no bfloat16"):
+        Precision.BF16.numpy_dtype
+    assert all(Precision.from_torch(p.torch_dtype) is p for p in Precision)
+    for bad in ("half", "FP16", torch.int64):
+        with pytest.raises(InputError, match="use one of fp16, float16, bf16, bfloat16, fp32, float32"):
+            Precision.parse(bad)

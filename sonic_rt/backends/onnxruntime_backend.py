@@ -21,9 +21,8 @@ import torch
 
 from ..errors import BackendUnavailableError, EngineError
 from ..graphs import GraphSpec
+from ..graphs.spec import NUMPY_DTYPES
 from . import Backend, Graph
-
-_NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
 
 
 def default_providers(device: torch.device) -> list[str]:
@@ -78,11 +77,11 @@ class OnnxRuntimeGraph(Graph):
         binding = self.session.io_binding()
         index = self.device.index or 0
         for t, x in zip(self.spec.inputs, inputs):
-            binding.bind_input(t.name, "cuda", index, _NUMPY[x.dtype], tuple(x.shape), x.data_ptr())
+            binding.bind_input(t.name, "cuda", index, NUMPY_DTYPES[x.dtype], tuple(x.shape), x.data_ptr())
         outputs = []
         for t, shape in zip(self.spec.outputs, self.spec.output_shapes(values).values()):
             out = torch.empty(shape, dtype=t.torch_dtype, device=self.device)
-            binding.bind_output(t.name, "cuda", index, _NUMPY[out.dtype], shape, out.data_ptr())
+            binding.bind_output(t.name, "cuda", index, NUMPY_DTYPES[out.dtype], shape, out.data_ptr())
             outputs.append(out)
         torch.cuda.current_stream(self.device).synchronize()  # inputs written on torch's stream must be ready
         self.session.run_with_iobinding(binding)

@@ -31,14 +31,14 @@ import torch
 
 from ..errors import BackendUnavailableError, EngineError
 from ..graphs import GraphSpec, Precision
+from ..graphs.spec import tensorrt_dtype_names
 from . import Backend, Graph
 
 LOGGER = trt.Logger(trt.Logger.WARNING)
 REBUILD = "rebuild it with python -m export.build_engines (see --help)"
 
 # TensorRT tensor dtype -> spec dtype name (TensorSpec.dtype)
-_DTYPES = {trt.DataType.FLOAT: "float32", trt.DataType.HALF: "float16", trt.DataType.BF16: "bfloat16",
-           trt.DataType.INT64: "int64", trt.DataType.INT32: "int32", trt.DataType.BOOL: "bool"}
+_DTYPES = tensorrt_dtype_names(trt)
 
 
 def _require_cuda() -> None:

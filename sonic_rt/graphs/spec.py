@@ -20,13 +20,26 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from ..errors import InputError
 
 
+# Element types by name (``TensorSpec.dtype``; the names ONNX and TensorRT tensors are checked against).
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                "int64": torch.int64}
+# torch dtype -> numpy dtype, for host buffers and onnxruntime bindings (numpy has no bfloat16).
+NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
+
+
 class Precision(enum.Enum):
-    """Numeric precision of a graph's float tensors."""
+    """Numeric precision of a graph's float tensors and of the torch backend's weights.
+
+    The one table of precision names: :meth:`parse` reads every spelling users and programs pass (``"fp16"``,
+    ``"float16"``, ``torch.float16``, a ``Precision`` or None), and each member knows its element type name
+    (:attr:`dtype`), its torch dtype and its numpy dtype.
+    """
 
     FP32 = "fp32"
     FP16 = "fp16"
@@ -34,15 +47,66 @@ class Precision(enum.Enum):
 
     @property
     def dtype(self) -> str:
-        return {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[self.value]
+        """The element type name of the float tensors (``TensorSpec.dtype``): float32, float16 or bfloat16."""
+        return _ELEMENT_TYPES[self.value]
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return TORCH_DTYPES[self.dtype]
+
+    @property
+    def numpy_dtype(self) -> type[np.generic]:
+        """The numpy dtype. Raises ValueError for BF16, which numpy has not."""
+        try:
+            return NUMPY_DTYPES[self.torch_dtype]
+        except KeyError:
+            raise ValueError(f"numpy has no {self.dtype} dtype") from None
 
     @classmethod
     def from_torch(cls, dtype: torch.dtype) -> "Precision":
-        return {torch.float32: cls.FP32, torch.float16: cls.FP16, torch.bfloat16: cls.BF16}[dtype]
+        """The precision of a torch float dtype.
+
+        Raises:
+            InputError: another dtype (sonic_rt runs in float32, float16 or bfloat16).
+        """
+        for precision in cls:
+            if precision.torch_dtype == dtype:
+                return precision
+        raise InputError(f"unsupported dtype {dtype}; use one of {', '.join(_names())}")
+
+    @classmethod
+    def parse(cls, value: "str | torch.dtype | Precision | None") -> "Precision | None":
+        """A precision from its name (``"fp16"`` or ``"float16"``, ``"bf16"`` / ``"bfloat16"``, ``"fp32"`` /
+        ``"float32"``), a torch dtype or a ``Precision``; None stays None (the caller's default applies).
+
+        Raises:
+            InputError: an unknown name or dtype; the message lists the names.
+        """
+        if value is None or isinstance(value, cls):
+            return value
+        if isinstance(value, torch.dtype):
+            return cls.from_torch(value)
+        if isinstance(value, str):
+            for precision in cls:
+                if value in (precision.value, precision.dtype):
+                    return precision
+        raise InputError(f"unknown dtype {value!r}; use one of {', '.join(_names())}")
 
 
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-                "int64": torch.int64}
+_ELEMENT_TYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def tensorrt_dtype_names(trt) -> dict[Any, str]:
+    """TensorRT's ``DataType`` -> element type name (``TensorSpec.dtype``), for the ``tensorrt`` module given:
+    the engine builder and the TensorRT backend check their tensors against the spec with it."""
+    return {trt.DataType.FLOAT: "float32", trt.DataType.HALF: "float16", trt.DataType.BF16: "bfloat16",
+            trt.DataType.INT64: "int64", trt.DataType.INT32: "int32", trt.DataType.BOOL: "bool"}
+
+
+def _names() -> list[str]:
+    """Every name :meth:`Precision.parse` accepts, short name first: fp16, float16, bf16, bfloat16, fp32, float32."""
+    order = (Precision.FP16, Precision.BF16, Precision.FP32)
+    return [name for precision in order for name in (precision.value, precision.dtype)]
 
 
 @dataclass(frozen=True)
