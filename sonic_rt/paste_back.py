@@ -103,8 +103,8 @@ COLOUR_MODES = ("mean", "mean_std")
 # Largest ratio of standard deviations "mean_std" applies (and smallest, 1/_MAX_GAIN): a flat band (sky,
 # a wall) has a tiny std, and an unbounded ratio would blow up the face's contrast.
 _MAX_GAIN = 2.0
-# Float32 bytes of box region resized and blended per step inside one call, whatever the chunk size the caller
-# passes. On the CPU the steps stay small: glibc serves blocks over 32 MB with a fresh mmap each time, and the
+# Float32 bytes of frames (input or box region, the larger) resized and blended per step inside one call,
+# whatever the chunk size the caller passes. On the CPU the steps stay small: glibc serves blocks over 32 MB with a fresh mmap each time, and the
 # page faults made the elementwise ops 3-5x slower (an 864 px box is 9 MB per frame); on CUDA bigger steps
 # mean fewer kernel launches.
 _STEP_BYTES = {"cpu": 16 << 20}
@@ -402,7 +402,9 @@ class PasteBack:
         out = self._output(n)
         rx1, ry1, rx2, ry2 = self.geometry.region
         bg, weight = self._region_bg, self._weight
-        step = max(1, _STEP_BYTES.get(self.device.type, _STEP_BYTES_DEFAULT) // (bg.numel() * 4))
+        gw, gh = self.geometry.generated_size
+        frame_bytes = 4 * max(bg.numel(), 3 * gw * gh)  # the larger float32 intermediate: region or input
+        step = max(1, _STEP_BYTES.get(self.device.type, _STEP_BYTES_DEFAULT) // frame_bytes)
         for start in range(0, n, step):
             region = self._resize(x[start:start + step])  # new float32 [k, 3, h, w] in [0, 255]
             if self.colour_correction is not None and self._band is not None:
