@@ -1,4 +1,4 @@
-"""Command line: ``python -m sonic_rt {animate,demo-model,convert}`` (also installed as ``sonic-rt``).
+"""Command line: ``python -m sonic_rt {animate,demo-model,convert,serve}`` (also installed as ``sonic-rt``).
 
 Bad input ends with a one-line ``error: <file>: <problem>`` on stderr and exit code 2; Ctrl-C exits 130
 and leaves no partial output.
@@ -93,7 +93,7 @@ def options_from_args(args: argparse.Namespace):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``sonic-rt`` argument parser (``animate``, ``demo-model``, ``convert``)."""
+    """The ``sonic-rt`` argument parser (``animate``, ``demo-model``, ``convert``, ``serve``)."""
     parser = argparse.ArgumentParser(prog="sonic-rt", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     conv = sub.add_parser("convert", help="rewrite the official .pth/.pkl checkpoints as .safetensors")
     conv.add_argument("--model", required=True, type=Path, help="official-layout checkpoint directory")
     conv.add_argument("--trust-pickle", action="store_true", help="allow pickles that need arbitrary code")
+    from .serve import add_parser as add_serve  # the web page and HTTP API (sonic_rt/serve.py)
+
+    add_serve(sub)
     return parser
 
 
@@ -120,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
             return _demo_model(args)
         if args.command == "convert":
             return _convert(args)
+        if args.command == "serve":
+            from .serve import run as serve
+
+            return serve(args)
         return _animate(args)
     except SonicError as exc:
         print(f"error: {exc}", file=sys.stderr)
