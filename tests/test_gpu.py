@@ -1,0 +1,206 @@
+"""On a real CUDA device (``pytest -m gpu``, run by bench/gpu_check.py): stream lanes, out-of-memory, host syncs,
+and the kernels' self-check.
+
+Inputs avoid what a bare GPU image lacks: the demo checkpoint (written here), the astronaut portrait (skimage)
+and a synthetic 16 kHz array as audio (no espeak-ng, no PyAV: ``out=None`` writes no mp4).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+# fp16 on GPU: lanes and batching may change kernel choices (cuBLAS heuristics per shape / stream), so the frames
+# are compared within the fp16 tolerance of tests/test_end_to_end.py (uint8 levels), not bit for bit.
+FP16_LEVELS = 3
+FAST = dict(steps=2, progress=False)
+
+
+def synthetic_audio(seconds: float = 3.2, rate: int = 16_000) -> np.ndarray:
+    """[seconds * rate] float32 in [-1, 1]: a voiced-like buzz with amplitude modulation (40 frames at 3.2 s:
+    two windows per step)."""
+    t = np.arange(int(seconds * rate)) / rate
+    buzz = sum(np.sin(2 * np.pi * f * t) / k for k, f in enumerate((140, 280, 420, 700, 1100), start=1))
+    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 3.0 * t)
+    return (0.2 * envelope * buzz / 2.3).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def audio() -> np.ndarray:
+    return synthetic_audio()
+
+
+@pytest.fixture(scope="module")
+def sequential(demo_dir):
+    import sonic_rt
+
+    return sonic_rt.Runtime(demo_dir, device="cuda", dtype="fp16")
+
+
+@pytest.fixture(scope="module")
+def sequential_frames(sequential, portrait, audio) -> np.ndarray:
+    return sequential.animate(portrait, audio, None, **FAST).frames
+
+
+def levels(a: np.ndarray, b: np.ndarray) -> int:
+    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+
+
+@pytest.mark.parametrize("lanes, windows_per_call", [(2, 1), (2, 2), (1, 2)])
+def test_stream_lanes_and_batching_give_the_sequential_frames(demo_dir, portrait, audio, sequential_frames,
+                                                             lanes, windows_per_call):
+    import sonic_rt
+    from sonic_rt.scheduler import SchedulerConfig
+
+    rt = sonic_rt.Runtime(demo_dir, device="cuda", dtype="fp16",
+                          scheduler=SchedulerConfig(lanes=lanes, windows_per_call=windows_per_call))
+    try:
+        if lanes > 1:
+            assert rt._scheduler._streams is not None and len(rt._scheduler._streams) == lanes  # CUDA streams
+        got = rt.animate(portrait, audio, None, **FAST).frames
+    finally:
+        rt.close()
+    assert got.shape == sequential_frames.shape
+    diff = levels(got, sequential_frames)
+    print(f"lanes={lanes} windows_per_call={windows_per_call}: max {diff} uint8 levels from sequential")
+    assert diff <= FP16_LEVELS
+
+
+def test_a_real_device_out_of_memory_error_retries_with_fewer_windows(demo_dir, portrait, audio, sequential_frames,
+                                                                      monkeypatch, capsys):
+    """The UNet graph asks the device for more memory than it has when called with 2 windows: a genuine
+    ``torch.cuda.OutOfMemoryError`` from the caching allocator. The runtime retries with 1 window per call and
+    gives the sequential frames; the device is usable afterwards."""
+    import sonic_rt
+    from sonic_rt.scheduler import SchedulerConfig
+
+    rt = sonic_rt.Runtime(demo_dir, device="cuda", dtype="fp16", scheduler=SchedulerConfig(windows_per_call=2))
+    run, sizes = rt.graphs.unet.run, []
+
+    def run_or_real_oom(inputs, values):
+        sizes.append(inputs[0].shape[0])
+        if inputs[0].shape[0] > 3:
+            _, total = torch.cuda.mem_get_info()
+            torch.empty(total + 2 ** 30, dtype=torch.uint8, device="cuda")  # more than the device has
+        return run(inputs, values)
+
+    monkeypatch.setattr(rt.graphs.unet, "run", run_or_real_oom)
+    got = rt.animate(portrait, audio, None, **FAST).frames
+    assert sizes[0] == 6 and set(sizes[1:]) == {3}
+    assert "out of memory with 2 windows per UNet call; retrying with 1 (same result)" in capsys.readouterr().err
+    assert levels(got, sequential_frames) <= FP16_LEVELS
+
+
+def test_with_the_device_nearly_full_the_runtime_fails_cleanly_and_recovers(sequential, portrait, audio,
+                                                                           sequential_frames, tmp_path):
+    """Fill the device to all but 8 MiB, then animate: an out-of-memory error (the runtime's, or torch's from a
+    stage without a fallback), no output file; once the memory is freed the same runtime gives the same frames."""
+    import importlib.util
+
+    from sonic_rt.errors import OutOfMemoryError
+
+    out = tmp_path / "o.mp4" if importlib.util.find_spec("av") else None  # an mp4 needs PyAV
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info()
+    hog = torch.empty(max(0, free - 8 * 2 ** 20), dtype=torch.uint8, device="cuda")
+    try:
+        with pytest.raises((OutOfMemoryError, torch.cuda.OutOfMemoryError)) as caught:
+            sequential.animate(portrait, audio, out, **FAST)
+        print(f"near-full device: {type(caught.value).__name__}: {str(caught.value).splitlines()[0]}")
+    finally:
+        del hog
+        torch.cuda.empty_cache()
+    assert list(tmp_path.iterdir()) == []
+    assert levels(sequential.animate(portrait, audio, None, **FAST).frames, sequential_frames) <= FP16_LEVELS
+
+
+def test_no_host_sync_inside_the_sampler():
+    """``sample()`` with a device-only denoise under ``torch.cuda.set_sync_debug_mode("error")``: building the
+    window indices and timesteps, the Euler step and the per-frame averaging never block the host."""
+    from sonic_rt.architectures import SVD_XT_SCHEDULER_CONFIG
+    from sonic_rt.sampling import SamplingConfig, karras_schedule, sample
+
+    sigmas, timesteps = karras_schedule(SVD_XT_SCHEDULER_CONFIG, 3)
+    latents = torch.randn(1, 40, 4, 8, 8, device="cuda", dtype=torch.float16)
+    config = SamplingConfig(steps=3)
+
+    def denoise(x, windows):  # [g, T, C, h, w] -> the same shape, device ops only
+        return x * 0.5 + windows[0].timestep
+
+    want = sample(latents, sigmas, timesteps, config, denoise)  # warm-up (lazy CUDA init may sync)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = sample(latents, sigmas, timesteps, config, denoise)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "triton"])
+def test_no_host_sync_in_a_denoising_step_of_the_demo_unet(demo_dir, attention):
+    """The sampler around the demo UNet (3 CFG rows per window, the torch backend's graph call) under
+    ``set_sync_debug_mode("error")``: a whole run of steps without one host synchronisation."""
+    import sonic_rt
+    from sonic_rt.architectures import SVD_XT_SCHEDULER_CONFIG
+    from sonic_rt.models.unet import level_face_masks
+    from sonic_rt.sampling import SamplingConfig, combine_guidance, karras_schedule, sample, scale_model_input
+
+    rt = sonic_rt.Runtime(demo_dir, device="cuda", dtype="fp16", attention=attention)
+    cfg, dtype = rt.graphs.config, rt.dtype
+    h = w = 128 // cfg.vae_scale_factor
+    gen = torch.Generator().manual_seed(0)
+    rand = lambda *shape: torch.randn(*shape, generator=gen).to("cuda", dtype)  # noqa: E731
+    frames = 40
+    tokens = rand(1, frames, cfg.audio_context_tokens, cfg.cross_attention_dim)
+    image = rand(3, cfg.latent_channels, h, w)
+    clip = rand(3, 1, cfg.cross_attention_dim)
+    time_ids = torch.tensor([[12.5, 20.0, 24.0]] * 3, device="cuda")
+    box = torch.zeros(1, 1, 128, 128)
+    box[..., 32:96, 32:96] = 1
+    masks = [m.to("cuda", dtype) for m in level_face_masks(box, (h, w), cfg.attention_levels)]
+
+    def denoise(x, windows):
+        (window,) = windows
+        inp = torch.cat([scale_model_input(torch.cat([x] * 3), window.sigma),
+                         image.unsqueeze(1).expand(-1, x.shape[1], -1, -1, -1)], dim=2)
+        audio_rows = torch.cat([tokens[:, window.index]] * 3)
+        v = rt.graphs.unet(inp, window.timestep.reshape(1).float(), clip, audio_rows, time_ids, *masks)
+        return combine_guidance(v, 2.0, 7.5)
+
+    sigmas, timesteps = karras_schedule(SVD_XT_SCHEDULER_CONFIG, 2)
+    latents = torch.randn(1, frames, cfg.latent_channels, h, w, generator=gen).to("cuda", dtype)
+    config = SamplingConfig(steps=2)
+    with torch.inference_mode():
+        sample(latents, sigmas, timesteps, config, denoise)  # warm-up: kernel compilation, cuDNN/cuBLAS set-up
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = sample(latents, sigmas, timesteps, config, denoise)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(out).all()
+
+
+def test_the_kernels_pass_their_self_check_on_this_gpu(tmp_path):
+    """Verify before use, on the real device: the compiled kernels match sdpa in fp16, bf16 and fp32, and
+    ``auto`` then picks them."""
+    from sonic_rt import attention_check
+    from sonic_rt.attention import resolve_attention
+    from sonic_rt.models.unet import AudioAttention
+
+    result = attention_check.run_selfcheck(torch.device("cuda"), {64})
+    for name, case in result["cases"].items():
+        print(f"self-check {name}: kernel {case['kernel_err']:.3g}, sdpa {case['sdpa_err']:.3g}, "
+              f"bound {case['bound']:.3g}")
+    assert result["passed"], result["reason"]
+    assert len(result["cases"]) == 6
+    attention_check.clear_memo()
+    verdict = attention_check.verify_triton(torch.device("cuda"), {64}, cache=tmp_path / "c.json")
+    assert verdict.passed and not verdict.cached and (tmp_path / "c.json").is_file()
+    assert resolve_attention("auto", torch.device("cuda"), {64},
+                             selfcheck=lambda d, dims: verdict) is AudioAttention.TRITON
