@@ -39,8 +39,10 @@ Geometry (:class:`PasteGeometry`), all boxes ``(x1, y1, x2, y2)`` in pixels, ``x
   reproduces the reference most closely, and one fixed transform cannot flicker and makes chunked processing
   equal all-at-once processing), and applied to the whole crop so the face stays consistent with its border.
   ``"mean"`` is the default: measured in ``bench/paste_back.py`` (``bench/results/paste_back-cpu.md``), it
-  removes an offset cast as well as ``"mean_std"`` and is not thrown off when the content in the band differs
-  from the photo (the head moved into it), where the std ratio also changes the face's contrast. A box with
+  removes an offset cast as well as ``"mean_std"`` (interior error 1.0 vs 1.1 levels) and stays within 1.4
+  levels when the head moved into the band, where ``"mean_std"`` gets 2.2; where the band is a plain wall,
+  ``"mean_std"`` divides by the decoder's grain over nothing and halves the face's contrast (22.7 levels).
+  ``"mean_std"`` wins only when the cast changes contrast (0.4 vs 9.1 levels for ``0.85 x + 25``). A box with
   no blend band (``crop=False``, or every edge on the image border, or ``feather=0``) gets no correction.
 * **Resampler.** Bicubic with antialiasing (``F.interpolate(mode="bicubic", antialias=True)``), clamped to
   [0, 255]: the box is often larger than the generated square (upscale), where bicubic is sharper than
@@ -101,12 +103,13 @@ MIN_IMAGE_SIDE = 16
 #: Colour-correction modes (``True`` means ``"mean"``, ``False``/``None`` means none).
 COLOUR_MODES = ("mean", "mean_std")
 # Largest ratio of standard deviations "mean_std" applies (and smallest, 1/_MAX_GAIN): a flat band (sky,
-# a wall) has a tiny std, and an unbounded ratio would blow up the face's contrast.
+# a wall) has a tiny std, and an unbounded ratio would wreck the face's contrast (even clamped it halves it,
+# which is why "mean" is the default: bench/results/paste_back-cpu.md).
 _MAX_GAIN = 2.0
 # Float32 bytes of frames (input or box region, the larger) resized and blended per step inside one call,
-# whatever the chunk size the caller passes. On the CPU the steps stay small: glibc serves blocks over 32 MB with a fresh mmap each time, and the
-# page faults made the elementwise ops 3-5x slower (an 864 px box is 9 MB per frame); on CUDA bigger steps
-# mean fewer kernel launches.
+# whatever the chunk size the caller passes. On the CPU the steps stay small: glibc serves blocks over 32 MB
+# with a fresh mmap each time, and the page faults made the elementwise ops 3-5x slower (an 864 px box is
+# 9 MB per frame); on CUDA bigger steps mean fewer kernel launches.
 _STEP_BYTES = {"cpu": 16 << 20}
 _STEP_BYTES_DEFAULT = 256 << 20
 
@@ -291,10 +294,10 @@ class PasteBack:
         mode: resampler, ``"bicubic"`` (default) or ``"bilinear"`` (both with antialiasing).
         face_box: the face ``(x, y, w, h)`` in original pixels, only reported in :attr:`geometry`.
         reuse_output: return views of one kept output buffer instead of a new array per call: only the crop
-            region is written per frame (the rest of the picture never changes), which saves a full-frame
-            copy per frame (about a third of the CPU time at 1080p), but each returned array is only valid
-            until the next call. Right for a caller that encodes each chunk before the next
-            (``VideoWriter.write`` copies the frames); wrong for one that keeps the arrays.
+            region is written per frame (the rest of the picture never changes), which saves a fresh full-frame
+            array per frame (on the CPU at 1080p with a 288 px box, 14 -> 5 ms per frame), but each returned
+            array is only valid until the next call. Right for a caller that encodes each chunk before the
+            next (``VideoWriter.write`` copies the frames); wrong for one that keeps the arrays.
         source: the photo's file name, put in front of error messages.
 
     Raises:
