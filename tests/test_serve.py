@@ -1,0 +1,229 @@
+"""``python -m sonic_rt serve``: the HTTP API (gradio_client), errors, cancellation, and the page in a real
+headless Chromium (selenium).
+
+One server (demo checkpoint, the session's ``demo_dir``) runs in a subprocess on a free loopback port for the
+whole module. The browser test saves a screenshot to ``$SONIC_RT_SERVE_SCREENSHOT`` (default: pytest's tmp);
+``docs/serve.png`` is written by::
+
+    SONIC_RT_SERVE_SCREENSHOT=docs/serve.png .venv/bin/python -m pytest tests/test_serve.py -k browser
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("gradio", reason="gradio is not installed (pip install -e '.[ui]')")
+gradio_client = pytest.importorskip("gradio_client", reason="gradio_client is not installed")
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+START_TIMEOUT = 180
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str, timeout: float = 5) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def _health(url: str) -> dict:
+    status, body = _get(url + "healthz")
+    assert status == 200
+    return json.loads(body)
+
+
+class Served:
+    def __init__(self, url: str, tmp: Path):
+        self.url, self.tmp = url, tmp
+
+    def workdir(self) -> Path:
+        (found,) = self.tmp.glob("sonic_rt-serve-*")
+        return found
+
+    def results(self) -> set[Path]:
+        """Every file under the server's results folder (finished mp4s; a partial file would show too)."""
+        return {p for p in (self.workdir() / "results").rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def server(demo_dir, tmp_path_factory):
+    """``python -m sonic_rt serve --demo`` on a free port; the demo is the session's demo_dir (through a
+    SONIC_RT_CACHE whose demo-model entry links to it); TMPDIR is private so the test can see its files."""
+    from sonic_rt.demo import DEMO_VERSION
+
+    root = tmp_path_factory.mktemp("serve")
+    cache, tmp = root / "cache", root / "tmp"
+    cache.mkdir()
+    tmp.mkdir()
+    (cache / f"demo-model-v{DEMO_VERSION}").symlink_to(demo_dir, target_is_directory=True)
+    port = _free_port()
+    env = {**os.environ, "SONIC_RT_CACHE": str(cache), "TMPDIR": str(tmp)}
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "sonic_rt", "serve", "--demo", "--port", str(port)],
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"the server exited: {(root / 'server.log').read_text()[-2000:]}")
+        try:
+            if _get(url + "healthz", timeout=2)[0] == 200:
+                break
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("the server did not start in time")
+        time.sleep(0.5)
+    yield Served(url, tmp)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    log.close()
+    assert not list(tmp.glob("sonic_rt-serve-*")), "the server left its temporary directory behind"
+
+
+def _args(portrait, speech, **options):
+    from gradio_client import handle_file
+
+    return (handle_file(str(portrait)), handle_file(str(speech))), options
+
+
+def _video_path(result) -> str:
+    return result["video"] if isinstance(result, dict) else result
+
+
+def test_health_and_page(server):
+    h = _health(server.url)
+    assert h["status"] == "ok" and h["demo"] is True
+    status, page = _get(server.url)
+    assert status == 200 and b"<html" in page.lower()
+    # gradio serves nothing outside the server's own folder
+    assert _get(server.url + "gradio_api/file=/etc/passwd")[0] in (403, 404)
+
+
+def test_api_animate_writes_the_video(server, portrait, speech):
+    import av
+
+    from sonic_rt.audio_features import num_generated_frames
+    from sonic_rt.media import load_audio
+
+    client = gradio_client.Client(server.url, verbose=False)
+    args, options = _args(portrait, speech, steps=1)
+    path = _video_path(client.predict(*args, **options, api_name="/animate"))
+    n = num_generated_frames(len(load_audio(speech)))
+    with av.open(path) as container:
+        video = container.streams.video[0]
+        assert container.streams.audio, "the mp4 has no audio stream"
+        assert float(video.average_rate) == pytest.approx(25)
+        frames = sum(1 for _ in container.decode(video=0))
+    assert frames == 2 * n - 1
+
+
+def test_corrupt_image_is_one_line_and_the_server_keeps_serving(server, speech, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG not really" * 20)
+    client = gradio_client.Client(server.url, verbose=False)
+    args, options = _args(bad, speech, steps=1)
+    with pytest.raises(gradio_client.exceptions.AppError) as info:
+        client.predict(*args, **options, api_name="/animate")
+    message = str(info.value)
+    assert message.startswith("broken.png: ") and "\n" not in message and "Traceback" not in message
+    assert str(server.tmp) not in message  # names the upload, not its server path
+    assert _health(server.url)["status"] == "ok"
+
+
+def test_cancel_leaves_nothing_and_the_next_job_runs(server, portrait, long_speech, speech):
+    client = gradio_client.Client(server.url, verbose=False)
+    before = server.results()
+    args, options = _args(portrait, long_speech, steps=25)
+    job = client.submit(*args, **options, api_name="/animate")
+    deadline = time.monotonic() + 60
+    while _health(server.url)["jobs_running"] == 0:  # cancel once it runs (not while it queues)
+        assert time.monotonic() < deadline and not job.done(), "the job did not start"
+        time.sleep(0.2)
+    time.sleep(1.0)
+    job.cancel()
+    deadline = time.monotonic() + 60
+    while _health(server.url)["jobs_running"]:
+        assert time.monotonic() < deadline, "the cancelled job did not stop"
+        time.sleep(0.2)
+    assert server.results() == before, "a cancelled job left a file behind"
+    args, options = _args(portrait, speech, steps=1)
+    path = _video_path(client.predict(*args, **options, api_name="/animate"))
+    assert Path(path).stat().st_size > 0
+    assert len(server.results()) == len(before) + 1
+
+
+def _browser():
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
+    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+        pytest.skip("no chromium/chromedriver (apt-get install chromium chromium-driver)")
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--window-size=1280,1100",
+                 "--autoplay-policy=no-user-gesture-required", "--mute-audio"):
+        opts.add_argument(flag)
+    return webdriver.Chrome(options=opts, service=Service(CHROMEDRIVER))
+
+
+def test_browser_generates_and_plays(server, portrait, speech, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = _browser()
+    try:
+        driver.get(server.url)
+        wait = WebDriverWait(driver, 60)
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#portrait input[type=file]"))
+        assert "RANDOM" in driver.find_element(By.ID, "demo-banner").text
+        driver.find_element(By.CSS_SELECTOR, "#portrait input[type=file]").send_keys(str(portrait))
+        driver.find_element(By.CSS_SELECTOR, "#speech input[type=file]").send_keys(str(speech))
+        steps = driver.find_element(By.CSS_SELECTOR, "#opt-steps input")
+        steps.send_keys(Keys.CONTROL, "a")
+        steps.send_keys("2", Keys.TAB)
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#portrait img"))
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#speech audio, #speech [data-testid=waveform]"))
+        driver.find_element(By.ID, "generate").click()
+        WebDriverWait(driver, 120).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#result video[src]"))
+        video = driver.find_element(By.CSS_SELECTOR, "#result video")
+        driver.execute_script("arguments[0].muted = true; arguments[0].play();", video)
+        WebDriverWait(driver, 30).until(lambda d: d.execute_script(
+            "return arguments[0].readyState >= 2 && arguments[0].currentTime > 0", video))
+        assert driver.execute_script("return arguments[0].videoWidth", video) > 0
+        WebDriverWait(driver, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery video, #gallery img"))
+        shot = Path(os.environ.get("SONIC_RT_SERVE_SCREENSHOT", tmp_path / "serve.png"))
+        shot.parent.mkdir(parents=True, exist_ok=True)
+        driver.save_screenshot(str(shot))
+        assert shot.stat().st_size > 0
+    finally:
+        driver.quit()
