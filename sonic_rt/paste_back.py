@@ -263,7 +263,7 @@ def feather_weights(geometry: PasteGeometry, device: str | torch.device = "cpu")
     fw = geometry.feather
 
     def axis(lo: int, hi: int, r_lo: int, r_hi: int, feather_lo: bool, feather_hi: bool) -> torch.Tensor:
-        centre = torch.arange(r_lo, r_hi, dtype=torch.float64, device=device) + 0.5
+        centre = torch.arange(r_lo, r_hi, dtype=torch.float64) + 0.5  # float64 on the CPU (MPS has none)
         w = torch.ones_like(centre)
         if fw > 0:
             if feather_lo:
@@ -274,7 +274,7 @@ def feather_weights(geometry: PasteGeometry, device: str | torch.device = "cpu")
 
     wx = axis(bx1, bx2, rx1, rx2, fl, fr)
     wy = axis(by1, by2, ry1, ry2, ft, fb)
-    return (wy[:, None] * wx[None, :]).to(torch.float32).unsqueeze(0)
+    return (wy[:, None] * wx[None, :]).to(torch.float32).unsqueeze(0).to(device)
 
 
 class PasteBack:
@@ -478,8 +478,8 @@ class PasteBack:
     def _fit_colour(self, region: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-channel (gain, offset) matching ``region`` [3, h, w] to the photo in the blend band."""
         band = self._band
-        gen = region[:, band].double()  # [3, m]
-        ref = self._region_bg[:, band].double()
+        gen = region[:, band].cpu().double()  # [3, m]; once per video, in float64 on the CPU
+        ref = self._region_bg[:, band].cpu().double()
         mg, mr = gen.mean(dim=1), ref.mean(dim=1)
         if self.colour_correction == "mean_std":
             sg, sr = gen.std(dim=1), ref.std(dim=1)
@@ -487,7 +487,7 @@ class PasteBack:
         else:
             gain = torch.ones_like(mg)
         offset = mr - gain * mg
-        return gain.float().view(3, 1, 1), offset.float().view(3, 1, 1)
+        return gain.float().view(3, 1, 1).to(self.device), offset.float().view(3, 1, 1).to(self.device)
 
 
 # --------------------------------------------------------------------------------------------------
