@@ -112,16 +112,17 @@ def _option_widgets(gr, runtime) -> dict:
     for info in AnimateOptions.describe():
         if info.name not in UI_OPTIONS:
             continue
-        label = info.name.replace("_", " ") + (f" ({info.unit})" if info.unit and info.unit != "x" else "")
+        label = info.name.replace("_", " ") + (f" ({info.unit})" if info.unit not in (None, "x", info.name) else "")
         help_text = info.help + (f"; official: {info.source}" if info.source else "")
         kind = info.type.removesuffix(" | None")
         if kind == "bool":
             widgets[info.name] = gr.Checkbox(value=info.default, label=label, info=help_text,
                                              elem_id=f"opt-{info.name}")
         elif kind in ("int", "float"):
-            if info.default is None and info.name == "min_resolution":
-                help_text += f"; empty: this model's default, {runtime.default_min_resolution}"
-            widgets[info.name] = gr.Number(value=info.default, label=label, info=help_text,
+            value = info.default
+            if value is None and info.name == "min_resolution":  # None: the model's own default, shown
+                value = runtime.default_min_resolution
+            widgets[info.name] = gr.Number(value=value, label=label, info=help_text,
                                            precision=0 if kind == "int" else None, elem_id=f"opt-{info.name}")
     return {name: widgets[name] for name in UI_OPTIONS if name in widgets}
 

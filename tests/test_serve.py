@@ -221,6 +221,9 @@ def test_browser_generates_and_plays(server, portrait, speech, tmp_path):
             "return arguments[0].readyState >= 2 && arguments[0].currentTime > 0", video))
         assert driver.execute_script("return arguments[0].videoWidth", video) > 0
         WebDriverWait(driver, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery video, #gallery img"))
+        driver.set_window_size(1280, 1400)
+        driver.execute_script("window.scrollTo(0, 0)")
+        time.sleep(0.5)
         shot = Path(os.environ.get("SONIC_RT_SERVE_SCREENSHOT", tmp_path / "serve.png"))
         shot.parent.mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(str(shot))
