@@ -27,11 +27,42 @@ import pytest
 pytest.importorskip("gradio", reason="gradio is not installed (pip install -e '.[ui]')")
 gradio_client = pytest.importorskip("gradio_client", reason="gradio_client is not installed")
 
-pytestmark = pytest.mark.slow
-
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 START_TIMEOUT = 180
+
+
+class FakeRuntime:
+    """What the page reads of a Runtime, without loading one."""
+    is_demo, device, source, backend, default_min_resolution = True, "cpu", "/models/demo", "torch", 128
+
+
+def test_widgets_come_from_animate_options(tmp_path):
+    """The page's options are the AnimateOptions fields with their defaults (the model's min_resolution)."""
+    from sonic_rt import AnimateOptions
+    from sonic_rt.serve import UI_OPTIONS, build_app
+
+    blocks, server, _, _ = build_app(FakeRuntime(), tmp_path, max_audio_seconds=1.0)
+    defaults = AnimateOptions()
+    by_id = {b.elem_id: b for b in blocks.blocks.values() if getattr(b, "elem_id", None)}
+    shown = [name for name in UI_OPTIONS if f"opt-{name}" in by_id]
+    assert {"steps", "seed", "dynamic_scale", "min_resolution", "crop", "interpolate"} <= set(shown)
+    for name in shown:
+        expected = getattr(defaults, name) if name != "min_resolution" else FakeRuntime.default_min_resolution
+        assert by_id[f"opt-{name}"].value == expected, name
+    assert "RANDOM" in by_id["demo-banner"].value
+    assert "1 s" in by_id["limits"].value
+    server.executor.shutdown()
+
+
+def test_audio_longer_than_the_limit_is_refused(tmp_path, speech):
+    from sonic_rt import InputError
+    from sonic_rt.serve import Server
+
+    server = Server(FakeRuntime(), tmp_path, max_audio_seconds=1.0, concurrency=1)
+    with pytest.raises(InputError, match="accepts up to 1 s"):
+        server.check_audio(str(speech))
+    server.executor.shutdown()
 
 
 def _free_port() -> int:
@@ -118,6 +149,7 @@ def _video_path(result) -> str:
     return result["video"] if isinstance(result, dict) else result
 
 
+@pytest.mark.slow
 def test_health_and_page(server):
     h = _health(server.url)
     assert h["status"] == "ok" and h["demo"] is True
@@ -127,6 +159,7 @@ def test_health_and_page(server):
     assert _get(server.url + "gradio_api/file=/etc/passwd")[0] in (403, 404)
 
 
+@pytest.mark.slow
 def test_api_animate_writes_the_video(server, portrait, speech):
     import av
 
@@ -145,6 +178,7 @@ def test_api_animate_writes_the_video(server, portrait, speech):
     assert frames == 2 * n - 1
 
 
+@pytest.mark.slow
 def test_corrupt_image_is_one_line_and_the_server_keeps_serving(server, speech, tmp_path):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG not really" * 20)
@@ -158,6 +192,7 @@ def test_corrupt_image_is_one_line_and_the_server_keeps_serving(server, speech, 
     assert _health(server.url)["status"] == "ok"
 
 
+@pytest.mark.slow
 def test_cancel_leaves_nothing_and_the_next_job_runs(server, portrait, long_speech, speech):
     client = gradio_client.Client(server.url, verbose=False)
     before = server.results()
@@ -195,6 +230,7 @@ def _browser():
     return webdriver.Chrome(options=opts, service=Service(CHROMEDRIVER))
 
 
+@pytest.mark.slow
 def test_browser_generates_and_plays(server, portrait, speech, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
