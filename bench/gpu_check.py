@@ -64,7 +64,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_BUDGET_S = 540
 MIN_PART_S = 20
 RESERVE_S = 10  # for the summary after the last part
-DEFAULT_STEPS = 10
+DEFAULT_STEPS = 25  # official; 2 s of audio is one UNet call per step
 THROUGHPUT_SECONDS = 2.0
 # modules the parts may need, with the pip package that provides each (the env part reports each one's import)
 MODULES = {"torch": "torch", "triton": "triton", "diffusers": "diffusers", "transformers": "transformers",
@@ -121,7 +121,8 @@ def plan(args: argparse.Namespace, scratch: Path, cache: Path) -> list[Part]:
                   needs=("torch",))]
     junit = scratch / "pytest.xml"
     # --continue-on-collection-errors: a test file that needs a library the image lacks loses only its own tests
-    parts.append(Part("pytest", [py, "-m", "pytest", "-m", "gpu", "-rA", "-p", "no:cacheprovider",
+    # -v: each outcome is in the streamed log as it happens, even if the part is killed at its timeout
+    parts.append(Part("pytest", [py, "-m", "pytest", "-m", "gpu", "-v", "-rA", "-p", "no:cacheprovider",
                                  "--continue-on-collection-errors",
                                  "-o", "junit_logging=system-out", f"--junitxml={junit}", *gpu_test_files()],
                       150, "pytest.json", junit, needs=("torch", "pytest")))
