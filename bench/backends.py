@@ -36,14 +36,8 @@ everything (machine, date, command, settings, every time) to the JSON file (``--
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
 import math
-import os
-import platform
-import shlex
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -52,16 +46,17 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from bench.presets import (DEFAULT_CACHE, REPO, SPEECH, BenchError, Size, bench_threads, check_engines_match,
-                           ensure_engines, ensure_inputs, ensure_model, log)
+from bench.common import (REPO, RESULTS, BenchError, attention_structure, command_line, count_flops, load_average,
+                          log, machine_info, peak_tflops, utc_now, write_json)
+from bench.presets import (DEFAULT_CACHE, SPEECH, Size, bench_threads, check_engines_match, ensure_engines,
+                           ensure_inputs, ensure_model)
 from bench.presets import SIZES as ALL_SIZES
 from sonic_rt.runtime import STAGES
 
 SIZES = {name: size for name, size in ALL_SIZES.items() if not size.gpu_only}  # CPU sizes
-DEFAULT_OUT = REPO / "bench" / "results" / "backends-cpu.json"
+DEFAULT_OUT = RESULTS / "backends-cpu.json"
 BACKENDS = ("torch", "onnxruntime")
 WARMUP = 2
-GEMM_SIZE = 2048
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -92,44 +87,15 @@ def max_abs_diff(a, b) -> tuple[float, float]:
     return diff, max(float(x.float().abs().max()) for x in a)
 
 
-def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    from torch.utils.flop_counter import sdpa_flop_count
-
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
-def count_flops(fn: Callable[[], Any]) -> int:
-    """FLOPs (1 multiply or add = 1) of one call, counted by ``FlopCounterMode``; CPU's fused SDPA kernel, which
-    torch's table lacks, is counted like the CUDA ones (QK^T and PV)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
-    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
-        fn()
-    return int(counter.get_total_flops())
-
-
 def unet_flops(graph, inputs) -> dict[str, int]:
     """FLOPs of one UNet call in both attention structures, on the torch graph (count once each)."""
     from sonic_rt.models.unet import AudioAttention
 
-    module = graph.module
-    before = module.attention
     counts = {}
-    try:
-        for structure, key in ((AudioAttention.REFERENCE, "torch"), (AudioAttention.SDPA, "onnxruntime")):
-            module.attention = structure
+    for structure, key in ((AudioAttention.REFERENCE, "torch"), (AudioAttention.SDPA, "onnxruntime")):
+        with attention_structure(graph.module, structure):
             counts[key] = count_flops(lambda: graph(*inputs))
-    finally:
-        module.attention = before
-    return {"torch": counts["torch"], "onnxruntime": counts["onnxruntime"]}
-
-
-def gemm_gflops(repeats: int) -> float:
-    """This machine's fp32 ``torch.mm`` rate at :data:`GEMM_SIZE` (median of ``repeats`` after warm-up)."""
-    a = torch.randn(GEMM_SIZE, GEMM_SIZE, generator=torch.Generator().manual_seed(0))
-    _, _, times = time_calls(lambda: torch.mm(a, a), max(repeats, 3), budget_s=30.0)
-    return 2 * GEMM_SIZE ** 3 / statistics.median(times) / 1e9
+    return counts
 
 
 def bench_graphs(runtimes: dict, names: Sequence[str], repeats: int, budget_s: float) -> dict[str, Any]:
@@ -250,40 +216,6 @@ def bench_size(size: Size, args, image_audio: tuple[Path, Path] | None, gemm: fl
 # ---------------------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------------------
-def machine_info() -> dict[str, Any]:
-    import onnxruntime
-
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "-C", str(REPO), "status", "--porcelain"], capture_output=True,
-                                    text=True, check=True).stdout.strip())
-    except (OSError, subprocess.CalledProcessError):
-        commit, dirty = None, None
-    return {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
-            "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            "python": platform.python_version(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-            "torch_threads": torch.get_num_threads(),
-            "onnxruntime_threads": os.environ.get("SONIC_RT_ORT_THREADS") or "default (physical cores)",
-            "git_commit": commit, "git_dirty": dirty, "load_average_at_start": _load_average()}
-
-
-def _load_average() -> list[float] | None:
-    """1/5/15-minute load averages: other work on a shared CPU shows here (and in every time)."""
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
 def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.4f}"
 
@@ -416,16 +348,17 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
-    command = shlex.join(["python", "-m", "bench.backends", *(sys.argv[1:] if argv is None else argv)])
+    command = command_line("bench.backends", argv)
     with bench_threads(args.threads):  # before any runtime is loaded (onnxruntime reads it then)
         from sonic_rt.errors import SonicError
 
         try:
             image_audio = ensure_inputs(args.cache) if args.video else None
+            machine = machine_info()
+            machine["load_average_at_start"] = machine.pop("load_average")
             report: dict[str, Any] = {
-                "benchmark": "bench.backends: torch vs onnxruntime (CPU)",
-                "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                "command": command, "machine": machine_info(),
+                "benchmark": "bench.backends: torch vs onnxruntime (CPU)", "date": utc_now(),
+                "command": command, "machine": machine,
                 "settings": {"sizes": args.sizes, "steps": {s: args.steps or SIZES[s].steps for s in args.sizes},
                              "repeats": args.repeats, "warmup": WARMUP, "budget_s": args.budget,
                              "graphs": args.graphs, "video": args.video, "threads": args.threads,
@@ -433,8 +366,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "onnxruntime": "fp32 engines, CPUExecutionProvider",
                              "speedup": "torch seconds / onnxruntime seconds"},
                 "sizes": {}}
-            log(f"measuring the fp32 GEMM rate ({GEMM_SIZE}^3 torch.mm, {torch.get_num_threads()} threads)")
-            gemm = gemm_gflops(args.repeats)
+            log(f"measuring the fp32 GEMM rate (2048^3 torch.mm, {torch.get_num_threads()} threads)")
+            gemm = peak_tflops(torch.device("cpu"), repeats=max(args.repeats, 3))["tflops"] * 1e3  # GFLOP/s
             for name in args.sizes:
                 report["sizes"][name] = bench_size(SIZES[name], args, image_audio, gemm)
                 print(format_table(name, report["sizes"][name]), flush=True)
@@ -442,9 +375,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (SonicError, BenchError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        report["machine"]["load_average_at_end"] = _load_average()
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
+        report["machine"]["load_average_at_end"] = load_average()
+        write_json(args.out, report)
         log(f"wrote {args.out}")
         return 0
 

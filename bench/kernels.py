@@ -50,203 +50,36 @@ Usage::
     python -m bench.kernels --interpret --tiny   # no GPU: Triton interpreter on CPU, shapes / 8 (logic check)
 
 Without CUDA (and without ``--interpret``) the program exits with status 2 and a one-line message.
-The helpers here (device selection, event timing, run metadata) are shared with :mod:`bench.unet_call`;
-importing this module imports no kernel and queries no GPU.
+Device selection, event timing, run metadata and the shared options live in :mod:`bench.common` (with
+:mod:`bench.unet_call`); importing this module imports no kernel and queries no GPU.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import datetime
-import json
 import math
-import os
-import re
-import shlex
 import statistics
-import subprocess
 import sys
-import time
-from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 
-RESULTS_DIR = Path(__file__).parent / "results"
-KERNEL_MODULE = "sonic_rt.kernels.audio_attention"
+from bench.common import (CFG_ROWS, TINY, add_common_arguments, default_out, device_name, face_box_mask, fmt_table,
+                          gpu_main, parse_common, run_metadata, tiny_heads, time_ms, write_json)
 
-# The workload (docs/performance.md, "The workload"): 512x512 crops, 3 CFG rows per UNet call.
-RESOLUTION = 512
-CFG_ROWS = 3
-FACE_AREA = 0.35
-AUDIO_SCALE = 1.0  # official ip_audio_scale
-# docs/performance.md: dense fp16/bf16 measured on one H100 (the "floor" of every figure there).
-PEAK_TFLOPS = 800.0
+# Audio attention's scale in the official pipeline (ip_audio_scale).
+AUDIO_SCALE = 1.0
 # Datasheet HBM bandwidth (TB/s) by device-name fragment, most specific first; --peak-tbs overrides.
 PEAK_TBS = (("H100 PCIe", 2.0), ("H100 NVL", 3.9), ("H100", 3.35), ("H200", 4.8), ("A100", 2.0), ("B200", 8.0))
-# --tiny divides the resolution, the frame count and the head count by this (head dim kept: the kernel's
-# supported head dims are the real constraint), and runs 1 warm-up + 2 timed calls.
-TINY = 8
-TINY_WARMUP, TINY_REPEATS = 1, 2
-# The low-precision rule of docs/testing.md: |kernel - fp32| <= 2 |torch - fp32| + atol(dtype).
+# The low-precision rule of docs/testing.md: |kernel - fp32| <= 2 |torch - fp32| + atol(precision).
 TOLERANCE_ATOL = {"fp16": 1e-3, "bf16": 1e-2, "fp32": 1e-5}
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # docs/development.md: the Triton interpreter computes bf16 tl.dot wrongly (triton-lang/triton#11584).
 INTERPRETER_DTYPES = ("fp16",)
-
-
-class BenchError(RuntimeError):
-    """The benchmark cannot run here (the message says why and what to do)."""
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Helpers shared with bench.unet_call
-# ---------------------------------------------------------------------------------------------------------
-
-def select_device(interpret: bool) -> torch.device:
-    """The device to benchmark on; with ``interpret`` the CPU under the Triton interpreter.
-
-    Sets ``TRITON_INTERPRET=1`` for ``interpret`` (before the kernel module is imported, which is the only
-    time Triton reads it). Raises :class:`BenchError` without CUDA, or when the kernel module was already
-    imported in the other mode.
-    """
-    imported = KERNEL_MODULE in sys.modules
-    if interpret:
-        if imported and os.environ.get("TRITON_INTERPRET") != "1":
-            raise BenchError(f"--interpret: {KERNEL_MODULE} was already imported without TRITON_INTERPRET=1; "
-                             "run the program in a fresh process")
-        os.environ["TRITON_INTERPRET"] = "1"
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise BenchError("no CUDA GPU available (torch.cuda.is_available() is False): this benchmark needs one; "
-                         "use --interpret --tiny to check the program logic on CPU")
-    if imported and os.environ.get("TRITON_INTERPRET") == "1":
-        raise BenchError(f"{KERNEL_MODULE} was imported under TRITON_INTERPRET=1: unset it to benchmark the GPU")
-    return torch.device("cuda", torch.cuda.current_device())
-
-
-@contextlib.contextmanager
-def cpu_threads_for(device: torch.device) -> Iterator[None]:
-    """On the CPU (interpreter mode, a logic check), run torch single-threaded and restore the count after:
-    on small shared CI machines OpenMP threads contending with other processes make tiny ops ~100x slower."""
-    if device.type != "cpu":
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int,
-            queue_behind_sleep: bool = False) -> list[float]:
-    """Device time of ``repeats`` calls of ``fn`` in ms, after ``warmup`` untimed calls (synchronises).
-
-    On CUDA each call is bracketed by ``torch.cuda.Event`` records on the current stream. With
-    ``queue_behind_sleep`` the timed calls are queued behind a device-side sleep, so that for short kernels
-    the events measure GPU execution rather than gaps left by host-side launch overhead. On the CPU
-    (interpreter mode) it is wall time of the synchronous call.
-    """
-    for _ in range(warmup):
-        fn()
-    if device.type != "cuda":
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        return times
-    stream = torch.cuda.current_stream(device)
-    torch.cuda.synchronize(device)
-    if queue_behind_sleep and hasattr(torch.cuda, "_sleep"):
-        torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU clock cycles: the host enqueues the loop meanwhile
-    events = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record(stream)
-        fn()
-        end.record(stream)
-        events.append((start, end))
-    torch.cuda.synchronize(device)
-    return [start.elapsed_time(end) for start, end in events]
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return "cpu (Triton interpreter)"
-
-
-def slug(name: str) -> str:
-    """``NVIDIA H100 80GB HBM3`` -> ``nvidia-h100-80gb-hbm3`` (for result file names)."""
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def peak_tbs(name: str) -> float | None:
     """Datasheet memory bandwidth of a known device, else None."""
     return next((tbs for fragment, tbs in PEAK_TBS if fragment.lower() in name.lower()), None)
-
-
-def run_metadata(device: torch.device, program: str, argv: list[str]) -> dict:
-    """Device, library versions, date and the exact command of a run (for the JSON)."""
-    import triton
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                                cwd=Path(__file__).parent).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    return {
-        "device": device_name(device),
-        "device_type": device.type,
-        "torch": torch.__version__,
-        "torch_cuda": torch.version.cuda,
-        "triton": triton.__version__,
-        "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
-        "python": sys.version.split()[0],
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join(["python", "-m", program, *argv]),
-        "git_commit": commit,
-    }
-
-
-def default_out(program: str, device: torch.device) -> Path:
-    name = "cpu-interpret" if device.type != "cuda" else slug(device_name(device))
-    return RESULTS_DIR / f"{program}-{name}.json"
-
-
-def write_json(path: Path, data: dict) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")
-    return path
-
-
-def tiny_heads(heads: int) -> int:
-    """Head count of a layer under ``--tiny`` (the head dim stays as in the model)."""
-    return max(1, heads // TINY)
-
-
-def face_box_mask(resolution: int, area: float) -> torch.Tensor:
-    """``[1, 1, R, R]`` float32: 1 inside a centred square face box covering ``area`` of the frame, else 0."""
-    side = max(1, round(math.sqrt(area) * resolution))
-    top = (resolution - side) // 2
-    mask = torch.zeros(1, 1, resolution, resolution)
-    mask[..., top:top + side, top:top + side] = 1.0
-    return mask
-
-
-def fmt_table(header: list[str], rows: list[list[str]]) -> str:
-    """Right-aligned fixed-width text table."""
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: list) -> str:
-        return "  ".join(str(c).rjust(w) for c, w in zip(cells, widths))
-
-    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -325,10 +158,11 @@ def sdpa_audio_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, clip
 def bench_layer(layer: LayerShape, dtype_name: str, mask: torch.Tensor | None, device: torch.device,
                 warmup: int, repeats: int, peak: tuple[float, float | None], seed: int) -> dict:
     """Time eager, sdpa and triton on one layer shape; returns its JSON row."""
+    from sonic_rt.graphs.spec import Precision
     from sonic_rt.kernels.audio_attention import (audio_attention_reference, spatial_audio_attention,
                                                   temporal_audio_attention)
 
-    dtype = DTYPES[dtype_name]
+    dtype = Precision(dtype_name).torch_dtype
     n, length, tokens, c, heads = layer.rows, layer.queries, layer.tokens, layer.channels, layer.heads
     gen = torch.Generator(device).manual_seed(seed)
     q = torch.randn(n, length, c, generator=gen, device=device, dtype=dtype)
@@ -381,40 +215,6 @@ def bench_layer(layer: LayerShape, dtype_name: str, mask: torch.Tensor | None, d
 # The program
 # ---------------------------------------------------------------------------------------------------------
 
-def add_common_arguments(p: argparse.ArgumentParser, program: str, warmup: int, repeats: int) -> None:
-    """The options every GPU benchmark here shares (shape, face box, floor, seed, output, tiny/interpreter mode);
-    ``warmup`` / ``repeats`` are the program's defaults, shown in the help."""
-    p.add_argument("--resolution", type=int, default=RESOLUTION, help="square crop in pixels (default 512)")
-    p.add_argument("--frames", type=int, default=None, help="frames per window (default: SVD-xt num_frames, 25)")
-    p.add_argument("--warmup", type=int, default=None,
-                   help=f"untimed calls before timing (default {warmup}; {TINY_WARMUP} tiny)")
-    p.add_argument("--repeats", type=int, default=None,
-                   help=f"timed calls, the median is reported (default {repeats}; {TINY_REPEATS} tiny)")
-    p.add_argument("--face-area", type=float, default=FACE_AREA,
-                   help="fraction of the frame covered by the square face box (default 0.35)")
-    p.add_argument("--peak-tflops", type=float, default=PEAK_TFLOPS,
-                   help="dense fp16/bf16 peak for the efficiency figure "
-                        "(default 800, docs/performance.md's H100 figure)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=None,
-                   help=f"JSON path (default bench/results/{program}-<gpu-name>.json)")
-    p.add_argument("--tiny", action="store_true",
-                   help=f"shapes / {TINY} (resolution, frames, heads; head dim 64 kept), {TINY_WARMUP} warm-up + "
-                        f"{TINY_REPEATS} timed calls: a quick logic check")
-    p.add_argument("--interpret", action="store_true",
-                   help="no GPU: set TRITON_INTERPRET=1 and run on CPU in the Triton interpreter (implies --tiny)")
-
-
-def parse_common(p: argparse.ArgumentParser, argv: list[str], warmup: int, repeats: int) -> argparse.Namespace:
-    """Parse, then resolve --tiny (implied by --interpret) and the warm-up / repeat counts."""
-    args = p.parse_args(argv)
-    args.tiny = args.tiny or args.interpret
-    default_warmup, default_repeats = (TINY_WARMUP, TINY_REPEATS) if args.tiny else (warmup, repeats)
-    args.warmup = default_warmup if args.warmup is None else args.warmup
-    args.repeats = default_repeats if args.repeats is None else args.repeats
-    return args
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m bench.kernels",
@@ -431,21 +231,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    try:
-        device = select_device(args.interpret)
-    except BenchError as e:
-        print(f"bench.kernels: error: {e}", file=sys.stderr)
-        return 2
-    with cpu_threads_for(device):
-        return run(args, argv, device)
+    return gpu_main("bench.kernels", argv, parse_args, run)
 
 
 def run(args: argparse.Namespace, argv: list[str], device: torch.device) -> int:
     """The benchmark proper, on a selected device (see :func:`main`)."""
     # 1. Settings
     from sonic_rt.architectures import AUDIO2TOKEN_ARGS, SVD_XT_UNET_CONFIG, SVD_XT_VAE_CONFIG
+    from sonic_rt.errors import InputError
+    from sonic_rt.graphs.spec import Precision
     from sonic_rt.models.unet import level_face_masks
 
     vae_factor = 2 ** (len(SVD_XT_VAE_CONFIG["block_out_channels"]) - 1)  # 8
@@ -454,10 +248,11 @@ def run(args: argparse.Namespace, argv: list[str], device: torch.device) -> int:
     warmup, repeats = args.warmup, args.repeats
     if args.tiny:
         resolution, frames = max(vae_factor, resolution // TINY), math.ceil(frames / TINY)
-    dtype_names = (args.dtypes.split(",") if args.dtypes else
-                   list(INTERPRETER_DTYPES) if args.interpret else ["fp16", "bf16"])
-    if unknown := [d for d in dtype_names if d not in DTYPES]:
-        print(f"bench.kernels: error: unknown dtype(s) {unknown}; choose from {sorted(DTYPES)}", file=sys.stderr)
+    try:  # the short names (fp16, bf16, fp32) key the JSON
+        dtype_names = [Precision.parse(d).value for d in args.dtypes.split(",")] if args.dtypes else (
+            list(INTERPRETER_DTYPES) if args.interpret else ["fp16", "bf16"])
+    except InputError as e:
+        print(f"bench.kernels: error: --dtypes: {e}", file=sys.stderr)
         return 2
     latent = (resolution // vae_factor, resolution // vae_factor)
     tokens = AUDIO2TOKEN_ARGS["context_tokens"]
@@ -537,7 +332,7 @@ def run(args: argparse.Namespace, argv: list[str], device: torch.device) -> int:
         "layers": results,
         "per_unet_call": per_call,
     }
-    out = write_json(args.out or default_out("kernels", device), data)
+    out = write_json(args.out or default_out("kernels", device), data, indent=2)
     print(f"wrote {out}")
     return 0
 

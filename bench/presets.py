@@ -26,15 +26,18 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from bench.common import REPO, BenchError, log
+
+if TYPE_CHECKING:
+    from sonic_rt.graphs import Precision
+
 DEFAULT_CACHE = REPO / "engines" / "bench"
 SPEECH = "Hello, this is a benchmark of the sonic runtime."  # ~2.8 s with espeak-ng: 35 frames, 2 windows per step
 
@@ -53,15 +56,6 @@ WIDTHS_VERSION = 1
 WIDTHS_RESOLUTION = 128
 FULL_VERSION = 1
 FULL_RESOLUTION = 512  # official min_resolution
-
-
-class BenchError(Exception):
-    """A setup problem the user can fix (the message says how)."""
-
-
-def log(message: str) -> None:
-    """Progress line on stderr (results go to stdout and files)."""
-    print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
 def _marker(model_dir: Path) -> dict[str, Any] | None:
@@ -238,7 +232,7 @@ def speech_of_length(cache: Path, seconds: float) -> Path:
 
 
 def ensure_engines(model_dir: Path, out: Path, resolution: int, *, backend: str = "onnxruntime",
-                   precision: str = "fp32", device: torch.device | None = None,
+                   precision: str | Precision = "fp32", device: torch.device | None = None,
                    command: str = "bench") -> tuple[Path, dict[str, list[str]]]:
     """Build (or reuse unchanged) the engines of ``model_dir`` in ``out``: resolution range
     ``resolution..2*resolution`` (opt ``resolution``), one window per UNet call. Returns the directory and
@@ -246,7 +240,7 @@ def ensure_engines(model_dir: Path, out: Path, resolution: int, *, backend: str 
     from export.build_engines import BuildOptions, build_engines
     from sonic_rt.graphs import DimRange, Precision, ShapeOptions
 
-    options = BuildOptions(backend=backend, precision=Precision(precision), shapes=ShapeOptions(
+    options = BuildOptions(backend=backend, precision=Precision.parse(precision), shapes=ShapeOptions(
         resolution=DimRange(resolution, resolution, 2 * resolution)))
     report = build_engines(model_dir, out, options, log=lambda line: log(f"build: {line}"),
                            device=device or torch.device("cpu"), command=command)

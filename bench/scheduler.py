@@ -15,10 +15,7 @@ parallel windows mostly trade intra-op parallelism for inter-window parallelism;
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -28,6 +25,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from bench.common import command_line, log, machine_info, utc_now, write_json
 
 
 def _speech(path: Path, seconds: float) -> Path:
@@ -62,8 +61,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("bench/results/scheduler-cpu.json"))
     args = p.parse_args(argv)
 
-    import torch
-
     import sonic_rt
     from sonic_rt.demo import ensure_demo_model
     from sonic_rt.scheduler import SchedulerConfig
@@ -91,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
                          "s_per_step": round(denoise / args.steps, 3),
                          "frames_per_s": round(result.num_generated_frames / denoise, 3),
                          "max_frame_diff_vs_first": diff})
-            print(f"[bench] lanes {lanes}, windows/call {per_call}: denoise {denoise:.2f} s "
-                  f"({denoise / args.steps:.2f} s/step), max frame diff {diff}", file=sys.stderr)
+            log(f"lanes {lanes}, windows/call {per_call}: denoise {denoise:.2f} s "
+                f"({denoise / args.steps:.2f} s/step), max frame diff {diff}")
     for ranks in [int(v) for v in args.ranks.split(",") if v]:
         out = work / f"r{ranks}.mp4"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_addr",
@@ -108,20 +105,17 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"ranks": ranks, "lanes": 1, "windows_per_call": 1, "denoise_s": denoise,
                      "s_per_step": round(denoise / args.steps, 3), "omp_threads_per_rank": env["OMP_NUM_THREADS"],
                      "wall_s_with_loading": round(time.perf_counter() - started, 2)})
-        print(f"[bench] {ranks} ranks (gloo): denoise {denoise:.2f} s", file=sys.stderr)
+        log(f"{ranks} ranks (gloo): denoise {denoise:.2f} s")
     print(f"{'ranks':>5} {'lanes':>5} {'win/call':>8} {'denoise s':>10} {'s/step':>7} {'frames/s':>9}")
     for r in rows:
         print(f"{r['ranks']:>5} {r['lanes']:>5} {r['windows_per_call']:>8} {r['denoise_s']:>10} {r['s_per_step']:>7} "
               f"{r.get('frames_per_s', ''):>9}")
-    report = {"benchmark": "bench.scheduler (CPU)", "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-              "command": "python -m bench.scheduler " + " ".join(sys.argv[1:] if argv is None else argv),
-              "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-                          "torch_threads": torch.get_num_threads()},
+    report = {"benchmark": "bench.scheduler (CPU)", "date": utc_now(), "command": command_line("bench.scheduler", argv),
+              "machine": machine_info(),
               "settings": {"model": str(model), "audio_seconds": args.seconds, "steps": args.steps},
               "results": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
-    print(f"[bench] wrote {args.out}", file=sys.stderr)
+    write_json(args.out, report)
+    log(f"wrote {args.out}")
     shutil.rmtree(work, ignore_errors=True)
     return 0
 

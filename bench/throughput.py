@@ -43,14 +43,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import datetime as _dt
 import gc
-import json
 import os
-import platform
-import shlex
-import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -62,8 +56,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from bench.presets import (DEFAULT_CACHE, REPO, SIZES, BenchError, Size, bench_threads, check_engines_match,
-                           ensure_engines, ensure_inputs, ensure_model, log, speech_of_length)
+from bench.common import (REPO, RESULTS, BenchError, attention_structure, command_line, count_flops, load_average,
+                          log, machine_info, peak_tflops, utc_now, write_json)
+from bench.presets import (DEFAULT_CACHE, SIZES, Size, bench_threads, check_engines_match, ensure_engines,
+                           ensure_inputs, ensure_model, speech_of_length)
 
 BACKENDS = ("eager", "torch", "reference", "compile", "bf16", "onnxruntime", "tensorrt")
 DEFAULT_BACKENDS = ("eager", "torch", "onnxruntime", "tensorrt")
@@ -73,7 +69,6 @@ OPTIONS = {
     "compile": ({"compile": True}, "compile=True (torch.compile of the UNet)"),
     "bf16": ({"dtype": "bf16"}, "dtype='bf16'"),
 }
-RESULTS = REPO / "bench" / "results"
 RSS_INTERVAL_S = 0.005
 MB = 1024 * 1024
 
@@ -146,13 +141,12 @@ def _release_memory() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# FLOPs and the machine's peak
+# FLOPs (the machine's matmul peak: bench.common.peak_tflops)
 # ---------------------------------------------------------------------------------------------------------
 def unet_call_flops(runtime, resolution: int, frames: int = 25) -> dict[str, int]:
     """FLOPs of one UNet call (3 CFG rows x ``frames``) at ``resolution``, in the official structure
     (REFERENCE attention, masks downsampled per layer) and in the simplified one the runtime and the
     exported graphs run (SDPA), counted on the torch runtime's UNet with random inputs."""
-    from bench.backends import count_flops
     from sonic_rt.models.unet import AudioAttention, level_face_masks
 
     unet = runtime.graphs.unet.module
@@ -166,30 +160,11 @@ def unet_call_flops(runtime, resolution: int, frames: int = 25) -> dict[str, int
     args = (rand(3, frames, unet.config.in_channels, h, w), torch.tensor([0.4], device=device),
             rand(3, 1, dim), rand(3, frames, tokens, dim), torch.tensor([[12.5, 20.0, 24.0]] * 3, device=device))
     masks = [m.to(device, dtype) for m in level_face_masks(mask, (h, w), unet.attention_levels)]
-    before = unet.attention
-    try:
-        with torch.inference_mode():
-            official = count_flops(lambda: unet(*args, face_mask=mask.to(device, dtype)))
-            unet.attention = AudioAttention.SDPA
+    with torch.inference_mode():
+        official = count_flops(lambda: unet(*args, face_mask=mask.to(device, dtype)))  # face_mask=: REFERENCE
+        with attention_structure(unet, AudioAttention.SDPA):
             simplified = count_flops(lambda: unet(*args, *masks))
-    finally:
-        unet.attention = before
     return {"official": official, "simplified": simplified}
-
-
-def peak_tflops(device: torch.device, repeats: int = 5) -> dict[str, Any]:
-    """This machine's dense matmul rate: fp32 2048^3 ``torch.mm`` on CPU, fp16 8192^3 on CUDA (median)."""
-    n, dtype = (8192, torch.float16) if device.type == "cuda" else (2048, torch.float32)
-    a = torch.randn(n, n, generator=torch.Generator().manual_seed(0)).to(device, dtype)
-    times = []
-    for i in range(repeats + 2):
-        start = time.perf_counter()
-        torch.mm(a, a)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i >= 2:
-            times.append(time.perf_counter() - start)
-    return {"tflops": 2 * n ** 3 / statistics.median(times) / 1e12, "gemm": f"{n}^3 {str(dtype)[6:]} torch.mm"}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -365,36 +340,6 @@ def derive(report: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------------------
-def machine_info(device: torch.device) -> dict[str, Any]:
-    """Machine, library versions and git state of this run."""
-    import diffusers
-    import transformers
-
-    info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
-                            "cpu": platform.processor(), "cpu_count": os.cpu_count(),
-                            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-                            "diffusers": diffusers.__version__, "transformers": transformers.__version__}
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    for module in ("onnxruntime", "tensorrt", "triton"):
-        with contextlib.suppress(ImportError):
-            info[module] = __import__(module).__version__
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info.update(gpu=props.name, gpu_memory_gb=round(props.total_memory / 1e9, 1), cuda=torch.version.cuda)
-    with contextlib.suppress(OSError, subprocess.CalledProcessError):
-        info["git_commit"] = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
-                                            text=True, check=True).stdout.strip()
-        info["git_dirty"] = bool(subprocess.run(["git", "-C", str(REPO), "status", "--porcelain"],
-                                                capture_output=True, text=True, check=True).stdout.strip())
-    with contextlib.suppress(OSError):
-        info["load_average"] = [round(x, 2) for x in os.getloadavg()]
-    return info
-
-
 def _f(x: float | None, digits: int = 2) -> str:
     if x is None:
         return "-"
@@ -587,7 +532,7 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     flops = unet_call_flops(torch_rt, args.resolution)
     peak = peak_tflops(device)
     report: dict[str, Any] = {
-        "benchmark": "bench.throughput", "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "benchmark": "bench.throughput", "date": utc_now(),
         "command": command, "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "cuda": device.type == "cuda", "machine": machine_info(device),
         "settings": {"preset": args.preset, "description": preset.size.description, "resolution": args.resolution,
@@ -614,13 +559,13 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
                 log(f"{name}: {seconds:g} s: {entry['timings_s']['total']:.2f} s, {entry['frames_per_s']:.2f} "
                     f"frames/s, peak RSS +{entry['rss_added_mb']:.0f} MB")
     derive(report)
-    report["machine"]["load_average_at_end"] = machine_info(device).get("load_average")
+    report["machine"]["load_average_at_end"] = load_average()
     return report
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
-    command = shlex.join(["python", "-m", "bench.throughput", *(sys.argv[1:] if argv is None else argv)])
+    command = command_line("bench.throughput", argv)
     with bench_threads(args.threads):  # before any runtime is loaded (onnxruntime reads it then)
         from sonic_rt.errors import SonicError
 
@@ -629,9 +574,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (SonicError, BenchError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        report["plot"] = str(plot(report, args.out.with_suffix(".png")))
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
+        report["plot"] = str(plot(report, args.out.with_suffix(".png")))  # plot() makes the directory
+        write_json(args.out, report)
         markdown = format_markdown(report)
         args.out.with_suffix(".md").write_text(markdown)
         print(markdown, flush=True)

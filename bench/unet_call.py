@@ -49,11 +49,10 @@ import sys
 
 import torch
 
-from bench.kernels import (CFG_ROWS, TINY, BenchError, add_common_arguments, cpu_threads_for, default_out,
-                           device_name, face_box_mask, fmt_table, parse_common, run_metadata, select_device,
-                           tiny_heads, time_ms, write_json)
+from bench.common import (CFG_ROWS, TINY, add_common_arguments, default_out, device_name, face_box_mask, flop_counts,
+                          fmt_table, gpu_main, parse_common, run_metadata, tiny_heads, time_ms, write_json)
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = ("fp16", "bf16")  # Precision names (the efficiency figure is against the fp16/bf16 peak)
 SIGMA = 5.0          # a mid-schedule noise level; timestep = 0.25 * ln(sigma) (cost does not depend on it)
 FPS_ID = 12.5        # added_time_ids = (fps, bucket0, bucket1), as the runtime builds them
 BUCKETS = (20.0, 24.0)
@@ -108,32 +107,26 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    try:
-        device = select_device(args.interpret)
-        from sonic_rt.models.unet import AudioAttention
+    return gpu_main("bench.unet_call", argv, parse_args, run)
 
+
+def run(args: argparse.Namespace, argv: list[str], device: torch.device) -> int:
+    """The benchmark proper, on a selected device (see :func:`main`); exit status 2 for unknown ``--impls``."""
+    from sonic_rt.graphs.spec import Precision
+    from sonic_rt.models.unet import AudioAttention, SonicUNet
+
+    try:
         impls = [AudioAttention(name) for name in args.impls.split(",")]
-    except BenchError as e:
-        print(f"bench.unet_call: error: {e}", file=sys.stderr)
-        return 2
     except ValueError as e:
         print(f"bench.unet_call: error: --impls: {e}; choose from {[a.value for a in AudioAttention]}",
               file=sys.stderr)
         return 2
+    # REFERENCE first: the baseline of every speedup and difference
     impls = [AudioAttention.REFERENCE] + [a for a in dict.fromkeys(impls) if a is not AudioAttention.REFERENCE]
-    with cpu_threads_for(device):
-        return run(args, argv, device, impls)
-
-
-def run(args: argparse.Namespace, argv: list[str], device: torch.device, impls: list) -> int:
-    """The benchmark proper, on a selected device, ``impls`` starting with REFERENCE (see :func:`main`)."""
-    from sonic_rt.models.unet import AudioAttention, SonicUNet
 
     # 1. Settings
     config = unet_config(args.tiny)
-    dtype = DTYPES[args.dtype]
+    dtype = Precision(args.dtype).torch_dtype
     frames = args.frames or config["num_frames"]
     resolution = args.resolution
     warmup, repeats = args.warmup, args.repeats
@@ -156,14 +149,7 @@ def run(args: argparse.Namespace, argv: list[str], device: torch.device, impls: 
 
     with torch.inference_mode():
         # 3. FLOPs of one call, counted once on the reference implementation
-        from torch.utils.flop_counter import FlopCounterMode
-
-        counter = FlopCounterMode(display=False)
-        with counter:
-            call(AudioAttention.REFERENCE)
-        flops = counter.get_total_flops()
-        by_op = {str(op): n for op, n in sorted(counter.get_flop_counts().get("Global", {}).items(),
-                                                key=lambda kv: -kv[1])}
+        flops, by_op = flop_counts(lambda: call(AudioAttention.REFERENCE))
 
         # 4. Each implementation: its output, then warm-up and timed calls
         results, reference = {}, None
@@ -226,7 +212,7 @@ def run(args: argparse.Namespace, argv: list[str], device: torch.device, impls: 
         "reference_max_abs_v": reference_max,
         "implementations": results,
     }
-    out = write_json(args.out or default_out("unet_call", device), data)
+    out = write_json(args.out or default_out("unet_call", device), data, indent=2)
     print(f"wrote {out}")
     return 0
 
