@@ -32,11 +32,12 @@ from typing import Callable
 
 import torch
 
+from .graphs.spec import Precision
+
 CACHE_FILE = "triton_selfcheck.json"
 CACHE_VERSION = 1
 # The low-precision rule of docs/testing.md (same constants as tests/test_kernels.py).
 ATOL = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 1e-5}
-DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 _MEMO: dict[str, "SelfCheck"] = {}
 _LOCK = threading.Lock()
@@ -144,7 +145,7 @@ def run_selfcheck(device: torch.device, head_dims: set[int] | tuple[int, ...] = 
     for d in dims:
         for dtype in dtypes:
             for kind in ("spatial", "temporal"):
-                name = f"{kind} {DTYPE_NAMES[dtype]} d{d}"
+                name = f"{kind} {Precision.from_torch(dtype).value} d{d}"
                 if kind == "spatial":
                     q, k, v, clip_v = _problem(3, side * side, tokens, heads, d, device, seed=d)
                     mask = mask32
