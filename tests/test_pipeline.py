@@ -143,3 +143,22 @@ def test_stage_timer_orders_stages_by_the_pipeline():
             pass
     assert list(timer.ordered()) == ["preprocess", "decode", "encode", "extra"]
     assert STAGES[0] == "preprocess" and STAGES[-1] == "total"
+
+
+def test_dtype_names_come_from_precision_and_bf16_without_native_support_is_said_to_be_slow(monkeypatch, capsys):
+    import torch
+
+    from sonic_rt.errors import InputError
+    from sonic_rt.pipeline import components
+
+    cpu = torch.device("cpu")
+    assert components.default_dtype(None, cpu) is torch.float32
+    assert components.default_dtype("float16", cpu) is torch.float16
+    with pytest.raises(InputError, match="unknown dtype 'fp8'"):
+        components.default_dtype("fp8", cpu)
+    monkeypatch.setattr(components, "cpu_has_native_bf16", lambda: False)
+    assert components.default_dtype("bf16", cpu) is torch.bfloat16
+    assert "no native bf16" in capsys.readouterr().err
+    monkeypatch.setattr(components, "cpu_has_native_bf16", lambda: True)
+    components.default_dtype("bf16", cpu)
+    assert capsys.readouterr().err == ""

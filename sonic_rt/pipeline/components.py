@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import torch
 from ..backends import Graphs
 from ..errors import InputError
 from ..face import load_face_detector
+from ..graphs import Precision
 from ..manifest import is_engine_dir, open_engine_dir
 from .options import DEFAULT_MIN_RESOLUTION
 
@@ -132,8 +134,8 @@ def load_components(model_dir: str | os.PathLike, device: str | torch.device | N
 
 
 def _load_engines(model_dir, device, dtype, providers) -> Components:
-    requested = parse_dtype(dtype)
-    precision = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(requested)
+    requested = Precision.parse(dtype)
+    precision = requested.value if requested is not None else None
     engine = open_engine_dir(model_dir, default_device(device) if device is not None else None, precision,
                              providers)
     return Components(graphs=engine.graphs, device=engine.graphs.unet.device,
@@ -175,27 +177,28 @@ def default_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
-def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    """``"fp16"``/``"float16"``, ``"bf16"``/``"bfloat16"``, ``"fp32"``/``"float32"`` or a torch dtype -> the
-    torch dtype (None stays None).
+def default_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """The weights' dtype: ``dtype`` (a name or torch dtype, :meth:`Precision.parse`), or fp16 on CUDA (official)
+    and fp32 on the CPU when None. bf16 on a CPU without native bf16 instructions is allowed but said to be slow.
 
     Raises:
-        InputError: an unknown name.
+        InputError: an unknown dtype name.
     """
-    if isinstance(dtype, str):
-        names = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16,
-                 "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
-        if dtype not in names:
-            raise InputError(f"unknown dtype {dtype!r}; use one of {', '.join(names)}")
-        dtype = names[dtype]
-    return dtype
+    precision = Precision.parse(dtype) or (Precision.FP16 if device.type == "cuda" else Precision.FP32)
+    if precision is Precision.BF16 and device.type == "cpu" and not cpu_has_native_bf16():
+        print("sonic_rt: this CPU has no native bf16 instructions (avx512_bf16 or AMX): bf16 will be slower than "
+              "fp32 here", file=sys.stderr, flush=True)
+    return precision.torch_dtype
 
 
-def default_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """The weights' dtype: ``dtype``, or fp16 on CUDA (official) and fp32 on the CPU when None."""
-    if dtype is None:
-        return torch.float16 if device.type == "cuda" else torch.float32  # official: fp16 on GPU
-    return parse_dtype(dtype)
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU advertises native bf16 arithmetic (``avx512_bf16`` or ``amx_bf16`` in /proc/cpuinfo);
+    True where that cannot be read (not Linux), so nothing is said there."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return True
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
-__all__ = ["Components", "load_components", "default_device", "parse_dtype", "default_dtype"]
+__all__ = ["Components", "load_components", "default_device", "default_dtype", "cpu_has_native_bf16"]
