@@ -46,10 +46,30 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from bench.common import (REPO, RESULTS, BenchError, attention_structure, command_line, count_flops, load_average,
-                          log, machine_info, peak_tflops, utc_now, write_json)
-from bench.presets import (DEFAULT_CACHE, SPEECH, Size, bench_threads, check_engines_match, ensure_engines,
-                           ensure_inputs, ensure_model)
+from bench.common import (
+    REPO,
+    RESULTS,
+    BenchError,
+    attention_structure,
+    command_line,
+    count_flops,
+    load_average,
+    log,
+    machine_info,
+    peak_tflops,
+    utc_now,
+    write_json,
+)
+from bench.presets import (
+    DEFAULT_CACHE,
+    SPEECH,
+    Size,
+    bench_threads,
+    check_engines_match,
+    ensure_engines,
+    ensure_inputs,
+    ensure_model,
+)
 from bench.presets import SIZES as ALL_SIZES
 from sonic_rt.runtime import STAGES
 
@@ -104,17 +124,24 @@ def bench_graphs(runtimes: dict, names: Sequence[str], repeats: int, budget_s: f
     for name in names:
         graphs = {backend: runtimes[backend].graphs.graphs[name] for backend in BACKENDS}
         inputs = graphs["onnxruntime"].spec.sample_inputs("opt", seed=0)
-        entry: dict[str, Any] = {"inputs": {t.name: list(x.shape) for t, x in
-                                            zip(graphs["onnxruntime"].spec.inputs, inputs)}}
+        entry: dict[str, Any] = {
+            "inputs": {t.name: list(x.shape) for t, x in zip(graphs["onnxruntime"].spec.inputs, inputs)}
+        }
         outputs = {}
         for backend, graph in graphs.items():
             outputs[backend], warm, times = time_calls(lambda: graph(*inputs), repeats, budget_s)
-            entry[backend] = {"median_s": statistics.median(times), "times_s": times, "warmup_s": warm,
-                              "repeats": len(times)}
+            entry[backend] = {
+                "median_s": statistics.median(times),
+                "times_s": times,
+                "warmup_s": warm,
+                "repeats": len(times),
+            }
         entry["speedup"] = entry["torch"]["median_s"] / entry["onnxruntime"]["median_s"]
         entry["max_abs_diff"], entry["max_abs_torch"] = max_abs_diff(outputs["torch"], outputs["onnxruntime"])
-        log(f"  graph {name}: torch {entry['torch']['median_s']:.4f} s, onnxruntime "
-            f"{entry['onnxruntime']['median_s']:.4f} s (x{entry['speedup']:.2f}), max|diff| {entry['max_abs_diff']:.2g}")
+        log(
+            f"  graph {name}: torch {entry['torch']['median_s']:.4f} s, onnxruntime "
+            f"{entry['onnxruntime']['median_s']:.4f} s (x{entry['speedup']:.2f}), max|diff| {entry['max_abs_diff']:.2g}"
+        )
         results[name] = entry
     return results
 
@@ -122,7 +149,7 @@ def bench_graphs(runtimes: dict, names: Sequence[str], repeats: int, budget_s: f
 def psnr(a: np.ndarray, b: np.ndarray) -> float | None:
     """PSNR in dB of two uint8 videos (None when identical)."""
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return None if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
+    return None if mse == 0 else 10 * math.log10(255.0**2 / mse)
 
 
 def bench_video(runtimes: dict, image: Path, audio: Path, steps: int, resolution: int) -> dict[str, Any]:
@@ -144,14 +171,20 @@ def bench_video(runtimes: dict, image: Path, audio: Path, steps: int, resolution
         n = result.num_generated_frames
         config = SamplingConfig()  # animate's defaults: 25-frame windows
         unet_calls = steps * len(window_starts(n, config.frames_per_window, 0, config.shift_offset))
-        entry[backend] = {"timings_s": dict(result.timings), "frames_per_s": n / result.timings["total"],
-                          "unet_calls": unet_calls, "denoise_per_unet_call_s": result.timings["denoise"] / unet_calls}
+        entry[backend] = {
+            "timings_s": dict(result.timings),
+            "frames_per_s": n / result.timings["total"],
+            "unet_calls": unet_calls,
+            "denoise_per_unet_call_s": result.timings["denoise"] / unet_calls,
+        }
         entry.update(num_generated_frames=n, size=[result.width, result.height])
         log(f"  video {backend}: {result.timings['total']:.2f} s, {entry[backend]['frames_per_s']:.2f} frames/s")
     entry["audio_s"] = len(load_audio(audio, SAMPLE_RATE)) / SAMPLE_RATE
-    entry["speedup"] = {stage: entry["torch"]["timings_s"][stage] / entry["onnxruntime"]["timings_s"][stage]
-                        for stage in STAGES if stage in entry["torch"]["timings_s"]
-                        and entry["onnxruntime"]["timings_s"].get(stage)}
+    entry["speedup"] = {
+        stage: entry["torch"]["timings_s"][stage] / entry["onnxruntime"]["timings_s"][stage]
+        for stage in STAGES
+        if stage in entry["torch"]["timings_s"] and entry["onnxruntime"]["timings_s"].get(stage)
+    }
     a, b = frames["torch"], frames["onnxruntime"]
     entry["frames_max_abs_diff"] = int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
     entry["frames_psnr_db"] = psnr(a, b)
@@ -179,11 +212,17 @@ def bench_size(size: Size, args, image_audio: tuple[Path, Path] | None, gemm: fl
 
     # 2. Both runtimes, loaded once
     log(f"{size.name}: loading the torch runtime ({model_dir}) and the onnxruntime runtime ({engine_dir})")
-    runtimes = {"torch": sonic_rt.Runtime(model_dir, device="cpu"),
-                "onnxruntime": sonic_rt.Runtime(engine_dir, device="cpu")}
-    result: dict[str, Any] = {"description": size.description, "model_dir": str(model_dir),
-                              "engine_dir": str(engine_dir), "build": build,
-                              "unet_config": dict(runtimes["torch"].graphs.unet.module.config)}
+    runtimes = {
+        "torch": sonic_rt.Runtime(model_dir, device="cpu"),
+        "onnxruntime": sonic_rt.Runtime(engine_dir, device="cpu"),
+    }
+    result: dict[str, Any] = {
+        "description": size.description,
+        "model_dir": str(model_dir),
+        "engine_dir": str(engine_dir),
+        "build": build,
+        "unet_config": dict(runtimes["torch"].graphs.unet.module.config),
+    }
 
     # 3. Per graph
     names = GRAPH_NAMES if args.graphs is None else args.graphs
@@ -197,11 +236,14 @@ def bench_size(size: Size, args, image_audio: tuple[Path, Path] | None, gemm: fl
         flops = unet_flops(runtimes["torch"].graphs.unet, inputs)
         rates = {b: flops[b] / unet[b]["median_s"] / 1e9 for b in BACKENDS}
         result["efficiency"] = {
-            "unet_flops": flops, "unet_gflops_per_s": rates, "gemm_gflops_per_s": gemm,
+            "unet_flops": flops,
+            "unet_gflops_per_s": rates,
+            "gemm_gflops_per_s": gemm,
             "fraction_of_gemm": {b: rates[b] / gemm for b in BACKENDS},
             "note": "FLOPs counted with torch FlopCounterMode on the torch graph at the same inputs, once in the "
-                    "official attention structure (torch) and once in the exported one (onnxruntime); "
-                    "gemm = fp32 torch.mm 2048^3 on this machine"}
+            "official attention structure (torch) and once in the exported one (onnxruntime); "
+            "gemm = fp32 torch.mm 2048^3 on this machine",
+        }
 
     # 5. Whole video
     if image_audio is not None:
@@ -223,8 +265,15 @@ def _fmt(x: float | None) -> str:
 def format_table(name: str, result: dict[str, Any]) -> str:
     rows = []
     for graph, e in result["graphs"].items():
-        rows.append((f"graph {graph}", e["torch"]["median_s"], e["onnxruntime"]["median_s"], e["speedup"],
-                     f"{e['max_abs_diff']:.2g}"))
+        rows.append(
+            (
+                f"graph {graph}",
+                e["torch"]["median_s"],
+                e["onnxruntime"]["median_s"],
+                e["speedup"],
+                f"{e['max_abs_diff']:.2g}",
+            )
+        )
     video = result.get("video")
     if video:
         t, o = video["torch"]["timings_s"], video["onnxruntime"]["timings_s"]
@@ -232,13 +281,20 @@ def format_table(name: str, result: dict[str, Any]) -> str:
             if stage in t or stage in o:
                 speed = video["speedup"].get(stage)
                 rows.append((f"video {stage}", t.get(stage), o.get(stage), speed, ""))
-        rows.append(("video frames/s", video["torch"]["frames_per_s"], video["onnxruntime"]["frames_per_s"],
-                     video["onnxruntime"]["frames_per_s"] / video["torch"]["frames_per_s"],
-                     f"{video['frames_max_abs_diff']} (PSNR {_psnr_text(video['frames_psnr_db'])})"))
+        rows.append(
+            (
+                "video frames/s",
+                video["torch"]["frames_per_s"],
+                video["onnxruntime"]["frames_per_s"],
+                video["onnxruntime"]["frames_per_s"] / video["torch"]["frames_per_s"],
+                f"{video['frames_max_abs_diff']} (PSNR {_psnr_text(video['frames_psnr_db'])})",
+            )
+        )
     eff = result.get("efficiency")
     if eff:
-        rows.append(("UNet GFLOP/s", eff["unet_gflops_per_s"]["torch"], eff["unet_gflops_per_s"]["onnxruntime"],
-                     None, ""))
+        rows.append(
+            ("UNet GFLOP/s", eff["unet_gflops_per_s"]["torch"], eff["unet_gflops_per_s"]["onnxruntime"], None, "")
+        )
     header = ("stage/graph", "torch s", "onnxruntime s", "speedup", "max|diff|")
     lines = [f"{header[0]:<22} {header[1]:>10} {header[2]:>14} {header[3]:>8}  {header[4]}"]
     for label, a, b, speed, diff in rows:
@@ -250,14 +306,17 @@ def format_table(name: str, result: dict[str, Any]) -> str:
         lines.append(f"{label:<22} {a_s:>10} {b_s:>14} {speed_s:>8}  {diff}")
     title = f"== {name}: {result['description']}"
     if video:
-        title += (f"; {video['audio_s']:.2f} s of speech = {video['num_generated_frames']} frames, "
-                  f"{video['steps']} steps")
+        title += (
+            f"; {video['audio_s']:.2f} s of speech = {video['num_generated_frames']} frames, {video['steps']} steps"
+        )
     lines.insert(0, title + " ==")
     if eff:
         f = eff["fraction_of_gemm"]
-        lines.append(f"efficiency: UNet call at {eff['unet_gflops_per_s']['torch']:.1f} GFLOP/s (torch, "
-                     f"{f['torch']:.0%} of this CPU's fp32 GEMM rate {eff['gemm_gflops_per_s']:.0f} GFLOP/s) vs "
-                     f"{eff['unet_gflops_per_s']['onnxruntime']:.1f} GFLOP/s (onnxruntime, {f['onnxruntime']:.0%})")
+        lines.append(
+            f"efficiency: UNet call at {eff['unet_gflops_per_s']['torch']:.1f} GFLOP/s (torch, "
+            f"{f['torch']:.0%} of this CPU's fp32 GEMM rate {eff['gemm_gflops_per_s']:.0f} GFLOP/s) vs "
+            f"{eff['unet_gflops_per_s']['onnxruntime']:.1f} GFLOP/s (onnxruntime, {f['onnxruntime']:.0%})"
+        )
     return "\n".join(lines)
 
 
@@ -271,10 +330,10 @@ def _psnr_text(value: float | None) -> str:
 def parser() -> argparse.ArgumentParser:
     from sonic_rt.graphs.modules import GRAPH_NAMES
 
-    sizes = "\n".join(f"  {s.name:<5} {s.description}; video at {s.steps} steps"
-                      for s in SIZES.values())
+    sizes = "\n".join(f"  {s.name:<5} {s.description}; video at {s.steps} steps" for s in SIZES.values())
     p = argparse.ArgumentParser(
-        prog="python -m bench.backends", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="python -m bench.backends",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description=f"""\
 Time the torch backend (the PyTorch reference) against the onnxruntime backend (exported fp32 ONNX,
 CPU execution provider) on CPU, in one process, for each model size:
@@ -291,30 +350,71 @@ to stdout, progress to stderr, all numbers with machine, date and command to --o
 
 sizes (random-weight checkpoints in the official layout, cached in --cache):
 {sizes}""",
-        epilog="example: python -m bench.backends --sizes demo --threads 2 --out bench/results/backends-cpu.json")
-    p.add_argument("--sizes", default=",".join(SIZES), help=f"comma-separated model sizes from {', '.join(SIZES)} "
-                   "(default: all)")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps of the measured whole-video run "
-                   "(default per size: " + ", ".join(f"{s.name} {s.steps}" for s in SIZES.values()) + ")")
-    p.add_argument("--repeats", type=int, default=5, help="timed calls per graph and backend after the warm-up; "
-                   "the median is reported (default 5)")
-    p.add_argument("--budget", type=float, default=12.0, help="seconds per graph and backend: a graph whose call "
-                   "is slower gets fewer repeats, at least 1 (default 12)")
-    p.add_argument("--graphs", default="all", help=f"comma-separated graphs to time from {', '.join(GRAPH_NAMES)}, "
-                   "'all' (default) or 'none'")
-    p.add_argument("--video", action=argparse.BooleanOptionalAction, default=True,
-                   help="run the whole-video comparison (needs espeak-ng; default: yes)")
-    p.add_argument("--threads", type=int, default=None, help="threads for both backends: torch.set_num_threads and "
-                   "SONIC_RT_ORT_THREADS (default: each library's own default)")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file (default: "
-                   f"{DEFAULT_OUT.relative_to(REPO)})")
-    p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where checkpoints, engines and inputs are "
-                   f"cached (default: {DEFAULT_CACHE.relative_to(REPO)})")
-    p.add_argument("--model", type=Path, default=None, help="use this checkpoint directory instead of the cached "
-                   "one (one size only)")
-    p.add_argument("--engines", type=Path, default=None, help="use this onnxruntime engine directory (built if it "
-                   "is not one yet) instead of the cached one (one size only); it must be built from the same "
-                   "weights")
+        epilog="example: python -m bench.backends --sizes demo --threads 2 --out bench/results/backends-cpu.json",
+    )
+    p.add_argument(
+        "--sizes", default=",".join(SIZES), help=f"comma-separated model sizes from {', '.join(SIZES)} (default: all)"
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="denoising steps of the measured whole-video run "
+        "(default per size: " + ", ".join(f"{s.name} {s.steps}" for s in SIZES.values()) + ")",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=5,
+        help="timed calls per graph and backend after the warm-up; the median is reported (default 5)",
+    )
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=12.0,
+        help="seconds per graph and backend: a graph whose call is slower gets fewer repeats, at least 1 (default 12)",
+    )
+    p.add_argument(
+        "--graphs",
+        default="all",
+        help=f"comma-separated graphs to time from {', '.join(GRAPH_NAMES)}, 'all' (default) or 'none'",
+    )
+    p.add_argument(
+        "--video",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the whole-video comparison (needs espeak-ng; default: yes)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="threads for both backends: torch.set_num_threads and "
+        "SONIC_RT_ORT_THREADS (default: each library's own default)",
+    )
+    p.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help=f"JSON results file (default: {DEFAULT_OUT.relative_to(REPO)})"
+    )
+    p.add_argument(
+        "--cache",
+        type=Path,
+        default=DEFAULT_CACHE,
+        help=f"where checkpoints, engines and inputs are cached (default: {DEFAULT_CACHE.relative_to(REPO)})",
+    )
+    p.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="use this checkpoint directory instead of the cached one (one size only)",
+    )
+    p.add_argument(
+        "--engines",
+        type=Path,
+        default=None,
+        help="use this onnxruntime engine directory (built if it "
+        "is not one yet) instead of the cached one (one size only); it must be built from the same "
+        "weights",
+    )
     return p
 
 
@@ -357,15 +457,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             machine = machine_info()
             machine["load_average_at_start"] = machine.pop("load_average")
             report: dict[str, Any] = {
-                "benchmark": "bench.backends: torch vs onnxruntime (CPU)", "date": utc_now(),
-                "command": command, "machine": machine,
-                "settings": {"sizes": args.sizes, "steps": {s: args.steps or SIZES[s].steps for s in args.sizes},
-                             "repeats": args.repeats, "warmup": WARMUP, "budget_s": args.budget,
-                             "graphs": args.graphs, "video": args.video, "threads": args.threads,
-                             "inputs": {"image": "skimage.data.astronaut", "speech": f"espeak-ng: {SPEECH!r}"},
-                             "onnxruntime": "fp32 engines, CPUExecutionProvider",
-                             "speedup": "torch seconds / onnxruntime seconds"},
-                "sizes": {}}
+                "benchmark": "bench.backends: torch vs onnxruntime (CPU)",
+                "date": utc_now(),
+                "command": command,
+                "machine": machine,
+                "settings": {
+                    "sizes": args.sizes,
+                    "steps": {s: args.steps or SIZES[s].steps for s in args.sizes},
+                    "repeats": args.repeats,
+                    "warmup": WARMUP,
+                    "budget_s": args.budget,
+                    "graphs": args.graphs,
+                    "video": args.video,
+                    "threads": args.threads,
+                    "inputs": {"image": "skimage.data.astronaut", "speech": f"espeak-ng: {SPEECH!r}"},
+                    "onnxruntime": "fp32 engines, CPUExecutionProvider",
+                    "speedup": "torch seconds / onnxruntime seconds",
+                },
+                "sizes": {},
+            }
             log(f"measuring the fp32 GEMM rate (2048^3 torch.mm, {torch.get_num_threads()} threads)")
             gemm = peak_tflops(torch.device("cpu"), repeats=max(args.repeats, 3))["tflops"] * 1e3  # GFLOP/s
             for name in args.sizes:

@@ -55,9 +55,11 @@ def command_line(program: str, argv: Sequence[str] | None) -> str:
 def git_state() -> tuple[str | None, bool | None]:
     """(HEAD commit, whether the work tree has changes) of the checkout; (None, None) outside git."""
     try:
+
         def git(*args: str) -> str:
-            return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, check=True,
-                                  timeout=10).stdout.strip()
+            return subprocess.run(
+                ["git", "-C", str(REPO), *args], capture_output=True, text=True, check=True, timeout=10
+            ).stdout.strip()
 
         return git("rev-parse", "HEAD") or None, bool(git("status", "--porcelain"))
     except (OSError, subprocess.SubprocessError):
@@ -84,11 +86,15 @@ def cpu_name() -> str:
 def machine_info(device: torch.device | None = None) -> dict[str, Any]:
     """Machine, library versions, thread counts, git state and load average of this run (``device``: adds the
     GPU's name, memory and CUDA version when it is a CUDA device)."""
-    info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
-                            "cpu": cpu_name(), "cpu_count": os.cpu_count(),
-                            "cpus_usable": (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                                            else os.cpu_count()),
-                            "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
     for module in ("diffusers", "transformers", "onnxruntime", "tensorrt", "triton"):
         with contextlib.suppress(ImportError):
             info[module] = __import__(module).__version__
@@ -117,7 +123,7 @@ def peak_tflops(device: torch.device, repeats: int = 5, warmup: int = 2) -> dict
             torch.cuda.synchronize(device)
         if i >= warmup:
             times.append(time.perf_counter() - start)
-    return {"tflops": 2 * n ** 3 / statistics.median(times) / 1e12, "gemm": f"{n}^3 {str(dtype)[6:]} torch.mm"}
+    return {"tflops": 2 * n**3 / statistics.median(times) / 1e12, "gemm": f"{n}^3 {str(dtype)[6:]} torch.mm"}
 
 
 def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
@@ -201,13 +207,17 @@ def select_device(interpret: bool) -> torch.device:
     imported = KERNEL_MODULE in sys.modules
     if interpret:
         if imported and os.environ.get("TRITON_INTERPRET") != "1":
-            raise BenchError(f"--interpret: {KERNEL_MODULE} was already imported without TRITON_INTERPRET=1; "
-                             "run the program in a fresh process")
+            raise BenchError(
+                f"--interpret: {KERNEL_MODULE} was already imported without TRITON_INTERPRET=1; "
+                "run the program in a fresh process"
+            )
         os.environ["TRITON_INTERPRET"] = "1"
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise BenchError("no CUDA GPU available (torch.cuda.is_available() is False): this benchmark needs one; "
-                         "use --interpret --tiny to check the program logic on CPU")
+        raise BenchError(
+            "no CUDA GPU available (torch.cuda.is_available() is False): this benchmark needs one; "
+            "use --interpret --tiny to check the program logic on CPU"
+        )
     if imported and os.environ.get("TRITON_INTERPRET") == "1":
         raise BenchError(f"{KERNEL_MODULE} was imported under TRITON_INTERPRET=1: unset it to benchmark the GPU")
     return torch.device("cuda", torch.cuda.current_device())
@@ -228,8 +238,9 @@ def cpu_threads_for(device: torch.device) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int,
-            queue_behind_sleep: bool = False) -> list[float]:
+def time_ms(
+    fn: Callable[[], object], device: torch.device, warmup: int, repeats: int, queue_behind_sleep: bool = False
+) -> list[float]:
     """Device time of ``repeats`` calls of ``fn`` in ms, after ``warmup`` untimed calls (synchronises).
 
     On CUDA each call is bracketed by ``torch.cuda.Event`` records on the current stream. With
@@ -305,7 +316,7 @@ def face_box_mask(resolution: int, area: float) -> torch.Tensor:
     side = max(1, round(math.sqrt(area) * resolution))
     top = (resolution - side) // 2
     mask = torch.zeros(1, 1, resolution, resolution)
-    mask[..., top:top + side, top:top + side] = 1.0
+    mask[..., top : top + side, top : top + side] = 1.0
     return mask
 
 
@@ -314,23 +325,42 @@ def add_common_arguments(p: argparse.ArgumentParser, program: str, warmup: int, 
     ``warmup`` / ``repeats`` are the program's defaults, shown in the help."""
     p.add_argument("--resolution", type=int, default=RESOLUTION, help="square crop in pixels (default 512)")
     p.add_argument("--frames", type=int, default=None, help="frames per window (default: SVD-xt num_frames, 25)")
-    p.add_argument("--warmup", type=int, default=None,
-                   help=f"untimed calls before timing (default {warmup}; {TINY_WARMUP} tiny)")
-    p.add_argument("--repeats", type=int, default=None,
-                   help=f"timed calls, the median is reported (default {repeats}; {TINY_REPEATS} tiny)")
-    p.add_argument("--face-area", type=float, default=FACE_AREA,
-                   help="fraction of the frame covered by the square face box (default 0.35)")
-    p.add_argument("--peak-tflops", type=float, default=PEAK_TFLOPS,
-                   help="dense fp16/bf16 peak for the efficiency figure "
-                        "(default 800, docs/performance.md's H100 figure)")
+    p.add_argument(
+        "--warmup", type=int, default=None, help=f"untimed calls before timing (default {warmup}; {TINY_WARMUP} tiny)"
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help=f"timed calls, the median is reported (default {repeats}; {TINY_REPEATS} tiny)",
+    )
+    p.add_argument(
+        "--face-area",
+        type=float,
+        default=FACE_AREA,
+        help="fraction of the frame covered by the square face box (default 0.35)",
+    )
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=PEAK_TFLOPS,
+        help="dense fp16/bf16 peak for the efficiency figure (default 800, docs/performance.md's H100 figure)",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=None,
-                   help=f"JSON path (default bench/results/{program}-<gpu-name>.json)")
-    p.add_argument("--tiny", action="store_true",
-                   help=f"shapes / {TINY} (resolution, frames, heads; head dim 64 kept), {TINY_WARMUP} warm-up + "
-                        f"{TINY_REPEATS} timed calls: a quick logic check")
-    p.add_argument("--interpret", action="store_true",
-                   help="no GPU: set TRITON_INTERPRET=1 and run on CPU in the Triton interpreter (implies --tiny)")
+    p.add_argument(
+        "--out", type=Path, default=None, help=f"JSON path (default bench/results/{program}-<gpu-name>.json)"
+    )
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        help=f"shapes / {TINY} (resolution, frames, heads; head dim 64 kept), {TINY_WARMUP} warm-up + "
+        f"{TINY_REPEATS} timed calls: a quick logic check",
+    )
+    p.add_argument(
+        "--interpret",
+        action="store_true",
+        help="no GPU: set TRITON_INTERPRET=1 and run on CPU in the Triton interpreter (implies --tiny)",
+    )
 
 
 def parse_common(p: argparse.ArgumentParser, argv: list[str], warmup: int, repeats: int) -> argparse.Namespace:
@@ -343,8 +373,12 @@ def parse_common(p: argparse.ArgumentParser, argv: list[str], warmup: int, repea
     return args
 
 
-def gpu_main(program: str, argv: list[str] | None, parse: Callable[[list[str]], argparse.Namespace],
-             run: Callable[[argparse.Namespace, list[str], torch.device], int]) -> int:
+def gpu_main(
+    program: str,
+    argv: list[str] | None,
+    parse: Callable[[list[str]], argparse.Namespace],
+    run: Callable[[argparse.Namespace, list[str], torch.device], int],
+) -> int:
     """``main`` of a GPU program: parse ``argv``, select the device (exit status 2 with a one-line message
     when it cannot run here), then ``run(args, argv, device)`` (single-threaded on the CPU)."""
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -34,8 +34,18 @@ from contextlib import ExitStack
 import torch
 
 from sonic_rt import media
-from sonic_rt.audio_features import (AUDIO_FRAMES_PER_FRAME, BUCKET_OFFSET, BUCKET_PAD, BUCKET_SCALE, BUCKET_WINDOW,
-                                     SAMPLE_RATE, TOKEN_PAD, TOKEN_WINDOW, TOKENS_PER_FRAME, WHISPER_CHUNK_SAMPLES)
+from sonic_rt.audio_features import (
+    AUDIO_FRAMES_PER_FRAME,
+    BUCKET_OFFSET,
+    BUCKET_PAD,
+    BUCKET_SCALE,
+    BUCKET_WINDOW,
+    SAMPLE_RATE,
+    TOKEN_PAD,
+    TOKEN_WINDOW,
+    TOKENS_PER_FRAME,
+    WHISPER_CHUNK_SAMPLES,
+)
 from sonic_rt.errors import InputError
 from sonic_rt.pipeline.options import AnimateOptions
 from sonic_rt.pipeline.output import audio_for_mux, output_fps, to_uint8
@@ -61,22 +71,25 @@ class EagerPipeline:
 
     def __init__(self, runtime: Runtime):
         if runtime.graphs.backend.is_exported:
-            raise InputError(f"the eager baseline needs a torch-backend Runtime (weights), not {runtime.backend} "
-                             f"engines ({runtime.source})")
+            raise InputError(
+                f"the eager baseline needs a torch-backend Runtime (weights), not {runtime.backend} "
+                f"engines ({runtime.source})"
+            )
         g = runtime.graphs
         self.runtime = runtime
         self.device, self.dtype, self.config = runtime.device, runtime.dtype, g.config
-        self.whisper = g.whisper_encoder.module.encoder            # transformers WhisperEncoder, fp32
+        self.whisper = g.whisper_encoder.module.encoder  # transformers WhisperEncoder, fp32
         self.image_encoder = g.image_encoder.module.image_encoder  # CLIPVisionModelWithProjection
-        self.vae = g.vae_encoder.module.vae                         # AutoencoderKLTemporalDecoder
-        self.audio2token = g.audio2token.module.audio2token         # fp32
-        self.audio2bucket = g.audio2bucket.module.audio2bucket      # fp32
-        self.unet = g.unet.module                                   # SonicUNet
-        self.rife = g.rife.module.rife                              # IFNet, fp32
+        self.vae = g.vae_encoder.module.vae  # AutoencoderKLTemporalDecoder
+        self.audio2token = g.audio2token.module.audio2token  # fp32
+        self.audio2bucket = g.audio2bucket.module.audio2bucket  # fp32
+        self.unet = g.unet.module  # SonicUNet
+        self.rife = g.rife.module.rife  # IFNet, fp32
 
     @torch.inference_mode()
-    def animate(self, image, audio, out: str | os.PathLike | None = None, options: AnimateOptions | None = None,
-                **overrides) -> AnimateResult:
+    def animate(
+        self, image, audio, out: str | os.PathLike | None = None, options: AnimateOptions | None = None, **overrides
+    ) -> AnimateResult:
         """Animate like :meth:`sonic_rt.Runtime.animate` (same options, defaults and result), the official way.
 
         ``options`` and ``**overrides`` are those of the runtime (:class:`sonic_rt.AnimateOptions`); there is
@@ -106,12 +119,18 @@ class EagerPipeline:
 
         # 2. Whisper: mel features per 30 s chunk, concatenated; the encoder twice per 3000-frame window
         with timer.stage("audio_features"):
-            features = torch.cat([self.runtime.feature_extractor(
-                samples[s:s + WHISPER_CHUNK_SAMPLES], sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
-                for s in range(0, max(len(samples), 1), WHISPER_CHUNK_SAMPLES)], dim=-1)  # [1, 80, 3000 n]
+            features = torch.cat(
+                [
+                    self.runtime.feature_extractor(
+                        samples[s : s + WHISPER_CHUNK_SAMPLES], sampling_rate=SAMPLE_RATE, return_tensors="pt"
+                    ).input_features
+                    for s in range(0, max(len(samples), 1), WHISPER_CHUNK_SAMPLES)
+                ],
+                dim=-1,
+            )  # [1, 80, 3000 n]
             hidden, last = [], []
             for s in range(0, features.shape[-1], MEL_FRAMES_PER_CHUNK):
-                x = features[..., s:s + MEL_FRAMES_PER_CHUNK].to(device)
+                x = features[..., s : s + MEL_FRAMES_PER_CHUNK].to(device)
                 hidden.append(torch.stack(self.whisper(x, output_hidden_states=True).hidden_states, dim=2))
                 last.append(self.whisper(x).last_hidden_state.unsqueeze(-2))
             hidden, last = torch.cat(hidden, dim=1), torch.cat(last, dim=1)  # [1, 1500 n, 5, C], [1, 1500 n, 1, C]
@@ -127,36 +146,46 @@ class EagerPipeline:
 
         # 4. audio2token / audio2bucket one frame at a time; the zero window re-encoded for every frame
         with timer.stage("audio_adapters"):
-            prompts = _pad_tokens(hidden[:, :audio_frames * 2], TOKEN_PAD)       # [1, 2L+10, 5, C]
-            last_prompts = _pad_tokens(last[:, :audio_frames * 2], BUCKET_PAD)  # [1, 2L+50, 1, C]
+            prompts = _pad_tokens(hidden[:, : audio_frames * 2], TOKEN_PAD)  # [1, 2L+10, 5, C]
+            last_prompts = _pad_tokens(last[:, : audio_frames * 2], BUCKET_PAD)  # [1, 2L+50, 1, C]
             cond, uncond, buckets = [], [], []
             for i in range(audio_frames // AUDIO_FRAMES_PER_FRAME):
-                audio_clip = prompts[:, TOKENS_PER_FRAME * i:TOKENS_PER_FRAME * i + TOKEN_WINDOW].unsqueeze(0)
-                bucket_clip = last_prompts[:, TOKENS_PER_FRAME * i:TOKENS_PER_FRAME * i + BUCKET_WINDOW].unsqueeze(0)
-                cond.append(self.audio2token(audio_clip))                       # [1, 1, 32, D]
+                audio_clip = prompts[:, TOKENS_PER_FRAME * i : TOKENS_PER_FRAME * i + TOKEN_WINDOW].unsqueeze(0)
+                bucket_clip = last_prompts[:, TOKENS_PER_FRAME * i : TOKENS_PER_FRAME * i + BUCKET_WINDOW].unsqueeze(0)
+                cond.append(self.audio2token(audio_clip))  # [1, 1, 32, D]
                 uncond.append(self.audio2token(torch.zeros_like(audio_clip)))
                 bucket = self.audio2bucket(bucket_clip, bucket_clip_embeds.float())  # [1, 1, 2, 1]
                 buckets.append(bucket * BUCKET_SCALE + BUCKET_OFFSET)
             cond, uncond = torch.cat(cond, dim=1).to(dtype), torch.cat(uncond, dim=1).to(dtype)  # [1, N, 32, D]
             motion_buckets = torch.cat(buckets, dim=1)[..., 0] * dynamic_scale  # [1, N, 2] fp32
             # per-frame copies for the whole video, CFG rows [uncond, drop_audio, cond]
-            audio_prompts = torch.cat([uncond, uncond, cond])                                      # [3, N, 32, D]
+            audio_prompts = torch.cat([uncond, uncond, cond])  # [3, N, 32, D]
             frame_latents = image_latents.unsqueeze(1).repeat(1, num_frames, 1, 1, 1)
             image_latents_all = torch.cat([torch.zeros_like(frame_latents), frame_latents, frame_latents])
-            frame_embeds = clip_embeds.to(dtype)[:, None, None].repeat(1, num_frames, 1, 1)          # [1, N, 1, D]
+            frame_embeds = clip_embeds.to(dtype)[:, None, None].repeat(1, num_frames, 1, 1)  # [1, N, 1, D]
             image_embeddings = torch.cat([torch.zeros_like(frame_embeds), frame_embeds, frame_embeds])
             face_mask = reference.face_mask.to(device, dtype)  # [1, 1, H, W]
 
         # 5. Initial latents (scheduler.add_noise at sigma_max), then the windows one after another
         sigmas, timesteps = karras_schedule(self.runtime.noise_schedule_config, config.steps)
-        latent_shape = (1, num_frames, cfg.latent_channels, height // cfg.vae_scale_factor,
-                        width // cfg.vae_scale_factor)
+        latent_shape = (
+            1,
+            num_frames,
+            cfg.latent_channels,
+            height // cfg.vae_scale_factor,
+            width // cfg.vae_scale_factor,
+        )
         noise = initial_noise(seed, tuple(reference.ref_img.shape), latent_shape, device, dtype)
         latents = ref_latents.unsqueeze(1) + noise * sigmas[0].to(device, dtype)
         with timer.stage("denoise"):
             windows_per_step = len(window_indices(num_frames, config.frames_per_window, 0, config.shift_offset))
-            bar = tqdm(total=config.steps * windows_per_step, desc="eager denoising", unit="window",
-                       disable=not options.progress, dynamic_ncols=True)
+            bar = tqdm(
+                total=config.steps * windows_per_step,
+                desc="eager denoising",
+                unit="window",
+                disable=not options.progress,
+                dynamic_ncols=True,
+            )
             with bar:
                 for i in range(config.steps):
                     sigma, sigma_next = sigmas[i], sigmas[i + 1]  # fp32 0-dim tensors, as diffusers
@@ -164,13 +193,19 @@ class EagerPipeline:
                     count = torch.zeros(1, num_frames, 1, 1, 1, dtype=latents.dtype, device=device)
                     for idx in window_indices(num_frames, config.frames_per_window, i, config.shift_offset):
                         idx = torch.tensor(idx, device=device)
-                        x = latents[:, idx]                                            # [1, T, 4, h, w]
+                        x = latents[:, idx]  # [1, T, 4, h, w]
                         inp = torch.cat([x] * 3) / ((sigma**2 + 1) ** 0.5)
-                        inp = torch.cat([inp, image_latents_all[:, idx]], dim=2)       # [3, T, 8, h, w]
-                        b = motion_buckets[0, idx].mean(dim=0)                         # the window's 2 buckets
+                        inp = torch.cat([inp, image_latents_all[:, idx]], dim=2)  # [3, T, 8, h, w]
+                        b = motion_buckets[0, idx].mean(dim=0)  # the window's 2 buckets
                         ids = torch.tensor([[config.fps, b[0], b[1]]], dtype=dtype, device=device)
-                        v = self.unet(inp, timesteps[i].reshape(1).to(device), image_embeddings[:, idx[0]],
-                                      audio_prompts[:, idx], ids.float().repeat(3, 1), face_mask=face_mask)
+                        v = self.unet(
+                            inp,
+                            timesteps[i].reshape(1).to(device),
+                            image_embeddings[:, idx[0]],
+                            audio_prompts[:, idx],
+                            ids.float().repeat(3, 1),
+                            face_mask=face_mask,
+                        )
                         v = combine_guidance(v, config.image_guidance_scale, config.audio_guidance_scale)
                         stepped = euler_v_step(v, x, sigma, sigma_next).to(latents.dtype)
                         acc.index_add_(1, idx, stepped)
@@ -183,7 +218,7 @@ class EagerPipeline:
             chunk = self.runtime.graphs.vae_decoder.spec.dims["frames"].max  # official decode_chunk_size (8)
             decoded = []
             for s in range(0, num_frames, chunk):
-                z = 1 / cfg.vae_scaling_factor * latents[0, s:s + chunk]
+                z = 1 / cfg.vae_scaling_factor * latents[0, s : s + chunk]
                 decoded.append(self.vae.decode(z, num_frames=len(z)).sample.cpu().float())
             video = (torch.cat(decoded) * 0.5 + 0.5).clamp(0, 1)  # [N, 3, H, W] fp32 on the CPU
             del decoded
@@ -195,7 +230,7 @@ class EagerPipeline:
                 video = video.to(device)
                 frames = [video[0]]
                 for k in range(num_frames - 1):
-                    middle = self.rife(video[k:k + 1], video[k + 1:k + 2]).clamp(0, 1)
+                    middle = self.rife(video[k : k + 1], video[k + 1 : k + 2]).clamp(0, 1)
                     frames += [middle[0], video[k + 1]]
                 video = torch.stack(frames).cpu()  # [2N-1, 3, H, W]
                 del frames
@@ -205,14 +240,25 @@ class EagerPipeline:
         num_out = len(video)
         if out_path is not None:
             with timer.stage("encode"), ExitStack() as stack:
-                writer = stack.enter_context(media.VideoWriter(
-                    out_path, fps=fps, width=width, height=height,
-                    audio=audio_for_mux(audio, samples, stack)))
+                writer = stack.enter_context(
+                    media.VideoWriter(
+                        out_path, fps=fps, width=width, height=height, audio=audio_for_mux(audio, samples, stack)
+                    )
+                )
                 writer.write(to_uint8(video))
         timer.add("total", time.perf_counter() - t_start)
-        return AnimateResult(path=out_path, fps=float(fps), num_frames=num_out, num_generated_frames=num_frames,
-                             width=width, height=height, timings=timer.ordered(), frames=generated, seed=seed,
-                             reference=reference)
+        return AnimateResult(
+            path=out_path,
+            fps=float(fps),
+            num_frames=num_out,
+            num_generated_frames=num_frames,
+            width=width,
+            height=height,
+            timings=timer.ordered(),
+            frames=generated,
+            seed=seed,
+            reference=reference,
+        )
 
 
 def _pad_tokens(states: torch.Tensor, pad: tuple[int, int]) -> torch.Tensor:

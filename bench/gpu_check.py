@@ -67,13 +67,37 @@ RESERVE_S = 10  # for the summary after the last part
 DEFAULT_STEPS = 25  # official; 2 s of audio is one UNet call per step
 THROUGHPUT_SECONDS = 2.0
 # modules the parts may need, with the pip package that provides each (the env part reports each one's import)
-MODULES = {"torch": "torch", "triton": "triton", "diffusers": "diffusers", "transformers": "transformers",
-           "huggingface_hub": "huggingface-hub", "safetensors": "safetensors", "numpy": "numpy", "PIL": "pillow",
-           "cv2": "opencv-python-headless", "skimage": "scikit-image", "matplotlib": "matplotlib",
-           "tqdm": "tqdm", "av": "av", "soxr": "soxr", "onnx": "onnx", "onnxruntime": "onnxruntime",
-           "onnxslim": "onnxslim", "tensorrt": "tensorrt", "pytest": "pytest", "hypothesis": "hypothesis"}
-FILES = ("env.json", "pytest.json", "unet_call-fp16.json", "unet_call-bf16.json", "throughput.json",
-         "summary.json", "log.txt")
+MODULES = {
+    "torch": "torch",
+    "triton": "triton",
+    "diffusers": "diffusers",
+    "transformers": "transformers",
+    "huggingface_hub": "huggingface-hub",
+    "safetensors": "safetensors",
+    "numpy": "numpy",
+    "PIL": "pillow",
+    "cv2": "opencv-python-headless",
+    "skimage": "scikit-image",
+    "matplotlib": "matplotlib",
+    "tqdm": "tqdm",
+    "av": "av",
+    "soxr": "soxr",
+    "onnx": "onnx",
+    "onnxruntime": "onnxruntime",
+    "onnxslim": "onnxslim",
+    "tensorrt": "tensorrt",
+    "pytest": "pytest",
+    "hypothesis": "hypothesis",
+}
+FILES = (
+    "env.json",
+    "pytest.json",
+    "unet_call-fp16.json",
+    "unet_call-bf16.json",
+    "throughput.json",
+    "summary.json",
+    "log.txt",
+)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -116,34 +140,95 @@ def plan(args: argparse.Namespace, scratch: Path, cache: Path) -> list[Part]:
     """The parts of this run, in order (see the module docstring)."""
     py = sys.executable
     rehearse = args.rehearse
-    parts = [Part("env", [py, "-m", "bench.gpu_check", "--env", str(scratch / "env.json")]
-                  + (["--rehearse"] if rehearse else []), 90 if rehearse else 60, "env.json", scratch / "env.json",
-                  needs=("torch",))]
+    parts = [
+        Part(
+            "env",
+            [py, "-m", "bench.gpu_check", "--env", str(scratch / "env.json")] + (["--rehearse"] if rehearse else []),
+            90 if rehearse else 60,
+            "env.json",
+            scratch / "env.json",
+            needs=("torch",),
+        )
+    ]
     junit = scratch / "pytest.xml"
     # --continue-on-collection-errors: a test file that needs a library the image lacks loses only its own tests
     # -v: each outcome is in the streamed log as it happens, even if the part is killed at its timeout
-    parts.append(Part("pytest", [py, "-m", "pytest", "-m", "gpu", "-v", "-rA", "-p", "no:cacheprovider",
-                                 "--continue-on-collection-errors",
-                                 "-o", "junit_logging=system-out", f"--junitxml={junit}", *gpu_test_files()],
-                      150, "pytest.json", junit, needs=("torch", "pytest")))
+    parts.append(
+        Part(
+            "pytest",
+            [
+                py,
+                "-m",
+                "pytest",
+                "-m",
+                "gpu",
+                "-v",
+                "-rA",
+                "-p",
+                "no:cacheprovider",
+                "--continue-on-collection-errors",
+                "-o",
+                "junit_logging=system-out",
+                f"--junitxml={junit}",
+                *gpu_test_files(),
+            ],
+            150,
+            "pytest.json",
+            junit,
+            needs=("torch", "pytest"),
+        )
+    )
     for dtype in ("fp16", "bf16"):
         out = scratch / f"unet_call-{dtype}.json"
         extra = ["--interpret", "--tiny", "--frames", "16", "--warmup", "0", "--repeats", "1"] if rehearse else []
         if rehearse and dtype == "bf16":  # the interpreter computes bf16 tl.dot wrongly (docs/development.md)
             extra += ["--impls", "reference,sdpa"]
-        parts.append(Part(f"unet_{dtype}", [py, "-m", "bench.unet_call", "--dtype", dtype, *extra, "--out", str(out)],
-                          90 if rehearse else 80, f"unet_call-{dtype}.json", out, needs=("torch", "triton",
-                                                                                          "diffusers")))
+        parts.append(
+            Part(
+                f"unet_{dtype}",
+                [py, "-m", "bench.unet_call", "--dtype", dtype, *extra, "--out", str(out)],
+                90 if rehearse else 80,
+                f"unet_call-{dtype}.json",
+                out,
+                needs=("torch", "triton", "diffusers"),
+            )
+        )
     out = scratch / "throughput.json"
     if rehearse:
         shape = ["--preset", "demo", "--seconds", "0.5", "--steps", "1", "--device", "cpu", "--threads", "2"]
     else:
-        shape = ["--preset", "full", "--seconds", f"{THROUGHPUT_SECONDS:g}", "--steps", str(args.steps),
-                 "--device", "cuda"]
-    parts.append(Part("throughput", [py, "-m", "bench.throughput", *shape, "--backends", "eager,torch",
-                                     "--cache", str(cache), "--out", str(out)]
-                      + (["--model", str(args.model)] if args.model else []),
-                      10_000, "throughput.json", out, needs=("torch", "diffusers", "transformers", "av")))
+        shape = [
+            "--preset",
+            "full",
+            "--seconds",
+            f"{THROUGHPUT_SECONDS:g}",
+            "--steps",
+            str(args.steps),
+            "--device",
+            "cuda",
+        ]
+    parts.append(
+        Part(
+            "throughput",
+            [
+                py,
+                "-m",
+                "bench.throughput",
+                *shape,
+                "--backends",
+                "eager,torch",
+                "--cache",
+                str(cache),
+                "--out",
+                str(out),
+            ]
+            + (["--model", str(args.model)] if args.model else []),
+            10_000,
+            "throughput.json",
+            out,
+            needs=("torch", "diffusers", "transformers", "av"),
+        )
+    )
     wanted = set(args.parts.split(",")) if args.parts else None
     return [p for p in parts if wanted is None or p.name in wanted]
 
@@ -152,10 +237,11 @@ def missing_modules(names: tuple[str, ...], env: dict[str, str]) -> list[str]:
     """Which of ``names`` do not import in a child with ``env`` (one quick subprocess)."""
     if not names:
         return []
-    code = ("import importlib.util, sys\n"
-            f"print(','.join(n for n in {list(names)!r} if importlib.util.find_spec(n) is None))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO,
-                          timeout=60)
+    code = (
+        "import importlib.util, sys\n"
+        f"print(','.join(n for n in {list(names)!r} if importlib.util.find_spec(n) is None))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=60)
     return [n for n in proc.stdout.strip().split(",") if n]
 
 
@@ -171,8 +257,17 @@ def run_part(part: Part, timeout_s: float, env: dict[str, str], log) -> dict[str
     log(f"\n===== {part.name}: {command} (timeout {timeout_s:.0f} s) =====\n")
     started = time.monotonic()
     try:
-        proc = subprocess.Popen(part.command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, errors="replace", bufsize=1, start_new_session=True)
+        proc = subprocess.Popen(
+            part.command,
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            bufsize=1,
+            start_new_session=True,
+        )
     except OSError as exc:
         return {**record, "rc": None, "status": "failed", "seconds": 0.0, "error": f"cannot start: {exc}"}
     tail: collections.deque[str] = collections.deque(maxlen=60)
@@ -229,11 +324,24 @@ def junit_results(path: Path) -> dict[str, Any]:
                 break
         counts[outcome] += 1
         stdout = case.find("system-out")
-        printed = "\n".join(line for line in (stdout.text or "").splitlines()
-                             if not re.fullmatch(r"-+ Captured \w+ -+", line.strip())) if stdout is not None else ""
-        tests.append({"id": f"{case.get('classname')}::{case.get('name')}", "outcome": outcome,
-                      "seconds": float(case.get("time") or 0), "message": message,
-                      "stdout": printed.strip()[-2000:]})
+        printed = (
+            "\n".join(
+                line
+                for line in (stdout.text or "").splitlines()
+                if not re.fullmatch(r"-+ Captured \w+ -+", line.strip())
+            )
+            if stdout is not None
+            else ""
+        )
+        tests.append(
+            {
+                "id": f"{case.get('classname')}::{case.get('name')}",
+                "outcome": outcome,
+                "seconds": float(case.get("time") or 0),
+                "message": message,
+                "stdout": printed.strip()[-2000:],
+            }
+        )
     return {"counts": counts, "tests": tests}
 
 
@@ -275,17 +383,22 @@ def headline(name: str, result: dict | None) -> str:
             impls = result["implementations"]
             cells = [f"{k} {v['ms']:.1f} ms" for k, v in impls.items()]
             tri = impls.get("triton")
-            extra = (f"; triton x{tri['speedup_vs_reference']:.2f}, |diff| {tri['max_abs_diff_vs_reference']:.1e}"
-                     if tri else "")
+            extra = (
+                f"; triton x{tri['speedup_vs_reference']:.2f}, |diff| {tri['max_abs_diff_vs_reference']:.1e}"
+                if tri
+                else ""
+            )
             peak = max((v["peak_gib"] or 0) for v in impls.values())
             return ", ".join(cells) + extra + (f"; peak {peak:.1f} GiB" if peak else "")
         if name == "throughput":
             cells = []
             for backend, runs in result["runs"].items():
                 for seconds, e in runs.items():
-                    cells.append(f"{backend} {seconds}s: {e['timings_s']['total']:.1f} s, "
-                                 f"{e['frames_per_s']:.1f} fps"
-                                 + (f", CUDA peak {e['cuda_peak_mb'] / 1024:.1f} GiB" if "cuda_peak_mb" in e else ""))
+                    cells.append(
+                        f"{backend} {seconds}s: {e['timings_s']['total']:.1f} s, "
+                        f"{e['frames_per_s']:.1f} fps"
+                        + (f", CUDA peak {e['cuda_peak_mb'] / 1024:.1f} GiB" if "cuda_peak_mb" in e else "")
+                    )
             return "; ".join(cells)
     except (KeyError, TypeError, ValueError) as exc:
         return f"(unreadable result: {exc})"
@@ -310,18 +423,29 @@ def env_report(rehearse: bool) -> dict[str, Any]:
     for name, package in MODULES.items():
         try:
             module = importlib.import_module(name)
-            modules[name] = {"ok": True, "version": str(getattr(module, "__version__", "?")),
-                             "path": str(Path(getattr(module, "__file__", "") or "").parent)}
+            modules[name] = {
+                "ok": True,
+                "version": str(getattr(module, "__version__", "?")),
+                "path": str(Path(getattr(module, "__file__", "") or "").parent),
+            }
         except Exception as exc:  # noqa: BLE001 - any import failure is a fact to report
-            modules[name] = {"ok": False, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}",
-                             "package": package}
+            modules[name] = {
+                "ok": False,
+                "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}",
+                "package": package,
+            }
     import torch
 
     report: dict[str, Any] = {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "rehearse": rehearse,
-        "python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
-        "versions": {k: v["version"] for k, v in modules.items() if v["ok"]}, "modules": modules,
-        "wheels": os.environ.get("SONIC_RT_GPU_CHECK_WHEELS", "").split(), "git": _git(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "rehearse": rehearse,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "versions": {k: v["version"] for k, v in modules.items() if v["ok"]},
+        "modules": modules,
+        "wheels": os.environ.get("SONIC_RT_GPU_CHECK_WHEELS", "").split(),
+        "git": _git(),
         "env": {k: os.environ.get(k) for k in ("TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES", "PYTHONPATH")},
     }
     report["versions"]["cuda"] = torch.version.cuda
@@ -330,19 +454,29 @@ def env_report(rehearse: bool) -> dict[str, Any]:
         device = torch.device("cuda", torch.cuda.current_device())
         props = torch.cuda.get_device_properties(device)
         free, total = torch.cuda.mem_get_info(device)
-        report["device"] = {"name": props.name, "capability": f"{props.major}.{props.minor}",
-                            "multiprocessors": props.multi_processor_count, "memory_gib": total / 2 ** 30,
-                            "free_gib": free / 2 ** 30, "count": torch.cuda.device_count()}
+        report["device"] = {
+            "name": props.name,
+            "capability": f"{props.major}.{props.minor}",
+            "multiprocessors": props.multi_processor_count,
+            "memory_gib": total / 2**30,
+            "free_gib": free / 2**30,
+            "count": torch.cuda.device_count(),
+        }
         try:
             report["device"]["driver"] = subprocess.run(
-                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
-                text=True, timeout=20).stdout.strip()
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=20,
+            ).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             pass
     else:
         device = torch.device("cpu")
-        report["device"] = {"name": "cpu (Triton interpreter)" if os.environ.get("TRITON_INTERPRET") == "1"
-                            else "cpu", "capability": None}
+        report["device"] = {
+            "name": "cpu (Triton interpreter)" if os.environ.get("TRITON_INTERPRET") == "1" else "cpu",
+            "capability": None,
+        }
     report["attention_selfcheck"] = _selfcheck(device, modules)
     return report
 
@@ -377,10 +511,12 @@ def _selfcheck(device, modules: dict) -> dict[str, Any]:
 
 def _git() -> dict[str, Any]:
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                                timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True,
-                               timeout=10).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
         return {"commit": commit or None, "dirty": bool(dirty)}
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}
@@ -417,23 +553,43 @@ def default_out() -> Path:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.gpu_check",
-                                description="The first-GPU check: GPU tests, the full-size UNet call benchmark and "
-                                            "a short full-size throughput run, each part in its own subprocess "
-                                            "with its own timeout; JSON per part, a summary table. See "
-                                            "bench/README.md.")
+    p = argparse.ArgumentParser(
+        prog="python -m bench.gpu_check",
+        description="The first-GPU check: GPU tests, the full-size UNet call benchmark and "
+        "a short full-size throughput run, each part in its own subprocess "
+        "with its own timeout; JSON per part, a summary table. See "
+        "bench/README.md.",
+    )
     p.add_argument("--rehearse", action="store_true", help="every part on CPU, tiny/demo shapes, Triton interpreter")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default: $OUT, else "
-                   "bench/results/gpu-check-<UTC date>/)")
-    p.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S, help=f"seconds for all parts together "
-                   f"(default {DEFAULT_BUDGET_S})")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"denoising steps of the throughput run "
-                   f"(default {DEFAULT_STEPS})")
+    p.add_argument(
+        "--out", type=Path, default=None, help="output folder (default: $OUT, else bench/results/gpu-check-<UTC date>/)"
+    )
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=DEFAULT_BUDGET_S,
+        help=f"seconds for all parts together (default {DEFAULT_BUDGET_S})",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=DEFAULT_STEPS,
+        help=f"denoising steps of the throughput run (default {DEFAULT_STEPS})",
+    )
     p.add_argument("--parts", default=None, help="comma-separated subset of env,pytest,unet_fp16,unet_bf16,throughput")
-    p.add_argument("--cache", type=Path, default=None, help="bench cache (checkpoints, inputs); default: a temporary "
-                   "folder on a GPU, engines/bench with --rehearse")
-    p.add_argument("--inputs", type=Path, default=REPO / "wheels" / "inputs", help="prepared throughput inputs to "
-                   "copy into the cache (default wheels/inputs, written by bench/gpu_wheels.sh)")
+    p.add_argument(
+        "--cache",
+        type=Path,
+        default=None,
+        help="bench cache (checkpoints, inputs); default: a temporary folder on a GPU, engines/bench with --rehearse",
+    )
+    p.add_argument(
+        "--inputs",
+        type=Path,
+        default=REPO / "wheels" / "inputs",
+        help="prepared throughput inputs to "
+        "copy into the cache (default wheels/inputs, written by bench/gpu_wheels.sh)",
+    )
     p.add_argument("--model", type=Path, default=None, help="weights for the throughput part instead of the preset's")
     p.add_argument("--env", type=Path, default=None, help=argparse.SUPPRESS)
     p.add_argument("--prepare-inputs", type=Path, default=None, help=argparse.SUPPRESS)
@@ -503,12 +659,23 @@ def check(args: argparse.Namespace, command: str) -> int:
             record: dict[str, Any]
             missing = missing_modules(part.needs, env)
             if missing:
-                record = {"part": part.name, "command": shlex.join(part.command), "status": "skipped",
-                          "rc": None, "seconds": 0.0,
-                          "reason": f"{', '.join(missing)} not importable (bench/gpu_wheels.sh brings the wheels)"}
+                record = {
+                    "part": part.name,
+                    "command": shlex.join(part.command),
+                    "status": "skipped",
+                    "rc": None,
+                    "seconds": 0.0,
+                    "reason": f"{', '.join(missing)} not importable (bench/gpu_wheels.sh brings the wheels)",
+                }
             elif left < MIN_PART_S:
-                record = {"part": part.name, "command": shlex.join(part.command), "status": "skipped",
-                          "rc": None, "seconds": 0.0, "reason": f"only {max(left, 0):.0f} s of the budget left"}
+                record = {
+                    "part": part.name,
+                    "command": shlex.join(part.command),
+                    "status": "skipped",
+                    "rc": None,
+                    "seconds": 0.0,
+                    "reason": f"only {max(left, 0):.0f} s of the budget left",
+                }
             else:
                 record = collect(part, run_part(part, min(part.cap_s, left), env, log))
             if record["status"] == "skipped":
@@ -520,8 +687,14 @@ def check(args: argparse.Namespace, command: str) -> int:
     return finish(records, parts, out, command, time.monotonic() - started, args)
 
 
-def finish(records: dict[str, dict[str, Any]], parts: list[Part], out: Path, command: str, seconds: float,
-           args: argparse.Namespace) -> int:
+def finish(
+    records: dict[str, dict[str, Any]],
+    parts: list[Part],
+    out: Path,
+    command: str,
+    seconds: float,
+    args: argparse.Namespace,
+) -> int:
     """Write each part's JSON (with the env part's device and versions) and the summary; print the table."""
     env = (records.get("env") or {}).get("result") or {}
     device, versions = env.get("device"), env.get("versions")
@@ -530,16 +703,36 @@ def finish(records: dict[str, dict[str, Any]], parts: list[Part], out: Path, com
         record = records[part.name]
         record.update(device=device, versions=versions)
         (out / part.file).write_text(json.dumps(record, indent=1, default=str) + "\n")
-        rows.append([part.name, record["status"] + (f" (rc {record['rc']})" if record["status"] == "failed" else ""),
-                     f"{record['seconds']:.1f}", record.get("reason") or headline(part.name, record.get("result"))])
+        rows.append(
+            [
+                part.name,
+                record["status"] + (f" (rc {record['rc']})" if record["status"] == "failed" else ""),
+                f"{record['seconds']:.1f}",
+                record.get("reason") or headline(part.name, record.get("result")),
+            ]
+        )
     ok = all(r["status"] == "ok" for r in records.values())
-    summary = {"benchmark": "bench.gpu_check", "command": command, "rehearse": args.rehearse,
-               "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "seconds": round(seconds, 1),
-               "budget_s": args.budget, "ok": ok, "device": device, "versions": versions,
-               "parts": {name: {"status": r["status"], "seconds": r["seconds"], "command": r["command"],
-                                "file": next(p.file for p in parts if p.name == name),
-                                "headline": r.get("reason") or headline(name, r.get("result"))}
-                         for name, r in records.items()}}
+    summary = {
+        "benchmark": "bench.gpu_check",
+        "command": command,
+        "rehearse": args.rehearse,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "seconds": round(seconds, 1),
+        "budget_s": args.budget,
+        "ok": ok,
+        "device": device,
+        "versions": versions,
+        "parts": {
+            name: {
+                "status": r["status"],
+                "seconds": r["seconds"],
+                "command": r["command"],
+                "file": next(p.file for p in parts if p.name == name),
+                "headline": r.get("reason") or headline(name, r.get("result")),
+            }
+            for name, r in records.items()
+        },
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     name = (device or {}).get("name", "?")
     print(f"\nbench.gpu_check on {name}: {seconds:.0f} s of {args.budget:.0f}; results in {out}\n")

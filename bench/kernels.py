@@ -64,8 +64,21 @@ import sys
 
 import torch
 
-from bench.common import (CFG_ROWS, TINY, add_common_arguments, default_out, device_name, face_box_mask, fmt_table,
-                          gpu_main, parse_common, run_metadata, tiny_heads, time_ms, write_json)
+from bench.common import (
+    CFG_ROWS,
+    TINY,
+    add_common_arguments,
+    default_out,
+    device_name,
+    face_box_mask,
+    fmt_table,
+    gpu_main,
+    parse_common,
+    run_metadata,
+    time_ms,
+    tiny_heads,
+    write_json,
+)
 
 # Audio attention's scale in the official pipeline (ip_audio_scale).
 AUDIO_SCALE = 1.0
@@ -86,19 +99,20 @@ def peak_tbs(name: str) -> float | None:
 # The layer shapes
 # ---------------------------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class LayerShape:
     """One distinct audio-attention layer shape of a UNet call."""
 
-    kind: str          # "spatial" | "temporal"
-    level: int         # UNet level (0 = latent resolution)
+    kind: str  # "spatial" | "temporal"
+    level: int  # UNet level (0 = latent resolution)
     grid: tuple[int, int]  # latent grid of the level (h_l, w_l)
     heads: int
     head_dim: int
-    count: int         # how many layers of this shape one UNet call runs
-    rows: int          # N
-    queries: int       # L
-    tokens: int        # T
+    count: int  # how many layers of this shape one UNet call runs
+    rows: int  # N
+    queries: int  # L
+    tokens: int  # T
 
     @property
     def channels(self) -> int:
@@ -125,13 +139,15 @@ def audio_layers(latent: tuple[int, int], frames: int, tokens: int, tiny: bool) 
             key = (kind, module.processor.level, module.heads, head_dim)
             counts[key] = counts.get(key, 0) + 1
     layers = []
-    for (kind, level, heads, head_dim), count in sorted(counts.items(), key=lambda kv: (kv[0][0] != "spatial",
-                                                                                          kv[0][1])):
-        grid = (math.ceil(latent[0] / 2 ** level), math.ceil(latent[1] / 2 ** level))
+    for (kind, level, heads, head_dim), count in sorted(
+        counts.items(), key=lambda kv: (kv[0][0] != "spatial", kv[0][1])
+    ):
+        grid = (math.ceil(latent[0] / 2**level), math.ceil(latent[1] / 2**level))
         positions = grid[0] * grid[1]
         rows, queries = (CFG_ROWS * frames, positions) if kind == "spatial" else (CFG_ROWS, positions * frames)
-        layers.append(LayerShape(kind, level, grid, tiny_heads(heads) if tiny else heads, head_dim, count,
-                                 rows, queries, tokens))
+        layers.append(
+            LayerShape(kind, level, grid, tiny_heads(heads) if tiny else heads, head_dim, count, rows, queries, tokens)
+        )
     return layers
 
 
@@ -139,8 +155,16 @@ def audio_layers(latent: tuple[int, int], frames: int, tokens: int, tiny: bool) 
 # The implementations
 # ---------------------------------------------------------------------------------------------------------
 
-def sdpa_audio_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, clip_v: torch.Tensor,
-                         mask: torch.Tensor | None, heads: int, scale: float) -> torch.Tensor:
+
+def sdpa_audio_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    clip_v: torch.Tensor,
+    mask: torch.Tensor | None,
+    heads: int,
+    scale: float,
+) -> torch.Tensor:
     """What ``AudioAttention.SDPA`` runs: torch SDPA on head views, then mask multiply and CLIP add."""
     n, length, c = q.shape
     d = c // heads
@@ -155,12 +179,23 @@ def sdpa_audio_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, clip
     return clip_v[:, None, :] + scale * audio
 
 
-def bench_layer(layer: LayerShape, dtype_name: str, mask: torch.Tensor | None, device: torch.device,
-                warmup: int, repeats: int, peak: tuple[float, float | None], seed: int) -> dict:
+def bench_layer(
+    layer: LayerShape,
+    dtype_name: str,
+    mask: torch.Tensor | None,
+    device: torch.device,
+    warmup: int,
+    repeats: int,
+    peak: tuple[float, float | None],
+    seed: int,
+) -> dict:
     """Time eager, sdpa and triton on one layer shape; returns its JSON row."""
     from sonic_rt.graphs.spec import Precision
-    from sonic_rt.kernels.audio_attention import (audio_attention_reference, spatial_audio_attention,
-                                                  temporal_audio_attention)
+    from sonic_rt.kernels.audio_attention import (
+        audio_attention_reference,
+        spatial_audio_attention,
+        temporal_audio_attention,
+    )
 
     dtype = Precision(dtype_name).torch_dtype
     n, length, tokens, c, heads = layer.rows, layer.queries, layer.tokens, layer.channels, layer.heads
@@ -180,8 +215,9 @@ def bench_layer(layer: LayerShape, dtype_name: str, mask: torch.Tensor | None, d
         "sdpa": lambda: sdpa_audio_attention(q, k, v, clip_v, mask, heads, AUDIO_SCALE),
         "triton": triton_fn,
     }
-    want = audio_attention_reference(q.float(), k.float(), v.float(), clip_v.float(),
-                                     mask.float() if mask is not None else None, heads, AUDIO_SCALE)
+    want = audio_attention_reference(
+        q.float(), k.float(), v.float(), clip_v.float(), mask.float() if mask is not None else None, heads, AUDIO_SCALE
+    )
     tensors = [q, k, v, clip_v] + ([mask] if mask is not None else [])
     nbytes = sum(t.numel() * t.element_size() for t in tensors) + q.numel() * q.element_size()  # + out
 
@@ -197,16 +233,28 @@ def bench_layer(layer: LayerShape, dtype_name: str, mask: torch.Tensor | None, d
         diff = float((fn().float() - want).abs().max())
         times = time_ms(fn, device, warmup, repeats, queue_behind_sleep=True)
         ms = statistics.median(times)
-        results[name] = {"ms": ms, "ms_all": times, "tflops": layer.flops / (ms * 1e-3) / 1e12,
-                         "tbs": nbytes / (ms * 1e-3) / 1e12, "max_abs_diff": diff}
+        results[name] = {
+            "ms": ms,
+            "ms_all": times,
+            "tflops": layer.flops / (ms * 1e-3) / 1e12,
+            "tbs": nbytes / (ms * 1e-3) / 1e12,
+            "max_abs_diff": diff,
+        }
     for name in ("eager", "sdpa"):
         results["triton"][f"speedup_vs_{name}"] = results[name]["ms"] / results["triton"]["ms"]
     torch_diff = results["eager"]["max_abs_diff"]
     results["triton"]["within_tolerance"] = bool(
-        results["triton"]["max_abs_diff"] <= 2 * torch_diff + TOLERANCE_ATOL[dtype_name])
+        results["triton"]["max_abs_diff"] <= 2 * torch_diff + TOLERANCE_ATOL[dtype_name]
+    )
     return {
-        **dataclasses.asdict(layer), "channels": c, "dtype": dtype_name, "flops": layer.flops, "bytes": nbytes,
-        "mask_nonzero_fraction": active, "floor_ms": floor_ms, "reference_max_abs": float(want.abs().max()),
+        **dataclasses.asdict(layer),
+        "channels": c,
+        "dtype": dtype_name,
+        "flops": layer.flops,
+        "bytes": nbytes,
+        "mask_nonzero_fraction": active,
+        "floor_ms": floor_ms,
+        "reference_max_abs": float(want.abs().max()),
         "impls": results,
     }
 
@@ -215,18 +263,27 @@ def bench_layer(layer: LayerShape, dtype_name: str, mask: torch.Tensor | None, d
 # The program
 # ---------------------------------------------------------------------------------------------------------
 
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m bench.kernels",
         description="Time Sonic's audio cross-attention layers at their real shapes (SVD-xt, one 25-frame "
-                    "window, 3 CFG rows): PyTorch eager and SDPA versus the fused Triton kernel, fp16 and bf16. "
-                    "Prints a table and writes JSON. See the module docstring for how to read the numbers.")
+        "window, 3 CFG rows): PyTorch eager and SDPA versus the fused Triton kernel, fp16 and bf16. "
+        "Prints a table and writes JSON. See the module docstring for how to read the numbers.",
+    )
     add_common_arguments(p, "kernels", warmup=5, repeats=20)
-    p.add_argument("--dtypes", default=None,
-                   help="comma-separated, of fp16,bf16,fp32 (default fp16,bf16; fp16 only with --interpret, "
-                        "where bf16 tl.dot is wrong)")
-    p.add_argument("--peak-tbs", type=float, default=None,
-                   help="memory bandwidth for the floor in TB/s (default: datasheet value of known GPUs)")
+    p.add_argument(
+        "--dtypes",
+        default=None,
+        help="comma-separated, of fp16,bf16,fp32 (default fp16,bf16; fp16 only with --interpret, "
+        "where bf16 tl.dot is wrong)",
+    )
+    p.add_argument(
+        "--peak-tbs",
+        type=float,
+        default=None,
+        help="memory bandwidth for the floor in TB/s (default: datasheet value of known GPUs)",
+    )
     return parse_common(p, argv, warmup=5, repeats=20)
 
 
@@ -249,8 +306,11 @@ def run(args: argparse.Namespace, argv: list[str], device: torch.device) -> int:
     if args.tiny:
         resolution, frames = max(vae_factor, resolution // TINY), math.ceil(frames / TINY)
     try:  # the short names (fp16, bf16, fp32) key the JSON
-        dtype_names = [Precision.parse(d).value for d in args.dtypes.split(",")] if args.dtypes else (
-            list(INTERPRETER_DTYPES) if args.interpret else ["fp16", "bf16"])
+        dtype_names = (
+            [Precision.parse(d).value for d in args.dtypes.split(",")]
+            if args.dtypes
+            else (list(INTERPRETER_DTYPES) if args.interpret else ["fp16", "bf16"])
+        )
     except InputError as e:
         print(f"bench.kernels: error: --dtypes: {e}", file=sys.stderr)
         return 2
@@ -260,19 +320,32 @@ def run(args: argparse.Namespace, argv: list[str], device: torch.device) -> int:
 
     # 2. Shapes and the face mask of every level
     layers = audio_layers(latent, frames, tokens, args.tiny)
-    masks = level_face_masks(face_box_mask(resolution, args.face_area), latent, sorted({layer.level for layer in layers}))
-    print(f"{device_name(device)}: {resolution}x{resolution}, {CFG_ROWS} CFG rows x {frames} frames, "
-          f"latent {latent[0]}x{latent[1]}, {tokens} audio tokens, face box {args.face_area:.0%} of the frame; "
-          f"warm-up {warmup}, median of {repeats}")
+    masks = level_face_masks(
+        face_box_mask(resolution, args.face_area), latent, sorted({layer.level for layer in layers})
+    )
+    print(
+        f"{device_name(device)}: {resolution}x{resolution}, {CFG_ROWS} CFG rows x {frames} frames, "
+        f"latent {latent[0]}x{latent[1]}, {tokens} audio tokens, face box {args.face_area:.0%} of the frame; "
+        f"warm-up {warmup}, median of {repeats}"
+    )
 
     # 3. Measure
     results: dict[str, list[dict]] = {}
     with torch.inference_mode():
         for d_i, dtype_name in enumerate(dtype_names):
             results[dtype_name] = [
-                bench_layer(layer, dtype_name, masks[layer.level].reshape(-1) if layer.kind == "spatial" else None,
-                            device, warmup, repeats, (args.peak_tflops, bandwidth), args.seed + 100 * d_i + i)
-                for i, layer in enumerate(layers)]
+                bench_layer(
+                    layer,
+                    dtype_name,
+                    masks[layer.level].reshape(-1) if layer.kind == "spatial" else None,
+                    device,
+                    warmup,
+                    repeats,
+                    (args.peak_tflops, bandwidth),
+                    args.seed + 100 * d_i + i,
+                )
+                for i, layer in enumerate(layers)
+            ]
 
     # 4. Per UNet call: each shape times its layer count
     per_call = {}
@@ -280,53 +353,113 @@ def run(args: argparse.Namespace, argv: list[str], device: torch.device) -> int:
         totals = {name: sum(r["count"] * r["impls"][name]["ms"] for r in rows) for name in ("eager", "sdpa", "triton")}
         floor = sum(r["count"] * r["floor_ms"] for r in rows)
         per_call[dtype_name] = {
-            "layers": sum(r["count"] for r in rows), "ms": totals, "floor_ms": floor,
+            "layers": sum(r["count"] for r in rows),
+            "ms": totals,
+            "floor_ms": floor,
             "triton_speedup_vs_sdpa": totals["sdpa"] / totals["triton"],
             "triton_speedup_vs_eager": totals["eager"] / totals["triton"],
             "triton_efficiency": floor / totals["triton"],
         }
 
     # 5. Report
-    header = ["dtype", "layer", "lvl", "grid", "x", "N", "L", "C", "mask%", "impl", "ms", "TFLOP/s", "TB/s",
-              "max|diff|", "speedup"]
+    header = [
+        "dtype",
+        "layer",
+        "lvl",
+        "grid",
+        "x",
+        "N",
+        "L",
+        "C",
+        "mask%",
+        "impl",
+        "ms",
+        "TFLOP/s",
+        "TB/s",
+        "max|diff|",
+        "speedup",
+    ]
     table = []
     for dtype_name, rows in results.items():
         for r in rows:
             for name, m in r["impls"].items():
                 speedup = f"{m['speedup_vs_sdpa']:.2f}x" if name == "triton" else ""
-                table.append([dtype_name, r["kind"], r["level"], "x".join(map(str, r["grid"])), r["count"],
-                              r["rows"], r["queries"], r["channels"], f"{100 * r['mask_nonzero_fraction']:.0f}",
-                              name, f"{m['ms']:.4f}", f"{m['tflops']:.2f}", f"{m['tbs']:.3f}",
-                              f"{m['max_abs_diff']:.2e}", speedup])
+                table.append(
+                    [
+                        dtype_name,
+                        r["kind"],
+                        r["level"],
+                        "x".join(map(str, r["grid"])),
+                        r["count"],
+                        r["rows"],
+                        r["queries"],
+                        r["channels"],
+                        f"{100 * r['mask_nonzero_fraction']:.0f}",
+                        name,
+                        f"{m['ms']:.4f}",
+                        f"{m['tflops']:.2f}",
+                        f"{m['tbs']:.3f}",
+                        f"{m['max_abs_diff']:.2e}",
+                        speedup,
+                    ]
+                )
     print(fmt_table(header, table))
     print("\nper UNet call (each shape x its layer count); speedup = sdpa / triton; efficiency = floor / triton")
-    print(fmt_table(["dtype", "layers", "eager ms", "sdpa ms", "triton ms", "speedup", "floor ms", "efficiency"],
-                    [[k, v["layers"], f"{v['ms']['eager']:.3f}", f"{v['ms']['sdpa']:.3f}", f"{v['ms']['triton']:.3f}",
-                      f"{v['triton_speedup_vs_sdpa']:.2f}x", f"{v['floor_ms']:.3f}",
-                      f"{v['triton_efficiency']:.2f}" if bandwidth else "n/a (no --peak-tbs)"]
-                     for k, v in per_call.items()]))
-    failed = [(d, r["kind"], r["level"]) for d, rows in results.items() for r in rows
-              if not r["impls"]["triton"]["within_tolerance"]]
+    print(
+        fmt_table(
+            ["dtype", "layers", "eager ms", "sdpa ms", "triton ms", "speedup", "floor ms", "efficiency"],
+            [
+                [
+                    k,
+                    v["layers"],
+                    f"{v['ms']['eager']:.3f}",
+                    f"{v['ms']['sdpa']:.3f}",
+                    f"{v['ms']['triton']:.3f}",
+                    f"{v['triton_speedup_vs_sdpa']:.2f}x",
+                    f"{v['floor_ms']:.3f}",
+                    f"{v['triton_efficiency']:.2f}" if bandwidth else "n/a (no --peak-tbs)",
+                ]
+                for k, v in per_call.items()
+            ],
+        )
+    )
+    failed = [
+        (d, r["kind"], r["level"])
+        for d, rows in results.items()
+        for r in rows
+        if not r["impls"]["triton"]["within_tolerance"]
+    ]
     if failed:
         print(f"WARNING: triton outside the tolerance rule for {failed}", file=sys.stderr)
 
     data = {
         "benchmark": "kernels",
         "run": run_metadata(device, "bench.kernels", argv),
-        "settings": {"resolution": resolution, "latent": list(latent), "batch": CFG_ROWS, "frames": frames,
-                     "tokens": tokens, "face_area": args.face_area, "audio_scale": AUDIO_SCALE, "tiny": args.tiny,
-                     "warmup": warmup, "repeats": repeats, "dtypes": dtype_names,
-                     "peak_tflops": args.peak_tflops, "peak_tbs": bandwidth},
+        "settings": {
+            "resolution": resolution,
+            "latent": list(latent),
+            "batch": CFG_ROWS,
+            "frames": frames,
+            "tokens": tokens,
+            "face_area": args.face_area,
+            "audio_scale": AUDIO_SCALE,
+            "tiny": args.tiny,
+            "warmup": warmup,
+            "repeats": repeats,
+            "dtypes": dtype_names,
+            "peak_tflops": args.peak_tflops,
+            "peak_tbs": bandwidth,
+        },
         "formulas": {
             "flops": "4*N*L*T*C (QK^T and PV matmuls, 2 FLOP per multiply-add, every query counted)",
             "tflops": "flops / median time",
             "bytes": "sizes of q [N,L,C], k and v [N,T,C], clip_v [N,C], mask [L] (spatial) read + out [N,L,C] "
-                     "written, in their dtypes",
+            "written, in their dtypes",
             "tbs": "bytes / median time",
             "max_abs_diff": "max |impl - audio_attention_reference in fp32 on the same inputs|",
             "within_tolerance": "triton max_abs_diff <= 2 * eager max_abs_diff + atol (fp16 1e-3, bf16 1e-2)",
             "floor_ms": "max(flops * f / peak_tflops, (bytes - (1 - f) * q bytes) / peak_tbs), f = fraction of "
-                        "queries with a non-zero mask",
+            "queries with a non-zero mask",
             "per_unet_call": "sum over shapes of count * ms; triton_efficiency = floor_ms / triton ms",
         },
         "layers": results,

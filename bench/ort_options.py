@@ -46,9 +46,9 @@ def unet_feeds(session, latent: int, frames: int = 25) -> dict[str, np.ndarray]:
     for inp in session.get_inputs():
         if inp.name.startswith("face_mask_"):
             level = int(inp.name.rsplit("_", 1)[1])
-            side = -(-latent // 2 ** level)
+            side = -(-latent // 2**level)
             mask = np.zeros((1, 1, side, side), np.float32)
-            mask[..., side // 4:3 * side // 4, side // 4:3 * side // 4] = 1
+            mask[..., side // 4 : 3 * side // 4, side // 4 : 3 * side // 4] = 1
             feeds[inp.name] = mask
         elif inp.name == "added_time_ids":
             feeds[inp.name] = np.array([[12.5, 20.0, 24.0]] * 3, np.float32)
@@ -99,13 +99,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                 times[name].append(time.perf_counter() - started)
     medians = {name: statistics.median(t) * 1000 for name, t in times.items()}
     base = medians[next(iter(VARIANTS))]
-    report = {"benchmark": "bench.ort_options", "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-              "command": shlex.join(["python", "-m", "bench.ort_options", *(sys.argv[1:] if argv is None else argv)]),
-              "onnxruntime": ort.__version__, "engines": str(args.engines), "latent": args.latent,
-              "variants": VARIANTS, "median_ms": medians, "all_ms": {k: [x * 1000 for x in v] for k, v in times.items()}}
-    lines = [f"# bench.ort_options: UNet call, onnxruntime {ort.__version__} CPU", "",
-             f"- date: {report['date']}", f"- command: `{report['command']}`", "",
-             "| session options | median ms | vs runtime settings |", "|---|---:|---:|"]
+    report = {
+        "benchmark": "bench.ort_options",
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": shlex.join(["python", "-m", "bench.ort_options", *(sys.argv[1:] if argv is None else argv)]),
+        "onnxruntime": ort.__version__,
+        "engines": str(args.engines),
+        "latent": args.latent,
+        "variants": VARIANTS,
+        "median_ms": medians,
+        "all_ms": {k: [x * 1000 for x in v] for k, v in times.items()},
+    }
+    lines = [
+        f"# bench.ort_options: UNet call, onnxruntime {ort.__version__} CPU",
+        "",
+        f"- date: {report['date']}",
+        f"- command: `{report['command']}`",
+        "",
+        "| session options | median ms | vs runtime settings |",
+        "|---|---:|---:|",
+    ]
     lines += [f"| {name} | {ms:.1f} | x{base / ms:.2f} |" for name, ms in medians.items()]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")

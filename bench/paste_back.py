@@ -49,8 +49,9 @@ def photo_1080p() -> np.ndarray:
 
     astro = np.asarray(Image.fromarray(data.astronaut()).resize((768, 768), Image.BICUBIC))
     top, left = 150, 900
-    return np.ascontiguousarray(np.pad(astro, ((top, 1080 - 768 - top), (left, 1920 - 768 - left), (0, 0)),
-                                       mode="reflect"))
+    return np.ascontiguousarray(
+        np.pad(astro, ((top, 1080 - 768 - top), (left, 1920 - 768 - left), (0, 0)), mode="reflect")
+    )
 
 
 def crop_box(photo: np.ndarray) -> tuple[int, int, int, int]:
@@ -72,7 +73,7 @@ def large_box(box) -> tuple[int, int, int, int]:
 
 def generated(photo: np.ndarray, box, gain=1.0, cast=(0.0, 0.0, 0.0), shift=0, grain=0.0) -> torch.Tensor:
     x1, y1, x2, y2 = box
-    crop = Image.fromarray(photo[y1:y2, x1 + shift:x2 + shift]).resize((512, 512), Image.LANCZOS)
+    crop = Image.fromarray(photo[y1:y2, x1 + shift : x2 + shift]).resize((512, 512), Image.LANCZOS)
     g = torch.from_numpy(np.asarray(crop, dtype=np.float32)).permute(2, 0, 1)
     g = g * gain + torch.tensor(cast).view(3, 1, 1)
     if grain:
@@ -87,7 +88,7 @@ def flat_band(photo: np.ndarray, box) -> np.ndarray:
     out = photo.copy()
     ring = np.zeros(photo.shape[:2], bool)
     ring[y1:y2, x1:x2] = True
-    ring[y1 + m:y2 - m, x1 + m:x2 - m] = False
+    ring[y1 + m : y2 - m, x1 + m : x2 - m] = False
     out[ring] = 120
     return out
 
@@ -114,9 +115,14 @@ def time_per_frame(photo, box, repeats: int, chunk: int = 16) -> dict:
                 out = paste(frames)
                 times.append(time.perf_counter() - t)
             assert out.shape == (chunk, 1080, 1920, 3)
-            res["rows"].append({"frames": name, "reuse_output": reuse,
-                                "ms_per_frame": float(np.median(times) / chunk * 1e3),
-                                "ms_per_frame_min": float(np.min(times) / chunk * 1e3)})
+            res["rows"].append(
+                {
+                    "frames": name,
+                    "reuse_output": reuse,
+                    "ms_per_frame": float(np.median(times) / chunk * 1e3),
+                    "ms_per_frame_min": float(np.min(times) / chunk * 1e3),
+                }
+            )
     return res
 
 
@@ -147,9 +153,16 @@ def colour_errors(photo, box) -> list[dict]:
             band_err = np.abs(pasted[band].mean(0) - orig[band].mean(0)).max()
             core_err = np.abs(pasted[core] - true[core].astype(np.float64)).mean()
             seam = np.abs(out[y1:y2, x1:x2][band] - orig[band]).mean()
-            rows.append({"cast": cast_name, "mode": mode or "none", "band_mean_error": float(band_err),
-                         "interior_error": float(core_err), "band_abs_diff": float(seam),
-                         "transform": paste.colour_transform})
+            rows.append(
+                {
+                    "cast": cast_name,
+                    "mode": mode or "none",
+                    "band_mean_error": float(band_err),
+                    "interior_error": float(core_err),
+                    "band_abs_diff": float(seam),
+                    "transform": paste.colour_transform,
+                }
+            )
     return rows
 
 
@@ -170,16 +183,23 @@ def main(argv=None) -> int:
     result = {
         "command": " ".join(["python -m bench.paste_back", *(sys.argv[1:] if argv is None else argv)]),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M UTC"),
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "torch": torch.__version__, "threads": torch.get_num_threads(),
-                    "load_average": os.getloadavg()[0]},
-        "timing": timing, "timing_large_box": timing_large, "colour": colour,
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "load_average": os.getloadavg()[0],
+        },
+        "timing": timing,
+        "timing_large_box": timing_large,
+        "colour": colour,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     lines = [
-        "# Paste-back into the whole picture, 1080p, CPU (issue 14)", "",
+        "# Paste-back into the whole picture, 1080p, CPU (issue 14)",
+        "",
         f"- **Command:** `{result['command']}` (JSON: `{out.name}`).",
         f"- **Date:** {result['date']}.",
         f"- **Machine:** {result['machine']['cores']} cores ({result['machine']['cpu']}), torch "
@@ -190,9 +210,16 @@ def main(argv=None) -> int:
         f"box {timing_large['crop_box']} (864 px, feather {timing_large['feather_px']} px); generated 512x512, "
         f"colour correction `mean`, chunks of {timing['chunk']} frames; median of {args.repeats} chunks after "
         "one warm-up, including the copy into the numpy array the writer takes.",
-        *(["- **Note:** the load average was above the core count: other jobs shared the CPU, which hurts "
-           "the 2-thread runs most (OpenMP threads wait on each other); the min column is the closer estimate "
-           "for an idle machine."] if result["machine"]["load_average"] > (os.cpu_count() or 1) else []), "",
+        *(
+            [
+                "- **Note:** the load average was above the core count: other jobs shared the CPU, which hurts "
+                "the 2-thread runs most (OpenMP threads wait on each other); the min column is the closer estimate "
+                "for an idle machine."
+            ]
+            if result["machine"]["load_average"] > (os.cpu_count() or 1)
+            else []
+        ),
+        "",
         "| crop box | frames in | output | ms per 1080p frame (median) | min |",
         "|---|---|---|---|---|",
     ]
@@ -200,21 +227,29 @@ def main(argv=None) -> int:
         side = t["crop_box"][2] - t["crop_box"][0]
         for r in t["rows"]:
             what = "reused buffer (`reuse_output=True`)" if r["reuse_output"] else "new array per chunk"
-            lines.append(f"| {side} px | {r['frames']} | {what} | {r['ms_per_frame']:.1f} | "
-                         f"{r['ms_per_frame_min']:.1f} |")
+            lines.append(
+                f"| {side} px | {r['frames']} | {what} | {r['ms_per_frame']:.1f} | {r['ms_per_frame_min']:.1f} |"
+            )
     lines += [
-        "", f"Construction (once per video, includes loading the photo): {timing['build_ms']:.0f} ms "
-        f"({side} px box: {timing_large['build_ms']:.0f} ms).", "",
-        "## Colour correction", "",
+        "",
+        f"Construction (once per video, includes loading the photo): {timing['build_ms']:.0f} ms "
+        f"({side} px box: {timing_large['build_ms']:.0f} ms).",
+        "",
+        "## Colour correction",
+        "",
         "Band error: largest per-channel difference of the mean colour of the pasted crop and the photo in the "
         "blend band (levels; what shows as a halo). Interior error: mean absolute difference of the corrected "
         "crop and the uncast crop beyond the feather (levels). Band |diff|: mean absolute difference of the "
-        "output and the photo in the band.", "",
-        "| cast | mode | band error | interior error | band \\|diff\\| |", "|---|---|---|---|---|",
+        "output and the photo in the band.",
+        "",
+        "| cast | mode | band error | interior error | band \\|diff\\| |",
+        "|---|---|---|---|---|",
     ]
     for r in colour:
-        lines.append(f"| {r['cast']} | {r['mode']} | {r['band_mean_error']:.2f} | {r['interior_error']:.2f} | "
-                     f"{r['band_abs_diff']:.2f} |")
+        lines.append(
+            f"| {r['cast']} | {r['mode']} | {r['band_mean_error']:.2f} | {r['interior_error']:.2f} | "
+            f"{r['band_abs_diff']:.2f} |"
+        )
     md = out.with_suffix(".md")
     md.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -68,23 +68,44 @@ def main(argv: Sequence[str] | None = None) -> int:
         del rt
     for dtype in dtypes:
         diff = np.abs(frames[dtype] - frames["fp32"])
-        runs[dtype].update(mean_levels=float(diff.mean()), max_levels=int(diff.max()),
-                           share_over_2_levels=float((diff > 2).mean()),
-                           speed_vs_fp32=runs["fp32"]["seconds"] / runs[dtype]["seconds"])
+        runs[dtype].update(
+            mean_levels=float(diff.mean()),
+            max_levels=int(diff.max()),
+            share_over_2_levels=float((diff > 2).mean()),
+            speed_vs_fp32=runs["fp32"]["seconds"] / runs[dtype]["seconds"],
+        )
     command = shlex.join(["python", "-m", "bench.precision", *(sys.argv[1:] if argv is None else argv)])
-    report = {"benchmark": "bench.precision", "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-              "command": command, "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "cpu_flags": cpu_flags(), "preset": args.preset, "steps": args.steps, "audio_s": args.seconds,
-              "num_generated_frames": int(frames["fp32"].shape[0]), "runs": runs}
-    lines = [f"# bench.precision: preset `{args.preset}` on CPU", "", f"- date: {report['date']}",
-             f"- command: `{command}`", f"- CPU bf16 flags: {', '.join(report['cpu_flags']) or 'none'}; "
-             f"torch {torch.__version__}, {report['threads']} threads",
-             f"- {args.steps} steps, {args.seconds:g} s of speech, {report['num_generated_frames']} frames compared "
-             "(decoded, before interpolation)", "",
-             "| dtype | seconds | speed vs fp32 | mean levels from fp32 | max levels | share > 2 levels |",
-             "|---|---:|---:|---:|---:|---:|"]
-    lines += [f"| {d} | {r['seconds']:.1f} | x{r['speed_vs_fp32']:.2f} | {r['mean_levels']:.2f} | "
-              f"{r['max_levels']} | {100 * r['share_over_2_levels']:.2f}% |" for d, r in runs.items()]
+    report = {
+        "benchmark": "bench.precision",
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_flags": cpu_flags(),
+        "preset": args.preset,
+        "steps": args.steps,
+        "audio_s": args.seconds,
+        "num_generated_frames": int(frames["fp32"].shape[0]),
+        "runs": runs,
+    }
+    lines = [
+        f"# bench.precision: preset `{args.preset}` on CPU",
+        "",
+        f"- date: {report['date']}",
+        f"- command: `{command}`",
+        f"- CPU bf16 flags: {', '.join(report['cpu_flags']) or 'none'}; "
+        f"torch {torch.__version__}, {report['threads']} threads",
+        f"- {args.steps} steps, {args.seconds:g} s of speech, {report['num_generated_frames']} frames compared "
+        "(decoded, before interpolation)",
+        "",
+        "| dtype | seconds | speed vs fp32 | mean levels from fp32 | max levels | share > 2 levels |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {d} | {r['seconds']:.1f} | x{r['speed_vs_fp32']:.2f} | {r['mean_levels']:.2f} | "
+        f"{r['max_levels']} | {100 * r['share_over_2_levels']:.2f}% |"
+        for d, r in runs.items()
+    ]
     out = args.out or REPO / "bench" / "results" / f"precision-{args.preset}-cpu.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")

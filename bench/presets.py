@@ -68,8 +68,10 @@ def _marker(model_dir: Path) -> dict[str, Any] | None:
 
 
 def _note(size: str) -> str:
-    return (f"sonic_rt bench {size} checkpoint (bench/presets.py): RANDOM WEIGHTS in the official Sonic layout. "
-            "Its video is not a talking face.")
+    return (
+        f"sonic_rt bench {size} checkpoint (bench/presets.py): RANDOM WEIGHTS in the official Sonic layout. "
+        "Its video is not a talking face."
+    )
 
 
 def write_mid_model(out: str | os.PathLike) -> Path:
@@ -78,15 +80,38 @@ def write_mid_model(out: str | os.PathLike) -> Path:
     The demo's Whisper, VAE, CLIP tower and RIFE; the wider :data:`MID_UNET_OVERRIDES` UNet; CLIP's
     projection and the audio adapters at its 64-wide cross-attention (the loader is strict about widths).
     """
-    from sonic_rt.demo import (DEMO_ADAPTER_HIDDEN, DEMO_CLIP, DEMO_RIFE_WIDTH, DEMO_SEED, DEMO_UNET_CONFIG,
-                               DEMO_VAE_CONFIG, DEMO_VERSION, DEMO_WHISPER, write_random_model)
+    from sonic_rt.demo import (
+        DEMO_ADAPTER_HIDDEN,
+        DEMO_CLIP,
+        DEMO_RIFE_WIDTH,
+        DEMO_SEED,
+        DEMO_UNET_CONFIG,
+        DEMO_VAE_CONFIG,
+        DEMO_VERSION,
+        DEMO_WHISPER,
+        write_random_model,
+    )
 
-    marker = {"random_weights": True, "note": _note("mid"), "min_resolution": MID_RESOLUTION,
-              "version": DEMO_VERSION, "bench_size": "mid", "bench_version": MID_VERSION}
-    return write_random_model(out, unet_config={**DEMO_UNET_CONFIG, **MID_UNET_OVERRIDES},
-                              vae_config=DEMO_VAE_CONFIG, clip=DEMO_CLIP, whisper=DEMO_WHISPER,
-                              adapter_hidden=DEMO_ADAPTER_HIDDEN, rife_width=DEMO_RIFE_WIDTH, marker=marker,
-                              seed=DEMO_SEED + 100, overwrite=True)
+    marker = {
+        "random_weights": True,
+        "note": _note("mid"),
+        "min_resolution": MID_RESOLUTION,
+        "version": DEMO_VERSION,
+        "bench_size": "mid",
+        "bench_version": MID_VERSION,
+    }
+    return write_random_model(
+        out,
+        unet_config={**DEMO_UNET_CONFIG, **MID_UNET_OVERRIDES},
+        vae_config=DEMO_VAE_CONFIG,
+        clip=DEMO_CLIP,
+        whisper=DEMO_WHISPER,
+        adapter_hidden=DEMO_ADAPTER_HIDDEN,
+        rife_width=DEMO_RIFE_WIDTH,
+        marker=marker,
+        seed=DEMO_SEED + 100,
+        overwrite=True,
+    )
 
 
 def write_widths_model(out: str | os.PathLike) -> Path:
@@ -94,33 +119,68 @@ def write_widths_model(out: str | os.PathLike) -> Path:
     with cross-attention 1024, whisper-tiny, a small CLIP tower projecting to 1024, adapters at the official
     ``intermediate_dim`` 1024 and RIFE at its official width."""
     from sonic_rt.architectures import AUDIO2TOKEN_ARGS, RIFE_WIDTH, WHISPER_TINY_CONFIG
-    from sonic_rt.demo import DEMO_CLIP, DEMO_SEED, DEMO_UNET_CONFIG, DEMO_VAE_CONFIG, DEMO_VERSION, \
-        write_random_model
+    from sonic_rt.demo import DEMO_CLIP, DEMO_SEED, DEMO_UNET_CONFIG, DEMO_VAE_CONFIG, DEMO_VERSION, write_random_model
 
     whisper = {k: v for k, v in WHISPER_TINY_CONFIG.items() if k not in ("architectures", "model_type")}
-    marker = {"random_weights": True, "note": _note("official-widths"), "min_resolution": WIDTHS_RESOLUTION,
-              "version": DEMO_VERSION, "bench_size": "widths", "bench_version": WIDTHS_VERSION}
+    marker = {
+        "random_weights": True,
+        "note": _note("official-widths"),
+        "min_resolution": WIDTHS_RESOLUTION,
+        "version": DEMO_VERSION,
+        "bench_size": "widths",
+        "bench_version": WIDTHS_VERSION,
+    }
     unet = {**DEMO_UNET_CONFIG, "cross_attention_dim": AUDIO2TOKEN_ARGS["output_dim"]}
-    return write_random_model(out, unet_config=unet, vae_config=DEMO_VAE_CONFIG, clip=DEMO_CLIP, whisper=whisper,
-                              adapter_hidden=AUDIO2TOKEN_ARGS["intermediate_dim"], rife_width=RIFE_WIDTH,
-                              marker=marker, seed=DEMO_SEED + 300, overwrite=True)
+    return write_random_model(
+        out,
+        unet_config=unet,
+        vae_config=DEMO_VAE_CONFIG,
+        clip=DEMO_CLIP,
+        whisper=whisper,
+        adapter_hidden=AUDIO2TOKEN_ARGS["intermediate_dim"],
+        rife_width=RIFE_WIDTH,
+        marker=marker,
+        seed=DEMO_SEED + 300,
+        overwrite=True,
+    )
 
 
 def write_full_model(out: str | os.PathLike) -> Path:
     """Write the full-size random-weight checkpoint (the official architectures) to ``out`` (seeded)."""
-    from sonic_rt.architectures import (AUDIO2TOKEN_ARGS, RIFE_WIDTH, SVD_XT_IMAGE_ENCODER_CONFIG,
-                                        SVD_XT_UNET_CONFIG, SVD_XT_VAE_CONFIG, WHISPER_TINY_CONFIG)
+    from sonic_rt.architectures import (
+        AUDIO2TOKEN_ARGS,
+        RIFE_WIDTH,
+        SVD_XT_IMAGE_ENCODER_CONFIG,
+        SVD_XT_UNET_CONFIG,
+        SVD_XT_VAE_CONFIG,
+        WHISPER_TINY_CONFIG,
+    )
     from sonic_rt.demo import DEMO_SEED, DEMO_VERSION, write_random_model
 
     def arguments(config: dict) -> dict:  # the config-file keys that are not constructor arguments
         return {k: v for k, v in config.items() if k not in ("architectures", "model_type")}
 
-    marker = {"random_weights": True, "note": _note("full-size"), "min_resolution": FULL_RESOLUTION,
-              "version": DEMO_VERSION, "bench_size": "full", "bench_version": FULL_VERSION}
-    return write_random_model(out, unet_config=SVD_XT_UNET_CONFIG, vae_config=SVD_XT_VAE_CONFIG,
-                              clip=arguments(SVD_XT_IMAGE_ENCODER_CONFIG), whisper=arguments(WHISPER_TINY_CONFIG),
-                              adapter_hidden=AUDIO2TOKEN_ARGS["intermediate_dim"], rife_width=RIFE_WIDTH,
-                              marker=marker, seed=DEMO_SEED + 200, unet_dtype=torch.float16, overwrite=True)
+    marker = {
+        "random_weights": True,
+        "note": _note("full-size"),
+        "min_resolution": FULL_RESOLUTION,
+        "version": DEMO_VERSION,
+        "bench_size": "full",
+        "bench_version": FULL_VERSION,
+    }
+    return write_random_model(
+        out,
+        unet_config=SVD_XT_UNET_CONFIG,
+        vae_config=SVD_XT_VAE_CONFIG,
+        clip=arguments(SVD_XT_IMAGE_ENCODER_CONFIG),
+        whisper=arguments(WHISPER_TINY_CONFIG),
+        adapter_hidden=AUDIO2TOKEN_ARGS["intermediate_dim"],
+        rife_width=RIFE_WIDTH,
+        marker=marker,
+        seed=DEMO_SEED + 200,
+        unet_dtype=torch.float16,
+        overwrite=True,
+    )
 
 
 def _write_demo(out: Path) -> Path:
@@ -133,8 +193,12 @@ def _current(size: str | None, version: int | None) -> Callable[[dict | None], b
     def check(marker: dict | None) -> bool:
         from sonic_rt.demo import DEMO_VERSION
 
-        return (bool(marker) and marker.get("version") == DEMO_VERSION and marker.get("bench_size") == size
-                and marker.get("bench_version") == version)
+        return (
+            bool(marker)
+            and marker.get("version") == DEMO_VERSION
+            and marker.get("bench_size") == size
+            and marker.get("bench_version") == version
+        )
 
     return check
 
@@ -163,16 +227,40 @@ class Size:
 
 
 SIZES = {
-    "demo": Size("demo", 128, 25, _write_demo, _current(None, None),
-                 "demo checkpoint: UNet [32, 32], cross-attention 32; 128x128"),
-    "mid": Size("mid", MID_RESOLUTION, 2, write_mid_model, _current("mid", MID_VERSION),
-                "UNet [64, 128, 128], heads [2, 4, 4], cross-attention 64; 256x256"),
-    "widths": Size("widths", WIDTHS_RESOLUTION, 25, write_widths_model, _current("widths", WIDTHS_VERSION),
-                   "demo UNet [32, 32] with the official widths: cross-attention 1024, whisper-tiny, CLIP "
-                   "projection 1024, adapters 1024, RIFE 90; 128x128"),
-    "full": Size("full", FULL_RESOLUTION, 25, write_full_model, _current("full", FULL_VERSION),
-                 "the official architectures (SVD-xt UNet 1.5 B, ViT-H CLIP, whisper-tiny), random weights; "
-                 "512x512", gpu_only=True),
+    "demo": Size(
+        "demo",
+        128,
+        25,
+        _write_demo,
+        _current(None, None),
+        "demo checkpoint: UNet [32, 32], cross-attention 32; 128x128",
+    ),
+    "mid": Size(
+        "mid",
+        MID_RESOLUTION,
+        2,
+        write_mid_model,
+        _current("mid", MID_VERSION),
+        "UNet [64, 128, 128], heads [2, 4, 4], cross-attention 64; 256x256",
+    ),
+    "widths": Size(
+        "widths",
+        WIDTHS_RESOLUTION,
+        25,
+        write_widths_model,
+        _current("widths", WIDTHS_VERSION),
+        "demo UNet [32, 32] with the official widths: cross-attention 1024, whisper-tiny, CLIP "
+        "projection 1024, adapters 1024, RIFE 90; 128x128",
+    ),
+    "full": Size(
+        "full",
+        FULL_RESOLUTION,
+        25,
+        write_full_model,
+        _current("full", FULL_VERSION),
+        "the official architectures (SVD-xt UNet 1.5 B, ViT-H CLIP, whisper-tiny), random weights; 512x512",
+        gpu_only=True,
+    ),
 }
 
 
@@ -206,8 +294,9 @@ def ensure_inputs(cache: Path) -> tuple[Path, Path]:
         os.replace(tmp, image)
     if not audio.is_file():
         if shutil.which("espeak-ng") is None:
-            raise BenchError("espeak-ng is not installed: the whole-video runs need real speech "
-                             "(apt-get install espeak-ng)")
+            raise BenchError(
+                "espeak-ng is not installed: the whole-video runs need real speech (apt-get install espeak-ng)"
+            )
         tmp = audio.with_name(f".{audio.stem}.{os.getpid()}.wav")
         subprocess.run(["espeak-ng", "-w", str(tmp), SPEECH], check=True, capture_output=True)
         os.replace(tmp, audio)
@@ -231,19 +320,35 @@ def speech_of_length(cache: Path, seconds: float) -> Path:
     return path
 
 
-def ensure_engines(model_dir: Path, out: Path, resolution: int, *, backend: str = "onnxruntime",
-                   precision: str | Precision = "fp32", device: torch.device | None = None,
-                   command: str = "bench") -> tuple[Path, dict[str, list[str]]]:
+def ensure_engines(
+    model_dir: Path,
+    out: Path,
+    resolution: int,
+    *,
+    backend: str = "onnxruntime",
+    precision: str | Precision = "fp32",
+    device: torch.device | None = None,
+    command: str = "bench",
+) -> tuple[Path, dict[str, list[str]]]:
     """Build (or reuse unchanged) the engines of ``model_dir`` in ``out``: resolution range
     ``resolution..2*resolution`` (opt ``resolution``), one window per UNet call. Returns the directory and
     what was done per graph (built / reused, with the reason)."""
     from export.build_engines import BuildOptions, build_engines
     from sonic_rt.graphs import DimRange, Precision, ShapeOptions
 
-    options = BuildOptions(backend=backend, precision=Precision.parse(precision), shapes=ShapeOptions(
-        resolution=DimRange(resolution, resolution, 2 * resolution)))
-    report = build_engines(model_dir, out, options, log=lambda line: log(f"build: {line}"),
-                           device=device or torch.device("cpu"), command=command)
+    options = BuildOptions(
+        backend=backend,
+        precision=Precision.parse(precision),
+        shapes=ShapeOptions(resolution=DimRange(resolution, resolution, 2 * resolution)),
+    )
+    report = build_engines(
+        model_dir,
+        out,
+        options,
+        log=lambda line: log(f"build: {line}"),
+        device=device or torch.device("cpu"),
+        command=command,
+    )
     return report.out, {name: list(action) for name, action in report.actions.items()}
 
 
@@ -259,8 +364,10 @@ def check_engines_match(model_dir: Path, engine_dir: Path) -> None:
     for rel, digest in files.items():
         path = model_dir / rel
         if not path.is_file() or sha256_file(path) != digest:
-            raise BenchError(f"{engine_dir} was not built from {model_dir} ({rel} differs); rebuild it with "
-                             f"python -m export.build_engines --model {model_dir} --out {engine_dir}, or drop --engines")
+            raise BenchError(
+                f"{engine_dir} was not built from {model_dir} ({rel} differs); rebuild it with "
+                f"python -m export.build_engines --model {model_dir} --out {engine_dir}, or drop --engines"
+            )
 
 
 @contextlib.contextmanager

@@ -50,8 +50,9 @@ def _free_port() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.scheduler", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.scheduler", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", type=Path, default=None, help="weights directory (default: the demo checkpoint)")
     p.add_argument("--seconds", type=float, default=6.0, help="audio length (default 6 s = 75 frames)")
     p.add_argument("--steps", type=int, default=5, help="denoising steps of the measured call (default 5)")
@@ -84,17 +85,48 @@ def main(argv: list[str] | None = None) -> int:
                 reference = result.frames
             diff = int(np.abs(result.frames.astype(int) - reference.astype(int)).max())
             denoise = result.timings["denoise"]
-            rows.append({"ranks": 1, "lanes": lanes, "windows_per_call": per_call, "denoise_s": round(denoise, 3),
-                         "s_per_step": round(denoise / args.steps, 3),
-                         "frames_per_s": round(result.num_generated_frames / denoise, 3),
-                         "max_frame_diff_vs_first": diff})
-            log(f"lanes {lanes}, windows/call {per_call}: denoise {denoise:.2f} s "
-                f"({denoise / args.steps:.2f} s/step), max frame diff {diff}")
+            rows.append(
+                {
+                    "ranks": 1,
+                    "lanes": lanes,
+                    "windows_per_call": per_call,
+                    "denoise_s": round(denoise, 3),
+                    "s_per_step": round(denoise / args.steps, 3),
+                    "frames_per_s": round(result.num_generated_frames / denoise, 3),
+                    "max_frame_diff_vs_first": diff,
+                }
+            )
+            log(
+                f"lanes {lanes}, windows/call {per_call}: denoise {denoise:.2f} s "
+                f"({denoise / args.steps:.2f} s/step), max frame diff {diff}"
+            )
     for ranks in [int(v) for v in args.ranks.split(",") if v]:
         out = work / f"r{ranks}.mp4"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_addr",
-               "127.0.0.1", "--master_port", str(_free_port()), "-m", "sonic_rt", "animate", "--model", str(model),
-               "--image", str(image), "--audio", str(audio), "--out", str(out), "--steps", str(args.steps), "--quiet"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(ranks),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(_free_port()),
+            "-m",
+            "sonic_rt",
+            "animate",
+            "--model",
+            str(model),
+            "--image",
+            str(image),
+            "--audio",
+            str(audio),
+            "--out",
+            str(out),
+            "--steps",
+            str(args.steps),
+            "--quiet",
+        ]
         env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // ranks))}
         started = time.perf_counter()
         run = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -102,18 +134,32 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"error: torchrun with {ranks} ranks failed:\n{run.stderr[-2000:]}")
         match = re.search(r"denoise ([0-9.]+)s", run.stdout)
         denoise = float(match.group(1)) if match else float("nan")
-        rows.append({"ranks": ranks, "lanes": 1, "windows_per_call": 1, "denoise_s": denoise,
-                     "s_per_step": round(denoise / args.steps, 3), "omp_threads_per_rank": env["OMP_NUM_THREADS"],
-                     "wall_s_with_loading": round(time.perf_counter() - started, 2)})
+        rows.append(
+            {
+                "ranks": ranks,
+                "lanes": 1,
+                "windows_per_call": 1,
+                "denoise_s": denoise,
+                "s_per_step": round(denoise / args.steps, 3),
+                "omp_threads_per_rank": env["OMP_NUM_THREADS"],
+                "wall_s_with_loading": round(time.perf_counter() - started, 2),
+            }
+        )
         log(f"{ranks} ranks (gloo): denoise {denoise:.2f} s")
     print(f"{'ranks':>5} {'lanes':>5} {'win/call':>8} {'denoise s':>10} {'s/step':>7} {'frames/s':>9}")
     for r in rows:
-        print(f"{r['ranks']:>5} {r['lanes']:>5} {r['windows_per_call']:>8} {r['denoise_s']:>10} {r['s_per_step']:>7} "
-              f"{r.get('frames_per_s', ''):>9}")
-    report = {"benchmark": "bench.scheduler (CPU)", "date": utc_now(), "command": command_line("bench.scheduler", argv),
-              "machine": machine_info(),
-              "settings": {"model": str(model), "audio_seconds": args.seconds, "steps": args.steps},
-              "results": rows}
+        print(
+            f"{r['ranks']:>5} {r['lanes']:>5} {r['windows_per_call']:>8} {r['denoise_s']:>10} {r['s_per_step']:>7} "
+            f"{r.get('frames_per_s', ''):>9}"
+        )
+    report = {
+        "benchmark": "bench.scheduler (CPU)",
+        "date": utc_now(),
+        "command": command_line("bench.scheduler", argv),
+        "machine": machine_info(),
+        "settings": {"model": str(model), "audio_seconds": args.seconds, "steps": args.steps},
+        "results": rows,
+    }
     write_json(args.out, report)
     log(f"wrote {args.out}")
     shutil.rmtree(work, ignore_errors=True)

@@ -56,10 +56,31 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from bench.common import (REPO, RESULTS, BenchError, attention_structure, command_line, count_flops, load_average,
-                          log, machine_info, peak_tflops, utc_now, write_json)
-from bench.presets import (DEFAULT_CACHE, SIZES, Size, bench_threads, check_engines_match, ensure_engines,
-                           ensure_inputs, ensure_model, speech_of_length)
+from bench.common import (
+    REPO,
+    RESULTS,
+    BenchError,
+    attention_structure,
+    command_line,
+    count_flops,
+    load_average,
+    log,
+    machine_info,
+    peak_tflops,
+    utc_now,
+    write_json,
+)
+from bench.presets import (
+    DEFAULT_CACHE,
+    SIZES,
+    Size,
+    bench_threads,
+    check_engines_match,
+    ensure_engines,
+    ensure_inputs,
+    ensure_model,
+    speech_of_length,
+)
 
 BACKENDS = ("eager", "torch", "reference", "compile", "bf16", "onnxruntime", "tensorrt")
 DEFAULT_BACKENDS = ("eager", "torch", "onnxruntime", "tensorrt")
@@ -112,7 +133,7 @@ class PeakRss:
     Attributes (after the block): ``before`` and ``peak`` in bytes.
     """
 
-    def __enter__(self) -> "PeakRss":
+    def __enter__(self) -> PeakRss:
         _release_memory()
         self.before = self.peak = rss_bytes()
         self._stop = threading.Event()
@@ -156,9 +177,14 @@ def unet_call_flops(runtime, resolution: int, frames: int = 25) -> dict[str, int
     gen = torch.Generator().manual_seed(0)
     rand = lambda *shape: torch.randn(*shape, generator=gen).to(device, dtype)  # noqa: E731
     mask = torch.zeros(1, 1, resolution, resolution)
-    mask[..., resolution // 4:3 * resolution // 4, resolution // 4:3 * resolution // 4] = 1
-    args = (rand(3, frames, unet.config.in_channels, h, w), torch.tensor([0.4], device=device),
-            rand(3, 1, dim), rand(3, frames, tokens, dim), torch.tensor([[12.5, 20.0, 24.0]] * 3, device=device))
+    mask[..., resolution // 4 : 3 * resolution // 4, resolution // 4 : 3 * resolution // 4] = 1
+    args = (
+        rand(3, frames, unet.config.in_channels, h, w),
+        torch.tensor([0.4], device=device),
+        rand(3, 1, dim),
+        rand(3, frames, tokens, dim),
+        torch.tensor([[12.5, 20.0, 24.0]] * 3, device=device),
+    )
     masks = [m.to(device, dtype) for m in level_face_masks(mask, (h, w), unet.attention_levels)]
     with torch.inference_mode():
         official = count_flops(lambda: unet(*args, face_mask=mask.to(device, dtype)))  # face_mask=: REFERENCE
@@ -181,8 +207,9 @@ class Backend:
     runtime: Any
 
 
-def load_backends(names: Sequence[str], model_dir: Path, args, device: torch.device
-                  ) -> tuple[dict[str, Backend], dict[str, str], dict[str, Any], Any]:
+def load_backends(
+    names: Sequence[str], model_dir: Path, args, device: torch.device
+) -> tuple[dict[str, Backend], dict[str, str], dict[str, Any], Any]:
     """Load the requested backends; returns (loaded, skipped name -> reason, engine build info, the torch
     Runtime over the weights, which eager shares and FLOPs are counted on)."""
     import sonic_rt
@@ -193,12 +220,22 @@ def load_backends(names: Sequence[str], model_dir: Path, args, device: torch.dev
     builds: dict[str, Any] = {}
     torch_rt = sonic_rt.Runtime(model_dir, device=device)  # default settings
     if "eager" in names:
-        loaded["eager"] = Backend("eager", EagerPipeline(torch_rt).animate,
-                                  "official structure, PyTorch eager (bench/eager.py)", "official", torch_rt)
+        loaded["eager"] = Backend(
+            "eager",
+            EagerPipeline(torch_rt).animate,
+            "official structure, PyTorch eager (bench/eager.py)",
+            "official",
+            torch_rt,
+        )
     if "torch" in names:
-        loaded["torch"] = Backend("torch", torch_rt.animate, f"sonic_rt Runtime, default settings (torch backend, "
-                                  f"attention {torch_rt.attention}, {str(torch_rt.dtype)[6:]})", "simplified",
-                                  torch_rt)
+        loaded["torch"] = Backend(
+            "torch",
+            torch_rt.animate,
+            f"sonic_rt Runtime, default settings (torch backend, "
+            f"attention {torch_rt.attention}, {str(torch_rt.dtype)[6:]})",
+            "simplified",
+            torch_rt,
+        )
     for name, (kwargs, what) in OPTIONS.items():
         if name in names:
             rt = sonic_rt.Runtime(model_dir, device=device, **kwargs)
@@ -220,13 +257,21 @@ def load_backends(names: Sequence[str], model_dir: Path, args, device: torch.dev
             engine_dir = given or args.cache / f"{args.preset}-{name}-{precision}"
             log(f"{name}: building/reusing {precision} engines in {engine_dir}")
             started = time.perf_counter()
-            engine_dir, actions = ensure_engines(model_dir, engine_dir, args.resolution, backend=name,
-                                                 precision=precision, device=device, command="bench.throughput")
+            engine_dir, actions = ensure_engines(
+                model_dir,
+                engine_dir,
+                args.resolution,
+                backend=name,
+                precision=precision,
+                device=device,
+                command="bench.throughput",
+            )
             builds[name] = {"seconds": time.perf_counter() - started, "actions": actions}
         check_engines_match(model_dir, engine_dir)
         rt = sonic_rt.Runtime(engine_dir, device=device)
-        loaded[name] = Backend(name, rt.animate, f"sonic_rt Runtime over {rt.dtype} {name} engines ({engine_dir.name})",
-                               "simplified", rt)
+        loaded[name] = Backend(
+            name, rt.animate, f"sonic_rt Runtime over {rt.dtype} {name} engines ({engine_dir.name})", "simplified", rt
+        )
     return {n: loaded[n] for n in names if n in loaded}, skipped, builds, torch_rt
 
 
@@ -252,8 +297,18 @@ def _unavailable(name: str, device: torch.device) -> str | None:
 # ---------------------------------------------------------------------------------------------------------
 # Measurement
 # ---------------------------------------------------------------------------------------------------------
-def measure(backend: Backend, image: Path, audio: Path, seconds: float, steps: int, resolution: int,
-            device: torch.device, flops: dict[str, int], peak: float, work: Path) -> dict[str, Any]:
+def measure(
+    backend: Backend,
+    image: Path,
+    audio: Path,
+    seconds: float,
+    steps: int,
+    resolution: int,
+    device: torch.device,
+    flops: dict[str, int],
+    peak: float,
+    work: Path,
+) -> dict[str, Any]:
     """One measured ``animate`` writing an mp4; every figure of the run (see the module docstring)."""
     from sonic_rt.sampling import SamplingConfig, window_starts
 
@@ -274,12 +329,21 @@ def measure(backend: Backend, image: Path, audio: Path, seconds: float, steps: i
     executed = flops[backend.flops_structure] * calls
     floor_s = flops["official"] * calls / (peak * 1e12)
     entry = {
-        "audio_s": seconds, "steps": steps, "num_generated_frames": n, "num_output_frames": result.num_frames,
-        "video_s": video_s, "size": [result.width, result.height], "timings_s": timings,
-        "frames_per_s": result.num_frames / total, "real_time_factor": total / video_s,
-        "unet_calls": calls, "unet_tflops_per_s": executed / timings["denoise"] / 1e12,
-        "unet_floor_s": floor_s, "unet_fraction_of_floor": floor_s / timings["denoise"],
-        "rss_peak_mb": rss.peak / MB, "rss_added_mb": (rss.peak - rss.before) / MB,
+        "audio_s": seconds,
+        "steps": steps,
+        "num_generated_frames": n,
+        "num_output_frames": result.num_frames,
+        "video_s": video_s,
+        "size": [result.width, result.height],
+        "timings_s": timings,
+        "frames_per_s": result.num_frames / total,
+        "real_time_factor": total / video_s,
+        "unet_calls": calls,
+        "unet_tflops_per_s": executed / timings["denoise"] / 1e12,
+        "unet_floor_s": floor_s,
+        "unet_fraction_of_floor": floor_s / timings["denoise"],
+        "rss_peak_mb": rss.peak / MB,
+        "rss_added_mb": (rss.peak - rss.before) / MB,
         "output_bytes": out.stat().st_size,
     }
     if cuda:
@@ -313,15 +377,17 @@ def state_mb_per_audio_s(runtime, resolution: int) -> float:
 def derive(report: dict[str, Any]) -> None:
     """Speedups over eager and the scaling fits, added to ``report`` in place."""
     runs = report["runs"]
-    for name, entries in runs.items():
+    for entries in runs.values():
         for key, entry in entries.items():
             base = runs.get("eager", {}).get(key)
             if base is None:
                 continue
             entry["speedup_vs_eager"] = base["timings_s"]["total"] / entry["timings_s"]["total"]
             entry["stage_speedup_vs_eager"] = {
-                stage: base["timings_s"][stage] / t for stage, t in entry["timings_s"].items()
-                if t > 0 and stage in base["timings_s"]}
+                stage: base["timings_s"][stage] / t
+                for stage, t in entry["timings_s"].items()
+                if t > 0 and stage in base["timings_s"]
+            }
     scaling = {}
     for name, entries in runs.items():
         points = sorted(entries.values(), key=lambda e: e["audio_s"])
@@ -349,34 +415,46 @@ def _f(x: float | None, digits: int = 2) -> str:
 def format_markdown(report: dict[str, Any]) -> str:
     """The report as Markdown tables (also printed to stdout)."""
     s = report["settings"]
-    lines = [f"# bench.throughput: preset `{s['preset']}` on {report['device']}", "",
-             f"- date: {report['date']}", f"- command: `{report['command']}`",
-             f"- machine: {report['machine'].get('gpu') or report['machine']['cpu']}, "
-             f"torch {report['machine']['torch']}, {report['machine']['torch_threads']} threads",
-             f"- model: {s['description']}; {s['steps']} denoising steps; audio: {s['inputs']}",
-             f"- matmul peak measured here: {report['peak']['tflops']:.3g} TFLOP/s ({report['peak']['gemm']}); "
-             f"one UNet call = {report['unet_call_flops']['official'] / 1e12:.4g} TFLOP official, "
-             f"{report['unet_call_flops']['simplified'] / 1e12:.4g} TFLOP simplified"]
+    lines = [
+        f"# bench.throughput: preset `{s['preset']}` on {report['device']}",
+        "",
+        f"- date: {report['date']}",
+        f"- command: `{report['command']}`",
+        f"- machine: {report['machine'].get('gpu') or report['machine']['cpu']}, "
+        f"torch {report['machine']['torch']}, {report['machine']['torch_threads']} threads",
+        f"- model: {s['description']}; {s['steps']} denoising steps; audio: {s['inputs']}",
+        f"- matmul peak measured here: {report['peak']['tflops']:.3g} TFLOP/s ({report['peak']['gemm']}); "
+        f"one UNet call = {report['unet_call_flops']['official'] / 1e12:.4g} TFLOP official, "
+        f"{report['unet_call_flops']['simplified'] / 1e12:.4g} TFLOP simplified",
+    ]
     for name, reason in report["skipped"].items():
         lines.append(f"- {name}: skipped, {reason}")
     for name, what in report["backends"].items():
         first = report.get("first_call_s", {}).get(name)
-        lines.append(f"- {name}: {what}" + (f"; first call (warm-up, 1 step, compiling included) {first:.1f} s"
-                                            if first is not None else ""))
+        lines.append(
+            f"- {name}: {what}"
+            + (f"; first call (warm-up, 1 step, compiling included) {first:.1f} s" if first is not None else "")
+        )
     backends = list(report["runs"])
-    lines += ["", "## Per run", "",
-              "| backend | audio s | total s | frames/s | s per video s | speedup vs eager | UNet TFLOP/s | "
-              "% of UNet floor | peak RSS MB | RSS added MB |" + (" CUDA peak MB |" if report["cuda"] else ""),
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if report["cuda"] else "")]
+    lines += [
+        "",
+        "## Per run",
+        "",
+        "| backend | audio s | total s | frames/s | s per video s | speedup vs eager | UNet TFLOP/s | "
+        "% of UNet floor | peak RSS MB | RSS added MB |" + (" CUDA peak MB |" if report["cuda"] else ""),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if report["cuda"] else ""),
+    ]
     for seconds in s["seconds"]:
         for name in backends:
             e = report["runs"][name].get(f"{seconds:g}")
             if e is None:
                 continue
-            row = (f"| {name} | {seconds:g} | {e['timings_s']['total']:.2f} | {e['frames_per_s']:.2f} | "
-                   f"{e['real_time_factor']:.2f} | {_f(e.get('speedup_vs_eager'))} | "
-                   f"{_f(e['unet_tflops_per_s'], 3)} | {100 * e['unet_fraction_of_floor']:.2g} | "
-                   f"{e['rss_peak_mb']:.0f} | {e['rss_added_mb']:.0f} |")
+            row = (
+                f"| {name} | {seconds:g} | {e['timings_s']['total']:.2f} | {e['frames_per_s']:.2f} | "
+                f"{e['real_time_factor']:.2f} | {_f(e.get('speedup_vs_eager'))} | "
+                f"{_f(e['unet_tflops_per_s'], 3)} | {100 * e['unet_fraction_of_floor']:.2g} | "
+                f"{e['rss_peak_mb']:.0f} | {e['rss_added_mb']:.0f} |"
+            )
             if report["cuda"]:
                 row += f" {e['cuda_peak_mb']:.0f} |"
             lines.append(row)
@@ -384,8 +462,13 @@ def format_markdown(report: dict[str, Any]) -> str:
 
     for seconds in s["seconds"]:
         present = [n for n in backends if f"{seconds:g}" in report["runs"][n]]
-        lines += ["", f"## Stages, {seconds:g} s of audio (seconds; x = speedup over eager)", "",
-                  "| stage | " + " | ".join(present) + " |", "|---|" + "---:|" * len(present)]
+        lines += [
+            "",
+            f"## Stages, {seconds:g} s of audio (seconds; x = speedup over eager)",
+            "",
+            "| stage | " + " | ".join(present) + " |",
+            "|---|" + "---:|" * len(present),
+        ]
         for stage in STAGES:
             cells = []
             for n in present:
@@ -394,19 +477,30 @@ def format_markdown(report: dict[str, Any]) -> str:
                 x = e.get("stage_speedup_vs_eager", {}).get(stage)
                 cells.append("-" if t is None else f"{t:.3f}" + (f" (x{x:.2f})" if x and n != "eager" else ""))
             lines.append(f"| {stage} | " + " | ".join(cells) + " |")
-    lines += ["", "## Scaling with audio length (least-squares fits)", "",
-              "| backend | total s per audio s | intercept s | R^2 | s per video s at each length | "
-              "RSS added MB per audio s |" + (" CUDA added MB per audio s |" if report["cuda"] else ""),
-              "|---|---:|---:|---:|---|---:|" + ("---:|" if report["cuda"] else "")]
+    lines += [
+        "",
+        "## Scaling with audio length (least-squares fits)",
+        "",
+        "| backend | total s per audio s | intercept s | R^2 | s per video s at each length | "
+        "RSS added MB per audio s |" + (" CUDA added MB per audio s |" if report["cuda"] else ""),
+        "|---|---:|---:|---:|---|---:|" + ("---:|" if report["cuda"] else ""),
+    ]
     for name, sc in report["scaling"].items():
         t, m = sc["total_s"], sc["rss_added_mb"]
-        row = (f"| {name} | {_f(t['slope'], 3)} | {_f(t['intercept'])} | {_f(t['r2'], 4)} | "
-               + ", ".join(f"{x:.2f}" for x in sc["seconds_per_output_second"]) + f" | {_f(m['slope'], 3)} |")
+        row = (
+            f"| {name} | {_f(t['slope'], 3)} | {_f(t['intercept'])} | {_f(t['r2'], 4)} | "
+            + ", ".join(f"{x:.2f}" for x in sc["seconds_per_output_second"])
+            + f" | {_f(m['slope'], 3)} |"
+        )
         if report["cuda"]:
             row += f" {_f(sc.get('cuda_added_mb', {}).get('slope'), 3)} |"
         lines.append(row)
-    lines += ["", f"Per-frame state the runtime keeps (latents + audio tokens): "
-              f"{report['state_mb_per_audio_s']:.3g} MB per audio second.", ""]
+    lines += [
+        "",
+        f"Per-frame state the runtime keeps (latents + audio tokens): "
+        f"{report['state_mb_per_audio_s']:.3g} MB per audio second.",
+        "",
+    ]
     if report.get("plot"):
         lines += [f"![time and memory against audio length]({Path(report['plot']).name})", ""]
     return "\n".join(lines)
@@ -427,8 +521,11 @@ def plot(report: dict[str, Any], path: Path) -> Path:
         ax_t.plot(xs, [e["real_time_factor"] for e in points], marker="o", label=name)
         ax_m.plot(xs, [e[memory_key] for e in points], marker="o", label=name)
     ax_t.set(xlabel="audio length (s)", ylabel="compute s per s of video", title="time per output second")
-    ax_m.set(xlabel="audio length (s)", ylabel=f"peak {'CUDA' if report['cuda'] else 'RSS'} added (MB)",
-             title="peak memory added by the call")
+    ax_m.set(
+        xlabel="audio length (s)",
+        ylabel=f"peak {'CUDA' if report['cuda'] else 'RSS'} added (MB)",
+        title="peak memory added by the call",
+    )
     for ax in (ax_t, ax_m):
         ax.grid(alpha=0.3)
         ax.legend()
@@ -445,11 +542,14 @@ def plot(report: dict[str, Any], path: Path) -> Path:
 # CLI
 # ---------------------------------------------------------------------------------------------------------
 def parser() -> argparse.ArgumentParser:
-    presets = "\n".join(f"  {name:<5} {p.size.description}; audio {', '.join(f'{x:g}' for x in p.seconds)} s; "
-                        f"{p.steps} steps" + ("; GPU only" if p.size.gpu_only else "")
-                        for name, p in PRESETS.items())
+    presets = "\n".join(
+        f"  {name:<5} {p.size.description}; audio {', '.join(f'{x:g}' for x in p.seconds)} s; "
+        f"{p.steps} steps" + ("; GPU only" if p.size.gpu_only else "")
+        for name, p in PRESETS.items()
+    )
     p = argparse.ArgumentParser(
-        prog="python -m bench.throughput", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="python -m bench.throughput",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description=f"""\
 Whole-video throughput of each backend against the eager baseline (the official pipeline's structure on
 the same weights), side by side in one process: per-stage seconds, frames/s, real-time factor, peak
@@ -465,24 +565,48 @@ where unavailable). The first call of each (the warm-up, compiling included) is 
 presets (random-weight checkpoints in the official layout, cached in --cache):
 {presets}""",
         epilog="example: python -m bench.throughput --preset demo\n"
-               "results: bench/results/throughput-<preset>-<device>.{json,md,png} (see --out)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="model size (default: full on a CUDA GPU, demo on CPU)")
+        "results: bench/results/throughput-<preset>-<device>.{json,md,png} (see --out)",
+    )
+    p.add_argument(
+        "--preset", choices=sorted(PRESETS), default=None, help="model size (default: full on a CUDA GPU, demo on CPU)"
+    )
     p.add_argument("--seconds", default=None, help="comma-separated audio lengths in seconds (default: the preset's)")
-    p.add_argument("--backends", default=",".join(DEFAULT_BACKENDS), help=f"comma-separated from "
-                   f"{', '.join(BACKENDS)} (default: {','.join(DEFAULT_BACKENDS)}; eager is the baseline of every "
-                   "speedup)")
+    p.add_argument(
+        "--backends",
+        default=",".join(DEFAULT_BACKENDS),
+        help=f"comma-separated from "
+        f"{', '.join(BACKENDS)} (default: {','.join(DEFAULT_BACKENDS)}; eager is the baseline of every "
+        "speedup)",
+    )
     p.add_argument("--steps", type=int, default=None, help="denoising steps per run (default: the preset's)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     p.add_argument("--threads", type=int, default=None, help="torch (and onnxruntime) threads on CPU")
-    p.add_argument("--out", type=Path, default=None, help="JSON results path; the .md and .png go beside it "
-                   "(default: bench/results/throughput-<preset>-<device>.json)")
-    p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where checkpoints, engines and inputs are "
-                   f"cached (default: {DEFAULT_CACHE.relative_to(REPO)})")
-    p.add_argument("--model", type=Path, default=None, help="use this weights directory instead of the preset's "
-                   "cached checkpoint (its resolution is still the preset's)")
-    p.add_argument("--engines", type=Path, default=None, help="use this onnxruntime engine directory (built from "
-                   "the same weights) instead of the cached one")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON results path; the .md and .png go beside it "
+        "(default: bench/results/throughput-<preset>-<device>.json)",
+    )
+    p.add_argument(
+        "--cache",
+        type=Path,
+        default=DEFAULT_CACHE,
+        help=f"where checkpoints, engines and inputs are cached (default: {DEFAULT_CACHE.relative_to(REPO)})",
+    )
+    p.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="use this weights directory instead of the preset's "
+        "cached checkpoint (its resolution is still the preset's)",
+    )
+    p.add_argument(
+        "--engines",
+        type=Path,
+        default=None,
+        help="use this onnxruntime engine directory (built from the same weights) instead of the cached one",
+    )
     return p
 
 
@@ -498,8 +622,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     if preset.size.gpu_only and args.device.type != "cuda":
         p.error(f"--preset {args.preset} is for GPUs (the full-size model); use demo or mid on CPU")
     try:
-        args.seconds = (tuple(sorted({float(x) for x in args.seconds.split(",") if x.strip()}))
-                        if args.seconds else preset.seconds)
+        args.seconds = (
+            tuple(sorted({float(x) for x in args.seconds.split(",") if x.strip()})) if args.seconds else preset.seconds
+        )
     except ValueError:
         p.error(f"--seconds takes comma-separated numbers, got {args.seconds!r}")
     if not args.seconds or min(args.seconds) < 0.08:
@@ -532,32 +657,65 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     flops = unet_call_flops(torch_rt, args.resolution)
     peak = peak_tflops(device)
     report: dict[str, Any] = {
-        "benchmark": "bench.throughput", "date": utc_now(),
-        "command": command, "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
-        "cuda": device.type == "cuda", "machine": machine_info(device),
-        "settings": {"preset": args.preset, "description": preset.size.description, "resolution": args.resolution,
-                     "seconds": list(args.seconds), "steps": args.steps, "model_dir": str(model_dir),
-                     "inputs": "skimage astronaut + espeak-ng speech tiled to each length",
-                     "warmup": f"one animate per backend: {min(args.seconds):g} s of audio, 1 step"},
-        "backends": {n: b.description for n, b in backends.items()}, "skipped": skipped, "engine_builds": builds,
-        "unet_call_flops": flops, "peak": peak,
-        "state_mb_per_audio_s": state_mb_per_audio_s(torch_rt, args.resolution), "first_call_s": {}, "runs": {}}
+        "benchmark": "bench.throughput",
+        "date": utc_now(),
+        "command": command,
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "cuda": device.type == "cuda",
+        "machine": machine_info(device),
+        "settings": {
+            "preset": args.preset,
+            "description": preset.size.description,
+            "resolution": args.resolution,
+            "seconds": list(args.seconds),
+            "steps": args.steps,
+            "model_dir": str(model_dir),
+            "inputs": "skimage astronaut + espeak-ng speech tiled to each length",
+            "warmup": f"one animate per backend: {min(args.seconds):g} s of audio, 1 step",
+        },
+        "backends": {n: b.description for n, b in backends.items()},
+        "skipped": skipped,
+        "engine_builds": builds,
+        "unet_call_flops": flops,
+        "peak": peak,
+        "state_mb_per_audio_s": state_mb_per_audio_s(torch_rt, args.resolution),
+        "first_call_s": {},
+        "runs": {},
+    }
     with tempfile.TemporaryDirectory(prefix="sonic_rt_throughput_") as tmp:
         work = Path(tmp)
         for name, backend in backends.items():
             log(f"{name}: warm-up")
             started = time.perf_counter()
-            backend.animate(image, audios[min(args.seconds)], work / "warmup.mp4", steps=1, progress=False,
-                            min_resolution=args.resolution)
+            backend.animate(
+                image,
+                audios[min(args.seconds)],
+                work / "warmup.mp4",
+                steps=1,
+                progress=False,
+                min_resolution=args.resolution,
+            )
             report["first_call_s"][name] = time.perf_counter() - started  # includes any compile
             report["runs"][name] = {}
             for seconds in args.seconds:
                 log(f"{name}: {seconds:g} s of audio, {args.steps} steps")
-                entry = measure(backend, image, audios[seconds], seconds, args.steps, args.resolution, device,
-                                flops, peak["tflops"], work)
+                entry = measure(
+                    backend,
+                    image,
+                    audios[seconds],
+                    seconds,
+                    args.steps,
+                    args.resolution,
+                    device,
+                    flops,
+                    peak["tflops"],
+                    work,
+                )
                 report["runs"][name][f"{seconds:g}"] = entry
-                log(f"{name}: {seconds:g} s: {entry['timings_s']['total']:.2f} s, {entry['frames_per_s']:.2f} "
-                    f"frames/s, peak RSS +{entry['rss_added_mb']:.0f} MB")
+                log(
+                    f"{name}: {seconds:g} s: {entry['timings_s']['total']:.2f} s, {entry['frames_per_s']:.2f} "
+                    f"frames/s, peak RSS +{entry['rss_added_mb']:.0f} MB"
+                )
     derive(report)
     report["machine"]["load_average_at_end"] = load_average()
     return report

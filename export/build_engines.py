@@ -109,6 +109,7 @@ class BuildPlan:
 
 def _source_files(paths: ModelPaths) -> dict[str, list[Path]]:
     """The files each graph's weights and sizes come from."""
+
     def folder(path: Path) -> list[Path]:
         return sorted(p for p in path.rglob("*") if p.is_file())
 
@@ -129,17 +130,29 @@ def _library_versions(backend: type[Backend]) -> dict[str, str]:
     import onnx
     import onnxslim
 
-    versions = {"sonic_rt": sonic_rt.__version__, "torch": torch.__version__, "onnx": onnx.__version__,
-                "onnxslim": onnxslim.__version__}
+    versions = {
+        "sonic_rt": sonic_rt.__version__,
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxslim": onnxslim.__version__,
+    }
     versions.update(backend.versions())
     return versions
 
 
-def _build_key(spec: GraphSpec, options: BuildOptions, sources: dict[str, str], versions: dict[str, str],
-               gpu: dict | None) -> dict[str, Any]:
+def _build_key(
+    spec: GraphSpec, options: BuildOptions, sources: dict[str, str], versions: dict[str, str], gpu: dict | None
+) -> dict[str, Any]:
     """Everything a graph's artifact depends on (its sha256 is the build key)."""
-    return {"spec": spec.to_json(), "backend": options.backend, "precision": options.precision.value,
-            "opset": options.opset, "sources": sources, "libraries": versions, "gpu": gpu}
+    return {
+        "spec": spec.to_json(),
+        "backend": options.backend,
+        "precision": options.precision.value,
+        "opset": options.opset,
+        "sources": sources,
+        "libraries": versions,
+        "gpu": gpu,
+    }
 
 
 def _key_digest(key: dict[str, Any]) -> str:
@@ -157,8 +170,15 @@ def _why_rebuild(old_entry: GraphEntry | None, key: dict[str, Any], old_dir: Pat
             if not path.is_file() or sha256_file(path) != digest:
                 return f"artifact {name} is missing or corrupted"
         return None
-    for part, label in (("sources", "source weights"), ("spec", "shapes"), ("precision", "precision"),
-                        ("backend", "backend"), ("opset", "opset"), ("libraries", "library versions"), ("gpu", "GPU")):
+    for part, label in (
+        ("sources", "source weights"),
+        ("spec", "shapes"),
+        ("precision", "precision"),
+        ("backend", "backend"),
+        ("opset", "opset"),
+        ("libraries", "library versions"),
+        ("gpu", "GPU"),
+    ):
         if old_key.get(part) != key.get(part):
             if part == "sources":
                 changed = sorted(set(old_key.get(part, {}).items()) ^ set(key[part].items()))
@@ -185,8 +205,14 @@ def _log(message: str) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # 1. Plan: what each graph depends on, and which ones to rebuild
 # ---------------------------------------------------------------------------------------------------------
-def plan_build(model_dir: str | os.PathLike, out: Path, options: BuildOptions, backend: type[Backend],
-               device: torch.device, log: Callable[[str], None]) -> BuildPlan:
+def plan_build(
+    model_dir: str | os.PathLike,
+    out: Path,
+    options: BuildOptions,
+    backend: type[Backend],
+    device: torch.device,
+    log: Callable[[str], None],
+) -> BuildPlan:
     """Hash the sources, load the fp32 models and decide per graph whether the artifact in ``out`` is reused.
 
     Raises:
@@ -208,13 +234,30 @@ def plan_build(model_dir: str | os.PathLike, out: Path, options: BuildOptions, b
     models, modules = _load_for_export(paths, device)
     config = PipelineConfig.from_models(models)
     specs = graph_specs(config, options.shapes, options.precision)
-    keys = {name: _build_key(specs[name], options, {rel[p]: hashes[p] for p in depends[name]}, versions, gpu)
-            for name in GRAPH_NAMES}
+    keys = {
+        name: _build_key(specs[name], options, {rel[p]: hashes[p] for p in depends[name]}, versions, gpu)
+        for name in GRAPH_NAMES
+    }
     # a manifest from another backend/precision: everything differs, and the reasons say so
-    reasons = {name: _why_rebuild(old.graphs.get(name) if old else None, keys[name], out if old else None)
-               for name in GRAPH_NAMES}
-    return BuildPlan(out, backend, device, paths, old, {rel[p]: h for p, h in hashes.items()}, versions, gpu,
-                     config, specs, modules, keys, reasons)
+    reasons = {
+        name: _why_rebuild(old.graphs.get(name) if old else None, keys[name], out if old else None)
+        for name in GRAPH_NAMES
+    }
+    return BuildPlan(
+        out,
+        backend,
+        device,
+        paths,
+        old,
+        {rel[p]: h for p, h in hashes.items()},
+        versions,
+        gpu,
+        config,
+        specs,
+        modules,
+        keys,
+        reasons,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -228,8 +271,9 @@ def _reuse_graph(plan: BuildPlan, name: str, tmp: Path) -> GraphEntry:
     return entry
 
 
-def _build_graph(plan: BuildPlan, name: str, options: BuildOptions, tmp: Path, log: Callable[[str], None]
-                 ) -> GraphEntry:
+def _build_graph(
+    plan: BuildPlan, name: str, options: BuildOptions, tmp: Path, log: Callable[[str], None]
+) -> GraphEntry:
     """Export graph ``name`` to ONNX in ``tmp`` and check it against PyTorch fp32; for a compiled backend, then
     compile it (:func:`_compile_graph`), keeping only the compiled artifact.
 
@@ -245,22 +289,37 @@ def _build_graph(plan: BuildPlan, name: str, options: BuildOptions, tmp: Path, l
     del export_module
     rtol, atol = CHECK_TOLERANCE[Precision.FP32 if fp32 else options.precision]
     check = run_check(module, spec, onnx_path, options.check_points, rtol=rtol, atol=atol)
-    log(f"{name}: ONNX exported and checked at {'/'.join(options.check_points)} shapes "
-        f"(max |diff| vs PyTorch fp32 {max(check.values()):.2g})")
+    log(
+        f"{name}: ONNX exported and checked at {'/'.join(options.check_points)} shapes "
+        f"(max |diff| vs PyTorch fp32 {max(check.values()):.2g})"
+    )
     artifact, info = onnx_path, None
     if plan.backend.compiled:
         artifact, info, check = _compile_graph(plan, name, onnx_path, options, tmp, (rtol, atol), log)
         for file in files:
             file.unlink()
         files = [artifact]
-    return GraphEntry(artifact=artifact.name, check=check, tensorrt=info,
-                      files={f.name: sha256_file(f) for f in files}, spec=spec, build_key=_key_digest(plan.keys[name]),
-                      build_key_inputs=plan.keys[name], seconds=round(time.perf_counter() - started, 2))
+    return GraphEntry(
+        artifact=artifact.name,
+        check=check,
+        tensorrt=info,
+        files={f.name: sha256_file(f) for f in files},
+        spec=spec,
+        build_key=_key_digest(plan.keys[name]),
+        build_key_inputs=plan.keys[name],
+        seconds=round(time.perf_counter() - started, 2),
+    )
 
 
-def _compile_graph(plan: BuildPlan, name: str, onnx_path: Path, options: BuildOptions, tmp: Path,
-                   tolerance: tuple[float, float], log: Callable[[str], None]
-                   ) -> tuple[Path, dict[str, Any], dict[str, float]]:
+def _compile_graph(
+    plan: BuildPlan,
+    name: str,
+    onnx_path: Path,
+    options: BuildOptions,
+    tmp: Path,
+    tolerance: tuple[float, float],
+    log: Callable[[str], None],
+) -> tuple[Path, dict[str, Any], dict[str, float]]:
     """Compile the ONNX export of ``name`` into the backend's artifact, load it and check it against PyTorch.
 
     TensorRT is the one compiled backend (:attr:`Backend.compiled`); its tactic timings are kept in
@@ -275,8 +334,16 @@ def _compile_graph(plan: BuildPlan, name: str, onnx_path: Path, options: BuildOp
     info = build_engine(onnx_path, spec, artifact, options.precision, timing_cache=tmp / TIMING_CACHE)
     graph = plan.backend.load_graph(spec, artifact, plan.device)
     rtol, atol = tolerance
-    check = check_parity(module, spec, lambda args, point: graph(*args), options.check_points, rtol=rtol, atol=atol,
-                         seed=200, label=artifact.name)
+    check = check_parity(
+        module,
+        spec,
+        lambda args, point: graph(*args),
+        options.check_points,
+        rtol=rtol,
+        atol=atol,
+        seed=200,
+        label=artifact.name,
+    )
     log(f"{name}: TensorRT engine built and checked (max |diff| {max(check.values()):.2g})")
     return artifact, info, check
 
@@ -296,16 +363,28 @@ def _write_support_files(paths: ModelPaths, tmp: Path) -> dict[str, str]:
     return support
 
 
-def _manifest(plan: BuildPlan, options: BuildOptions, graphs: dict[str, GraphEntry], support: dict[str, str],
-              command: str | None) -> Manifest:
+def _manifest(
+    plan: BuildPlan, options: BuildOptions, graphs: dict[str, GraphEntry], support: dict[str, str], command: str | None
+) -> Manifest:
     paths = plan.paths
     demo = json.loads(paths.demo_marker.read_text()) if paths.demo_marker else None
-    pipeline = PipelineInfo(config=plan.config, scheduler_config=read_config(paths.scheduler / "scheduler_config.json"),
-                            demo=demo)
-    return Manifest(backend=plan.backend.name, precision=options.precision, opset=options.opset, shapes=options.shapes,
-                    pipeline=pipeline, source={"model_dir": str(paths.root), "files": plan.sources},
-                    libraries=plan.versions, gpu=plan.gpu, graphs=graphs, files=support,
-                    created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), command=command)
+    pipeline = PipelineInfo(
+        config=plan.config, scheduler_config=read_config(paths.scheduler / "scheduler_config.json"), demo=demo
+    )
+    return Manifest(
+        backend=plan.backend.name,
+        precision=options.precision,
+        opset=options.opset,
+        shapes=options.shapes,
+        pipeline=pipeline,
+        source={"model_dir": str(paths.root), "files": plan.sources},
+        libraries=plan.versions,
+        gpu=plan.gpu,
+        graphs=graphs,
+        files=support,
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        command=command,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -320,9 +399,15 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def build_engines(model_dir: str | os.PathLike, out: str | os.PathLike, options: BuildOptions, *,
-                  log: Callable[[str], None] = _log, device: torch.device | None = None,
-                  command: str | None = None) -> BuildReport:
+def build_engines(
+    model_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    options: BuildOptions,
+    *,
+    log: Callable[[str], None] = _log,
+    device: torch.device | None = None,
+    command: str | None = None,
+) -> BuildReport:
     """Export (and for TensorRT build) every graph of the model in ``model_dir`` into ``out``.
 
     Steps: plan (:func:`plan_build`: what each graph depends on, which to reuse and why), build or reuse
@@ -401,41 +486,74 @@ def _range(text: str, what: str) -> DimRange:
             raise ValueError
         return DimRange(*values)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{what} must be N or MIN:OPT:MAX with MIN <= OPT <= MAX, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"{what} must be N or MIN:OPT:MAX with MIN <= OPT <= MAX, got {text!r}"
+        ) from None
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m export.build_engines",
         description="Export Sonic's eight graphs (Whisper encoder, CLIP, VAE encoder/decoder, audio2token, "
-                    "audio2bucket, UNet with audio attention, RIFE) to ONNX and, for --backend tensorrt, TensorRT "
-                    "engines. Writes OUT/manifest.json; load the result with sonic_rt.Runtime(OUT) or "
-                    "python -m sonic_rt animate --model OUT.",
+        "audio2bucket, UNet with audio attention, RIFE) to ONNX and, for --backend tensorrt, TensorRT "
+        "engines. Writes OUT/manifest.json; load the result with sonic_rt.Runtime(OUT) or "
+        "python -m sonic_rt animate --model OUT.",
         epilog="Re-running with the same inputs reuses verified artifacts; changed weights, shapes, precision or "
-               "library versions rebuild what depends on them. A failure leaves no half-written directory.")
+        "library versions rebuild what depends on them. A failure leaves no half-written directory.",
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", type=Path, help="official-layout Sonic weights directory")
-    src.add_argument("--demo", action="store_true", help="the small random-weight demo checkpoint (created on first "
-                     "use in ~/.cache/sonic_rt)")
+    src.add_argument(
+        "--demo",
+        action="store_true",
+        help="the small random-weight demo checkpoint (created on first use in ~/.cache/sonic_rt)",
+    )
     p.add_argument("--out", type=Path, required=True, help="engine directory to write, e.g. engines/demo-ort")
-    p.add_argument("--backend", choices=engine_backends(), default="onnxruntime",
-                   help="onnxruntime: portable .onnx graphs (CPU/CUDA/TensorRT execution providers); tensorrt: "
-                        "serialized TensorRT 10 engines for this GPU and TensorRT version (default: onnxruntime)")
-    p.add_argument("--precision", choices=("fp32", "fp16"), default=None,
-                   help="float precision of the UNet, VAE, CLIP and Whisper graphs (the audio adapters and RIFE stay "
-                        "fp32, as official). Default: fp16 for tensorrt, fp32 for onnxruntime")
-    p.add_argument("--frames", type=int, default=25, help="window length in frames at 12.5 fps: the most frames one "
-                   "UNet call takes (official 25)")
-    p.add_argument("--resolution", type=lambda t: _range(t, "--resolution"), default=None,
-                   metavar="MIN:OPT:MAX", help="pixel height/width range of the generated video, multiples of 64 "
-                   "(default 512:512:1024, demo 128:128:256)")
-    p.add_argument("--windows", type=lambda t: _range(t, "--windows"), default=DimRange(1, 1, 1),
-                   metavar="MIN:OPT:MAX", help="windows per UNet call; the UNet batch is 3x this (default 1)")
+    p.add_argument(
+        "--backend",
+        choices=engine_backends(),
+        default="onnxruntime",
+        help="onnxruntime: portable .onnx graphs (CPU/CUDA/TensorRT execution providers); tensorrt: "
+        "serialized TensorRT 10 engines for this GPU and TensorRT version (default: onnxruntime)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "fp16"),
+        default=None,
+        help="float precision of the UNet, VAE, CLIP and Whisper graphs (the audio adapters and RIFE stay "
+        "fp32, as official). Default: fp16 for tensorrt, fp32 for onnxruntime",
+    )
+    p.add_argument(
+        "--frames",
+        type=int,
+        default=25,
+        help="window length in frames at 12.5 fps: the most frames one UNet call takes (official 25)",
+    )
+    p.add_argument(
+        "--resolution",
+        type=lambda t: _range(t, "--resolution"),
+        default=None,
+        metavar="MIN:OPT:MAX",
+        help="pixel height/width range of the generated video, multiples of 64 "
+        "(default 512:512:1024, demo 128:128:256)",
+    )
+    p.add_argument(
+        "--windows",
+        type=lambda t: _range(t, "--windows"),
+        default=DimRange(1, 1, 1),
+        metavar="MIN:OPT:MAX",
+        help="windows per UNet call; the UNet batch is 3x this (default 1)",
+    )
     p.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset (default {OPSET})")
-    p.add_argument("--check", default="min,opt", help="shape points at which each graph is compared with PyTorch "
-                   "(comma-separated from min, opt, max; default min,opt)")
-    p.add_argument("--device", default=None, help="where PyTorch traces and runs the reference (default: cuda when "
-                   "available)")
+    p.add_argument(
+        "--check",
+        default="min,opt",
+        help="shape points at which each graph is compared with PyTorch "
+        "(comma-separated from min, opt, max; default min,opt)",
+    )
+    p.add_argument(
+        "--device", default=None, help="where PyTorch traces and runs the reference (default: cuda when available)"
+    )
     return p
 
 
@@ -450,8 +568,11 @@ def main(argv: list[str] | None = None) -> int:
         backend = get_backend(args.backend)  # before any work: names what to install
         from sonic_rt.demo import DEMO_MIN_RESOLUTION, ensure_demo_model
 
-        default_res = (DimRange(DEMO_MIN_RESOLUTION, DEMO_MIN_RESOLUTION, 2 * DEMO_MIN_RESOLUTION) if args.demo
-                       else DimRange(512, 512, 1024))
+        default_res = (
+            DimRange(DEMO_MIN_RESOLUTION, DEMO_MIN_RESOLUTION, 2 * DEMO_MIN_RESOLUTION)
+            if args.demo
+            else DimRange(512, 512, 1024)
+        )
         precision = Precision(args.precision) if args.precision else backend.default_precision
         points = tuple(p.strip() for p in args.check.split(",") if p.strip())
         if not points or any(p not in ("min", "opt", "max") for p in points):
@@ -461,8 +582,9 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             raise InputError(str(exc)) from None
         model_dir = ensure_demo_model() if args.demo else args.model
-        options = BuildOptions(backend=args.backend, precision=precision, shapes=shapes, opset=args.opset,
-                               check_points=points)
+        options = BuildOptions(
+            backend=args.backend, precision=precision, shapes=shapes, opset=args.opset, check_points=points
+        )
         device = torch.device(args.device) if args.device else None
         command = "python -m export.build_engines " + " ".join(sys.argv[1:] if argv is None else argv)
         started = time.perf_counter()
@@ -474,8 +596,11 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: nothing was written", file=sys.stderr)
         return 130
     built = sum(1 for action, _ in report.actions.values() if action == "built")
-    print(f"{report.out}: {built} graphs built, {len(report.actions) - built} reused, "
-          f"{options.backend} {options.precision.value}, {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    print(
+        f"{report.out}: {built} graphs built, {len(report.actions) - built} reused, "
+        f"{options.backend} {options.precision.value}, {time.perf_counter() - started:.1f} s",
+        file=sys.stderr,
+    )
     return 0
 
 

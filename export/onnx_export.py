@@ -44,19 +44,32 @@ def export_graph(module: torch.nn.Module, spec: GraphSpec, path: Path, *, opset:
     args = spec.sample_inputs("opt", device=next(module.parameters()).device)
     with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TracerWarnings: shape-dependent Python branches, checked by run_check
-        torch.onnx.export(module, args, str(raw), dynamo=False, opset_version=opset, input_names=spec.input_names,
-                          output_names=spec.output_names, dynamic_axes=spec.dynamic_axes(), do_constant_folding=True)
+        torch.onnx.export(
+            module,
+            args,
+            str(raw),
+            dynamo=False,
+            opset_version=opset,
+            input_names=spec.input_names,
+            output_names=spec.output_names,
+            dynamic_axes=spec.dynamic_axes(),
+            do_constant_folding=True,
+        )
     try:
         model = onnxslim.slim(str(raw))
         if model is None:
             raise ExportError(f"onnxslim could not simplify {raw}")
-        model = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True) \
-            if model.ByteSize() < EXTERNAL_DATA_THRESHOLD else model
+        model = (
+            onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+            if model.ByteSize() < EXTERNAL_DATA_THRESHOLD
+            else model
+        )
         external = model.ByteSize() >= EXTERNAL_DATA_THRESHOLD
         for stale in (path, path.with_name(path.name + ".data")):
             stale.unlink(missing_ok=True)
-        onnx.save_model(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
-                        location=path.name + ".data")
+        onnx.save_model(
+            model, str(path), save_as_external_data=external, all_tensors_to_one_file=True, location=path.name + ".data"
+        )
         try:
             onnx.checker.check_model(str(path), full_check=True)
         except onnx.checker.ValidationError as exc:
@@ -77,8 +90,17 @@ def _session_threads() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
-def check_parity(module: torch.nn.Module, spec: GraphSpec, run: Callable[[list[torch.Tensor], Point], Any],
-                 points: Sequence[Point], *, rtol: float, atol: float, seed: int, label: str) -> dict[str, float]:
+def check_parity(
+    module: torch.nn.Module,
+    spec: GraphSpec,
+    run: Callable[[list[torch.Tensor], Point], Any],
+    points: Sequence[Point],
+    *,
+    rtol: float,
+    atol: float,
+    seed: int,
+    label: str,
+) -> dict[str, float]:
     """Compare an exported graph with its PyTorch module on the spec's sample inputs at several shape points.
 
     Args:
@@ -115,8 +137,9 @@ def check_parity(module: torch.nn.Module, spec: GraphSpec, run: Callable[[list[t
         for name, w, g in zip(spec.output_names, want, got):
             w, g = _float32(w), _float32(g)
             if w.shape != g.shape:
-                raise ExportError(f"{label}: output {name} has shape {list(g.shape)} at the {point} shapes, "
-                                  f"expected {list(w.shape)}")
+                raise ExportError(
+                    f"{label}: output {name} has shape {list(g.shape)} at the {point} shapes, expected {list(w.shape)}"
+                )
             diff = float(np.abs(g - w).max()) if w.size else 0.0
             if w.size and not diff <= atol + rtol * float(np.abs(w).max()):
                 raise ExportError(f"{label}: output {name} differs from PyTorch by {diff:.3g} at the {point} shapes")
@@ -132,8 +155,15 @@ def _float32(x: torch.Tensor | np.ndarray) -> np.ndarray:
     return np.asarray(x, dtype=np.float32)
 
 
-def run_check(module: torch.nn.Module, spec: GraphSpec, path: Path, points: Sequence[Point] = ("min", "opt"),
-              *, rtol: float = 1e-3, atol: float = 1e-3) -> dict[str, float]:
+def run_check(
+    module: torch.nn.Module,
+    spec: GraphSpec,
+    path: Path,
+    points: Sequence[Point] = ("min", "opt"),
+    *,
+    rtol: float = 1e-3,
+    atol: float = 1e-3,
+) -> dict[str, float]:
     """Run the exported graph with ONNX Runtime (CPU) at several shape points and compare it with ``module``
     (:func:`check_parity`; inputs seeded from 100).
 

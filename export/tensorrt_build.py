@@ -25,9 +25,11 @@ from sonic_rt.errors import BackendUnavailableError, EngineError
 from sonic_rt.graphs import GraphSpec, Precision
 from sonic_rt.graphs.spec import tensorrt_dtype_names
 
-INSTALL = ("TensorRT 10 with its Python bindings: pip install 'sonic_rt[tensorrt]' where NVIDIA's package index "
-           "is reachable (the PyPI 'tensorrt' package downloads the libraries from there), or NVIDIA's TensorRT "
-           "container")
+INSTALL = (
+    "TensorRT 10 with its Python bindings: pip install 'sonic_rt[tensorrt]' where NVIDIA's package index "
+    "is reachable (the PyPI 'tensorrt' package downloads the libraries from there), or NVIDIA's TensorRT "
+    "container"
+)
 
 
 class EngineBuildError(EngineError):
@@ -76,12 +78,22 @@ def _check_network(trt, network, spec: GraphSpec, onnx_path: Path) -> None:
             got[tensor.name] = dtypes.get(tensor.dtype, str(tensor.dtype))
     want = {t.name: t.dtype for t in spec.inputs + spec.outputs}
     if got != want:
-        raise EngineBuildError(f"the ONNX graph's inputs and outputs {got} are not graph {spec.name!r}'s {want}; "
-                               "re-export it with python -m export.build_engines", onnx_path)
+        raise EngineBuildError(
+            f"the ONNX graph's inputs and outputs {got} are not graph {spec.name!r}'s {want}; "
+            "re-export it with python -m export.build_engines",
+            onnx_path,
+        )
 
 
-def build_engine(onnx_path: str | os.PathLike, spec: GraphSpec, plan_path: str | os.PathLike, precision: Precision,
-                 *, timing_cache: str | os.PathLike | None = None, workspace_bytes: int | None = None) -> dict:
+def build_engine(
+    onnx_path: str | os.PathLike,
+    spec: GraphSpec,
+    plan_path: str | os.PathLike,
+    precision: Precision,
+    *,
+    timing_cache: str | os.PathLike | None = None,
+    workspace_bytes: int | None = None,
+) -> dict:
     """Build ``plan_path`` from ``onnx_path`` for graph ``spec``.
 
     Args:
@@ -127,8 +139,11 @@ def build_engine(onnx_path: str | os.PathLike, spec: GraphSpec, plan_path: str |
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-        raise EngineBuildError(f"TensorRT {trt.__version__} cannot parse the graph ({len(errors)} errors):\n  "
-                               + "\n  ".join(errors or ["(no error reported; see TensorRT's log above)"]), onnx_path)
+        raise EngineBuildError(
+            f"TensorRT {trt.__version__} cannot parse the graph ({len(errors)} errors):\n  "
+            + "\n  ".join(errors or ["(no error reported; see TensorRT's log above)"]),
+            onnx_path,
+        )
     _check_network(trt, network, spec, onnx_path)
 
     # 2. Configure: precision, workspace, the profile, the timing cache
@@ -158,8 +173,14 @@ def build_engine(onnx_path: str | os.PathLike, spec: GraphSpec, plan_path: str |
     _write_atomic(plan_path, plan)
     if cache_path is not None:
         _write_atomic(cache_path, config.get_timing_cache().serialize())
-    return {"graph": spec.name, "plan": str(plan_path), "plan_bytes": plan_path.stat().st_size,
-            "precision": precision.value, "seconds": round(seconds, 3),
-            "profile": {name: [list(s) for s in triple] for name, triple in shapes.items()},
-            "timing_cache": str(cache_path) if cache_path is not None else None, "timing_cache_reused": reused,
-            "tensorrt": trt.__version__}
+    return {
+        "graph": spec.name,
+        "plan": str(plan_path),
+        "plan_bytes": plan_path.stat().st_size,
+        "precision": precision.value,
+        "seconds": round(seconds, 3),
+        "profile": {name: [list(s) for s in triple] for name, triple in shapes.items()},
+        "timing_cache": str(cache_path) if cache_path is not None else None,
+        "timing_cache_reused": reused,
+        "tensorrt": trt.__version__,
+    }

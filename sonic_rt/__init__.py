@@ -10,11 +10,20 @@ One portrait photo plus a speech recording in, a lip-synced talking-head video o
 :class:`AnimateOptions` lists every option with its default, unit and source (``AnimateOptions.describe()``).
 """
 
-from .errors import (AudioError, CheckpointError, FaceNotFoundError, ImageError, InputError, OutputPathError,
-                     SonicError)
+from .errors import AudioError, CheckpointError, FaceNotFoundError, ImageError, InputError, OutputPathError, SonicError
 from .pipeline.options import AnimateOptions
 from .runtime import AnimateResult, Runtime
 
-__all__ = ["Runtime", "AnimateResult", "AnimateOptions", "SonicError", "InputError", "ImageError", "AudioError",
-           "FaceNotFoundError", "OutputPathError", "CheckpointError"]
+__all__ = [
+    "Runtime",
+    "AnimateResult",
+    "AnimateOptions",
+    "SonicError",
+    "InputError",
+    "ImageError",
+    "AudioError",
+    "FaceNotFoundError",
+    "OutputPathError",
+    "CheckpointError",
+]
 __version__ = "0.1.0"

@@ -30,8 +30,9 @@ class LazyModule:
             try:
                 self._module = importlib.import_module(self._name)
             except ModuleNotFoundError as exc:
-                raise ModuleNotFoundError(f"{self._name} is needed here but not installed (pip install "
-                                          f"{self._package})", name=self._name) from exc
+                raise ModuleNotFoundError(
+                    f"{self._name} is needed here but not installed (pip install {self._package})", name=self._name
+                ) from exc
         return self._module
 
     def __getattr__(self, attr: str):

@@ -98,8 +98,10 @@ WHISPER_TINY_CONFIG: dict = {
 }
 
 # Sonic's own adapters have no config file; these are the constructor arguments of official sonic.py.
-AUDIO2TOKEN_ARGS: dict = dict(seq_len=10, blocks=5, channels=384, intermediate_dim=1024, output_dim=1024,
-                              context_tokens=32)
-AUDIO2BUCKET_ARGS: dict = dict(seq_len=50, blocks=1, channels=384, clip_channels=1024, intermediate_dim=1024,
-                               output_dim=1, context_tokens=2)
+AUDIO2TOKEN_ARGS: dict = dict(
+    seq_len=10, blocks=5, channels=384, intermediate_dim=1024, output_dim=1024, context_tokens=32
+)
+AUDIO2BUCKET_ARGS: dict = dict(
+    seq_len=50, blocks=1, channels=384, clip_channels=1024, intermediate_dim=1024, output_dim=1, context_tokens=2
+)
 RIFE_WIDTH: int = 90

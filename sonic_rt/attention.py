@@ -63,8 +63,9 @@ def _selfcheck_failure(device: torch.device, head_dims: set[int], selfcheck) -> 
     return f"the compiled kernel failed its self-check against sdpa ({verdict.reason})"
 
 
-def resolve_attention(requested: str | AudioAttention | None, device: torch.device,
-                      head_dims: set[int], *, selfcheck=None) -> AudioAttention:
+def resolve_attention(
+    requested: str | AudioAttention | None, device: torch.device, head_dims: set[int], *, selfcheck=None
+) -> AudioAttention:
     """The implementation to use for ``requested`` ("auto"/None, "reference", "sdpa", "triton").
 
     Args:
@@ -93,8 +94,9 @@ def resolve_attention(requested: str | AudioAttention | None, device: torch.devi
     try:
         choice = AudioAttention(requested)
     except ValueError:
-        raise InputError(f"unknown attention implementation {requested!r}; choose auto, "
-                         f"{', '.join(a.value for a in AudioAttention)}") from None
+        raise InputError(
+            f"unknown attention implementation {requested!r}; choose auto, {', '.join(a.value for a in AudioAttention)}"
+        ) from None
     if choice is AudioAttention.TRITON:
         reason = triton_unusable_reason(device, head_dims)
         if reason is not None:

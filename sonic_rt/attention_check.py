@@ -39,7 +39,7 @@ CACHE_VERSION = 1
 # The low-precision rule of docs/testing.md (same constants as tests/test_kernels.py).
 ATOL = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 1e-5}
 
-_MEMO: dict[str, "SelfCheck"] = {}
+_MEMO: dict[str, SelfCheck] = {}
 _LOCK = threading.Lock()
 
 
@@ -115,8 +115,13 @@ def _face_mask(side: int) -> torch.Tensor:
     return mask.reshape(-1)
 
 
-def run_selfcheck(device: torch.device, head_dims: set[int] | tuple[int, ...] = (64,),
-                  dtypes: tuple[torch.dtype, ...] | None = None, *, kernels=None) -> dict:
+def run_selfcheck(
+    device: torch.device,
+    head_dims: set[int] | tuple[int, ...] = (64,),
+    dtypes: tuple[torch.dtype, ...] | None = None,
+    *,
+    kernels=None,
+) -> dict:
     """Run both kernels on a small problem per head dim and dtype and compare them with the sdpa path.
 
     Spatial: 3 rows x 16x16 queries (a face mask with zero and non-zero blocks), 32 audio tokens, 2 heads;
@@ -136,8 +141,9 @@ def run_selfcheck(device: torch.device, head_dims: set[int] | tuple[int, ...] = 
     if kernels is None:
         from .kernels import audio_attention as kernels
     if dtypes is None:
-        dtypes = ((torch.float16, torch.float32) if device.type == "cpu"
-                  else (torch.float16, torch.bfloat16, torch.float32))
+        dtypes = (
+            (torch.float16, torch.float32) if device.type == "cpu" else (torch.float16, torch.bfloat16, torch.float32)
+        )
     dims = sorted(d for d in head_dims if d in kernels.SUPPORTED_HEAD_DIMS) or [64]
     cases: dict[str, dict] = {}
     side, frames, tokens, heads = 16, 2, 32, 2
@@ -162,27 +168,38 @@ def run_selfcheck(device: torch.device, head_dims: set[int] | tuple[int, ...] = 
                         want = _sdpa_path(*(t.float() for t in low), mask, heads, 0.8)
                         same = _sdpa_path(*low, None if mask is None else mask.to(dtype), heads, 0.8)
                 except Exception as exc:  # noqa: BLE001 - any failure of the kernel is a failed check
-                    return {"passed": False, "cases": cases,
-                            "reason": f"{name}: the kernel raised {type(exc).__name__}: {str(exc).splitlines()[0]}"}
+                    return {
+                        "passed": False,
+                        "cases": cases,
+                        "reason": f"{name}: the kernel raised {type(exc).__name__}: {str(exc).splitlines()[0]}",
+                    }
                 kernel_err = float((got.float() - want).abs().max())
                 sdpa_err = float((same.float() - want).abs().max())
                 scale_of = (1 + float(want.abs().max())) if dtype == torch.float32 else 1.0
                 bound = 2 * sdpa_err + ATOL[dtype] * scale_of
                 cases[name] = {"kernel_err": kernel_err, "sdpa_err": sdpa_err, "bound": bound}
                 if got.shape != q.shape or got.dtype != dtype:
-                    return {"passed": False, "cases": cases,
-                            "reason": f"{name}: the kernel returned {tuple(got.shape)} {got.dtype}, expected "
-                                      f"{tuple(q.shape)} {dtype}"}
+                    return {
+                        "passed": False,
+                        "cases": cases,
+                        "reason": f"{name}: the kernel returned {tuple(got.shape)} {got.dtype}, expected "
+                        f"{tuple(q.shape)} {dtype}",
+                    }
                 if not math.isfinite(kernel_err) or kernel_err > bound:
-                    return {"passed": False, "cases": cases,
-                            "reason": f"{name}: max|kernel - fp32| = {kernel_err:.3g} > {bound:.3g} "
-                                      f"(2 x sdpa's {sdpa_err:.3g} + atol)"}
+                    return {
+                        "passed": False,
+                        "cases": cases,
+                        "reason": f"{name}: max|kernel - fp32| = {kernel_err:.3g} > {bound:.3g} "
+                        f"(2 x sdpa's {sdpa_err:.3g} + atol)",
+                    }
     return {"passed": True, "reason": "", "cases": cases}
 
 
 def _key(identity: dict, head_dims) -> str:
-    return (f"{identity['gpu']} | sm {identity['capability']} | triton {identity['triton']} | "
-            f"torch {identity['torch']} | head dims {sorted(head_dims)}")
+    return (
+        f"{identity['gpu']} | sm {identity['capability']} | triton {identity['triton']} | "
+        f"torch {identity['torch']} | head dims {sorted(head_dims)}"
+    )
 
 
 def _read_cache(path: Path) -> dict:
@@ -208,10 +225,14 @@ def _write_cache(path: Path, key: str, entry: dict) -> None:
         pass
 
 
-def verify_triton(device: torch.device, head_dims: set[int], *,
-                  run: Callable[[torch.device, set[int]], dict] | None = None,
-                  identity: Callable[[torch.device], dict] = device_identity,
-                  cache: Path | None = None) -> SelfCheck:
+def verify_triton(
+    device: torch.device,
+    head_dims: set[int],
+    *,
+    run: Callable[[torch.device, set[int]], dict] | None = None,
+    identity: Callable[[torch.device], dict] = device_identity,
+    cache: Path | None = None,
+) -> SelfCheck:
     """The cached verdict of the kernels' self-check on ``device`` (runs :func:`run_selfcheck` at most once per
     GPU model / Triton / torch / head dims: in-memory, then ``cache`` (default :func:`cache_dir`), then run).
 
@@ -237,11 +258,20 @@ def verify_triton(device: torch.device, head_dims: set[int], *,
             verdict = SelfCheck(entry["passed"], str(entry.get("reason", "")), key, entry.get("cases", {}), True)
         else:
             result = run(device, set(head_dims))
-            verdict = SelfCheck(bool(result["passed"]), str(result.get("reason", "")), key,
-                                result.get("cases", {}), False)
-            _write_cache(path, key, {"passed": verdict.passed, "reason": verdict.reason, "cases": verdict.cases,
-                                     "identity": ident,
-                                     "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
+            verdict = SelfCheck(
+                bool(result["passed"]), str(result.get("reason", "")), key, result.get("cases", {}), False
+            )
+            _write_cache(
+                path,
+                key,
+                {
+                    "passed": verdict.passed,
+                    "reason": verdict.reason,
+                    "cases": verdict.cases,
+                    "identity": ident,
+                    "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                },
+            )
         _MEMO[key] = verdict
         return verdict
 

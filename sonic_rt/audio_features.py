@@ -11,12 +11,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-SAMPLE_RATE = 16_000                 # Hz, Whisper's input rate
-SAMPLES_PER_AUDIO_FRAME = 640        # 40 ms: official `audio_len = len(samples) // 640`
-AUDIO_FRAMES_PER_FRAME = 2           # official config `step`: 25 fps audio frames -> 12.5 fps video frames
-TOKENS_PER_FRAME = 4                 # 50 Hz Whisper tokens per generated frame
-WHISPER_CHUNK_SAMPLES = 480_000      # 30 s: each chunk is padded and encoded on its own
-TOKEN_WINDOW, TOKEN_PAD = 10, (4, 6)     # audio2token: tokens [4i-4, 4i+6) of all hidden states
+SAMPLE_RATE = 16_000  # Hz, Whisper's input rate
+SAMPLES_PER_AUDIO_FRAME = 640  # 40 ms: official `audio_len = len(samples) // 640`
+AUDIO_FRAMES_PER_FRAME = 2  # official config `step`: 25 fps audio frames -> 12.5 fps video frames
+TOKENS_PER_FRAME = 4  # 50 Hz Whisper tokens per generated frame
+WHISPER_CHUNK_SAMPLES = 480_000  # 30 s: each chunk is padded and encoded on its own
+TOKEN_WINDOW, TOKEN_PAD = 10, (4, 6)  # audio2token: tokens [4i-4, 4i+6) of all hidden states
 BUCKET_WINDOW, BUCKET_PAD = 50, (24, 26)  # audio2bucket: tokens [4i-24, 4i+26) of the last hidden state
 BUCKET_SCALE, BUCKET_OFFSET = 16.0, 16.0  # official post-processing `out * 16 + 16`
 
@@ -27,8 +27,9 @@ def num_generated_frames(num_samples: int) -> int:
 
 
 @torch.no_grad()
-def whisper_hidden_states(samples: np.ndarray, feature_extractor, encoder: Callable[[torch.Tensor], torch.Tensor],
-                          device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def whisper_hidden_states(
+    samples: np.ndarray, feature_extractor, encoder: Callable[[torch.Tensor], torch.Tensor], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the Whisper encoder once per 30 s chunk.
 
     Args:
@@ -44,7 +45,7 @@ def whisper_hidden_states(samples: np.ndarray, feature_extractor, encoder: Calla
     """
     hidden, last = [], []
     for start in range(0, max(len(samples), 1), WHISPER_CHUNK_SAMPLES):
-        chunk = samples[start:start + WHISPER_CHUNK_SAMPLES]
+        chunk = samples[start : start + WHISPER_CHUNK_SAMPLES]
         features = feature_extractor(chunk, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
         stacked = encoder(features.to(device)).float()  # [1, 1500, layers+1, d_model]
         hidden.append(stacked)
@@ -52,8 +53,9 @@ def whisper_hidden_states(samples: np.ndarray, feature_extractor, encoder: Calla
     return torch.cat(hidden, dim=1), torch.cat(last, dim=1)
 
 
-def audio_windows(states: torch.Tensor, audio_frames: int, num_frames: int, window: int,
-                  pad: tuple[int, int]) -> torch.Tensor:
+def audio_windows(
+    states: torch.Tensor, audio_frames: int, num_frames: int, window: int, pad: tuple[int, int]
+) -> torch.Tensor:
     """Per-frame windows of Whisper tokens, as the official per-frame loop slices them.
 
     Args:
@@ -76,9 +78,17 @@ def audio_windows(states: torch.Tensor, audio_frames: int, num_frames: int, wind
 
 
 @torch.no_grad()
-def encode_audio(hidden: torch.Tensor, last: torch.Tensor, audio_frames: int, clip_embeds: torch.Tensor,
-                 audio2token: torch.nn.Module, audio2bucket: torch.nn.Module, *, dynamic_scale: float = 1.0,
-                 batch_frames: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def encode_audio(
+    hidden: torch.Tensor,
+    last: torch.Tensor,
+    audio_frames: int,
+    clip_embeds: torch.Tensor,
+    audio2token: torch.nn.Module,
+    audio2bucket: torch.nn.Module,
+    *,
+    dynamic_scale: float = 1.0,
+    batch_frames: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """audio2token and audio2bucket for every generated frame, batched over frames.
 
     Args:
@@ -98,8 +108,8 @@ def encode_audio(hidden: torch.Tensor, last: torch.Tensor, audio_frames: int, cl
     clip = clip_embeds.float()
     tokens, buckets = [], []
     for start in range(0, num_frames, batch_frames):
-        tokens.append(audio2token(token_windows[:, start:start + batch_frames].contiguous()))
-        out = audio2bucket(bucket_windows[:, start:start + batch_frames].contiguous(), clip)  # [1, f, 2, 1]
+        tokens.append(audio2token(token_windows[:, start : start + batch_frames].contiguous()))
+        out = audio2bucket(bucket_windows[:, start : start + batch_frames].contiguous(), clip)  # [1, f, 2, 1]
         buckets.append(out[..., 0] * BUCKET_SCALE + BUCKET_OFFSET)
     uncond = audio2token(torch.zeros_like(token_windows[:, :1]))
     return torch.cat(tokens, dim=1), uncond, torch.cat(buckets, dim=1) * dynamic_scale

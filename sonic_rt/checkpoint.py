@@ -88,8 +88,12 @@ def resolve_model_dir(model_dir: str | Path) -> ModelPaths:
         raise CheckpointError(f"missing from the model directory: {', '.join(missing)}", root)
     yolo = root / "yoloface_v5m.pt"
     marker = root / DEMO_MARKER
-    return ModelPaths(root=root, yoloface=yolo if yolo.is_file() else None,
-                      demo_marker=marker if marker.is_file() else None, **required)
+    return ModelPaths(
+        root=root,
+        yoloface=yolo if yolo.is_file() else None,
+        demo_marker=marker if marker.is_file() else None,
+        **required,
+    )
 
 
 def read_config(path: Path) -> dict:
@@ -129,7 +133,9 @@ def read_state_dict(path: str | Path, *, trust_pickle: bool = False) -> dict[str
                         "this pickle needs arbitrary code to load, which is refused by default "
                         f"({str(exc).splitlines()[0]}). If the file comes from a source you trust, pass "
                         "--trust-pickle (API: trust_pickle=True), or run `python -m sonic_rt convert` once "
-                        "with it to rewrite the file as safetensors", path) from None
+                        "with it to rewrite the file as safetensors",
+                        path,
+                    ) from None
                 state = torch.load(path, map_location="cpu", weights_only=False)
     except CheckpointError:
         raise
@@ -147,8 +153,11 @@ def check_state_dict(expected: dict[str, tuple[int, ...]], state: dict[str, torc
     """
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    mismatched = [f"{k} {tuple(state[k].shape)} != expected {tuple(expected[k])}"
-                  for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k])]
+    mismatched = [
+        f"{k} {tuple(state[k].shape)} != expected {tuple(expected[k])}"
+        for k in expected
+        if k in state and tuple(state[k].shape) != tuple(expected[k])
+    ]
     if not (missing or unexpected or mismatched):
         return
     parts = []
@@ -176,7 +185,7 @@ def strip_prefix(state: dict[str, torch.Tensor], prefix: str, path: Path) -> dic
     stray = [k for k in state if not k.startswith(prefix)]
     if stray:
         raise CheckpointError(f"expected every key to start with '{prefix}'; found {', '.join(stray[:5])}", path)
-    return {k[len(prefix):]: v for k, v in state.items()}
+    return {k[len(prefix) :]: v for k, v in state.items()}
 
 
 def convert_checkpoints(model_dir: str | Path, *, trust_pickle: bool = False) -> list[Path]:

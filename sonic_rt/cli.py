@@ -24,36 +24,62 @@ install, its video is not a talking face."""
 
 
 def _add_animate(sub) -> None:
-    p = sub.add_parser("animate", help="animate a portrait with speech and write an mp4",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                       description="Animate a portrait with a speech recording (official Sonic defaults).")
+    p = sub.add_parser(
+        "animate",
+        help="animate a portrait with speech and write an mp4",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Animate a portrait with a speech recording (official Sonic defaults).",
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", type=Path, help="official-layout Sonic checkpoint directory")
-    src.add_argument("--demo", action="store_true",
-                     help="use the random-weight demo checkpoint (install check; not a talking face)")
+    src.add_argument(
+        "--demo", action="store_true", help="use the random-weight demo checkpoint (install check; not a talking face)"
+    )
     p.add_argument("--image", required=True, help="portrait image (PNG, JPEG, WebP; RGB, grey or RGBA)")
     p.add_argument("--audio", required=True, help="speech audio (wav, mp3, m4a, flac, or a video's audio track)")
     p.add_argument("--out", required=True, help="output .mp4 (written atomically)")
     add_option_flags(p)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--dtype", default=None, choices=["fp16", "bf16", "fp32"],
-                   help="UNet/VAE/CLIP dtype (default: fp16 on cuda, fp32 on cpu; an engine directory's own precision)")
-    p.add_argument("--attention", default="auto", choices=["auto", "reference", "sdpa", "triton"],
-                   help="audio-attention implementation of the torch backend: triton (fused kernels, CUDA), sdpa "
-                        "(exact simplifications; on cpu it skips queries outside the face), reference (official "
-                        "structure, for checking). auto: triton on cuda where it can run, else sdpa")
-    p.add_argument("--compile", action="store_true",
-                   help="run the UNet under torch.compile: each shape compiles once (about 2 minutes on a 2-core "
-                        "CPU, seconds when cached on disk), then UNet calls are about 1.3x faster on CPU; frames "
-                        "differ from eager ones by fp32 rounding (within 2 uint8 levels). Off by default")
-    p.add_argument("--windows-per-call", type=int, default=1,
-                   help="shift-fusion windows batched into one UNet call (batch 3x; engines must be built with "
-                        "--windows covering it)")
-    p.add_argument("--lanes", type=int, default=1,
-                   help="windows of a step run in parallel on this many lanes (CUDA streams on GPU, threads on "
-                        "CPU). Under torchrun the windows are also sharded over the ranks; rank 0 writes")
-    p.add_argument("--trust-pickle", action="store_true",
-                   help="allow checkpoint pickles that need arbitrary code (only for files you trust)")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["fp16", "bf16", "fp32"],
+        help="UNet/VAE/CLIP dtype (default: fp16 on cuda, fp32 on cpu; an engine directory's own precision)",
+    )
+    p.add_argument(
+        "--attention",
+        default="auto",
+        choices=["auto", "reference", "sdpa", "triton"],
+        help="audio-attention implementation of the torch backend: triton (fused kernels, CUDA), sdpa "
+        "(exact simplifications; on cpu it skips queries outside the face), reference (official "
+        "structure, for checking). auto: triton on cuda where it can run, else sdpa",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="run the UNet under torch.compile: each shape compiles once (about 2 minutes on a 2-core "
+        "CPU, seconds when cached on disk), then UNet calls are about 1.3x faster on CPU; frames "
+        "differ from eager ones by fp32 rounding (within 2 uint8 levels). Off by default",
+    )
+    p.add_argument(
+        "--windows-per-call",
+        type=int,
+        default=1,
+        help="shift-fusion windows batched into one UNet call (batch 3x; engines must be built with "
+        "--windows covering it)",
+    )
+    p.add_argument(
+        "--lanes",
+        type=int,
+        default=1,
+        help="windows of a step run in parallel on this many lanes (CUDA streams on GPU, threads on "
+        "CPU). Under torchrun the windows are also sharded over the ranks; rank 0 writes",
+    )
+    p.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow checkpoint pickles that need arbitrary code (only for files you trust)",
+    )
 
 
 _TYPES = {"int": int, "float": float, "str": str}
@@ -71,16 +97,24 @@ def add_option_flags(parser: argparse.ArgumentParser) -> None:
         if flag is None:
             continue
         meta = f.metadata
-        notes = [f"unit: {meta['unit']}" if meta["unit"] else None,
-                 f"official: {meta['source']}" if meta["source"] else None]
+        notes = [
+            f"unit: {meta['unit']}" if meta["unit"] else None,
+            f"official: {meta['source']}" if meta["source"] else None,
+        ]
         help_text = meta["flag_help"] + "".join(f"; {n}" for n in notes if n)
         if f.type == "bool":
-            parser.add_argument(flag, dest=f.name, action="store_false" if f.default else "store_true",
-                                default=argparse.SUPPRESS, help=help_text)
+            parser.add_argument(
+                flag,
+                dest=f.name,
+                action="store_false" if f.default else "store_true",
+                default=argparse.SUPPRESS,
+                help=help_text,
+            )
         else:
             kind = _TYPES.get(f.type.removesuffix(" | None"), str)
-            parser.add_argument(flag, dest=f.name, type=kind, default=f.default, metavar=meta["metavar"],
-                                help=help_text)
+            parser.add_argument(
+                flag, dest=f.name, type=kind, default=f.default, metavar=meta["metavar"], help=help_text
+            )
 
 
 def options_from_args(args: argparse.Namespace):
@@ -88,14 +122,16 @@ def options_from_args(args: argparse.Namespace):
     the options without a flag or not given)."""
     from .pipeline.options import AnimateOptions
 
-    return AnimateOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(AnimateOptions)
-                             if hasattr(args, f.name)})
+    return AnimateOptions(
+        **{f.name: getattr(args, f.name) for f in dataclasses.fields(AnimateOptions) if hasattr(args, f.name)}
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``sonic-rt`` argument parser (``animate``, ``demo-model``, ``convert``, ``serve``)."""
-    parser = argparse.ArgumentParser(prog="sonic-rt", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="sonic-rt", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_animate(sub)
     demo = sub.add_parser("demo-model", help="write the random-weight demo checkpoint (official layout)")
@@ -180,23 +216,34 @@ def _animate(args) -> int:
         from .demo import ensure_demo_model
 
         model_dir = ensure_demo_model()
-        print(f"using the RANDOM-WEIGHT demo checkpoint at {model_dir}: the video checks the install, "
-              "it is not a talking face", file=sys.stderr)
+        print(
+            f"using the RANDOM-WEIGHT demo checkpoint at {model_dir}: the video checks the install, "
+            "it is not a talking face",
+            file=sys.stderr,
+        )
     else:
         model_dir = args.model
     from .scheduler import SchedulerConfig
 
-    runtime = Runtime(model_dir, device=args.device, dtype=args.dtype, trust_pickle=args.trust_pickle,
-                      attention=args.attention, compile=args.compile,
-                      scheduler=SchedulerConfig(windows_per_call=args.windows_per_call, lanes=args.lanes))
+    runtime = Runtime(
+        model_dir,
+        device=args.device,
+        dtype=args.dtype,
+        trust_pickle=args.trust_pickle,
+        attention=args.attention,
+        compile=args.compile,
+        scheduler=SchedulerConfig(windows_per_call=args.windows_per_call, lanes=args.lanes),
+    )
     progress = options.progress and runtime.distributed.rank == 0  # rank 0 reports
     result = runtime.animate(args.image, args.audio, args.out, options, progress=progress)
     runtime.close()
     if runtime.distributed.rank != 0:
         return 0  # rank 0 reports and writes
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items())
-    print(f"wrote {result.path}: {result.num_frames} frames at {result.fps:g} fps, {result.width}x{result.height} "
-          f"({stages})")
+    print(
+        f"wrote {result.path}: {result.num_frames} frames at {result.fps:g} fps, {result.width}x{result.height} "
+        f"({stages})"
+    )
     return 0
 
 

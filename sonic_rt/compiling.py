@@ -29,7 +29,6 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-
 ENV_CACHE = "TORCHINDUCTOR_CACHE_DIR"  # inductor's own variable, read when it compiles
 
 
@@ -77,8 +76,7 @@ class CompiledCall:
         seconds: wall seconds of each first call per input-shape key (compile + one run).
     """
 
-    def __init__(self, module: nn.Module, what: str, device: torch.device,
-                 say: Callable[[str], None] | None = None):
+    def __init__(self, module: nn.Module, what: str, device: torch.device, say: Callable[[str], None] | None = None):
         self.module, self.what = module, what
         self.say = say or (lambda message: print(f"sonic_rt: {message}", file=sys.stderr, flush=True))
         mode = "reduce-overhead" if device.type == "cuda" else None
@@ -90,8 +88,10 @@ class CompiledCall:
         if key in self.seconds:
             return self.compiled(*args)
         shape = "x".join(str(d) for d in args[0].shape)
-        self.say(f"compiling the {self.what} for input {shape} (once per shape: about 2 minutes on a 2-core CPU "
-                 f"the first time, seconds when cached in {cache_dir()})")
+        self.say(
+            f"compiling the {self.what} for input {shape} (once per shape: about 2 minutes on a 2-core CPU "
+            f"the first time, seconds when cached in {cache_dir()})"
+        )
         started = time.perf_counter()
         out = self.compiled(*args)
         self.seconds[key] = time.perf_counter() - started
@@ -99,8 +99,9 @@ class CompiledCall:
         return out
 
 
-def compile_module(module: nn.Module, what: str, device: torch.device,
-                   say: Callable[[str], None] | None = None) -> CompiledCall | None:
+def compile_module(
+    module: nn.Module, what: str, device: torch.device, say: Callable[[str], None] | None = None
+) -> CompiledCall | None:
     """``torch.compile`` ``module`` for ``device`` with the on-disk cache of :func:`cache_dir`.
 
     Returns:

@@ -42,14 +42,40 @@ DEMO_UNET_CONFIG = {
     "projection_class_embeddings_input_dim": 24,
     "sample_size": 16,
 }
-DEMO_VAE_CONFIG = {**SVD_XT_VAE_CONFIG, "block_out_channels": [32, 32, 32, 32], "layers_per_block": 1,
-                   "sample_size": 128}
-DEMO_CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=224,
-                 patch_size=14, projection_dim=32, hidden_act="gelu", layer_norm_eps=1e-5)
-DEMO_WHISPER = dict(d_model=32, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64, decoder_layers=1,
-                    decoder_attention_heads=2, decoder_ffn_dim=64, num_mel_bins=80, max_source_positions=1500,
-                    max_target_positions=32, vocab_size=64, pad_token_id=1, bos_token_id=2, eos_token_id=3,
-                    decoder_start_token_id=3)
+DEMO_VAE_CONFIG = {
+    **SVD_XT_VAE_CONFIG,
+    "block_out_channels": [32, 32, 32, 32],
+    "layers_per_block": 1,
+    "sample_size": 128,
+}
+DEMO_CLIP = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    image_size=224,
+    patch_size=14,
+    projection_dim=32,
+    hidden_act="gelu",
+    layer_norm_eps=1e-5,
+)
+DEMO_WHISPER = dict(
+    d_model=32,
+    encoder_layers=2,
+    encoder_attention_heads=2,
+    encoder_ffn_dim=64,
+    decoder_layers=1,
+    decoder_attention_heads=2,
+    decoder_ffn_dim=64,
+    num_mel_bins=80,
+    max_source_positions=1500,
+    max_target_positions=32,
+    vocab_size=64,
+    pad_token_id=1,
+    bos_token_id=2,
+    eos_token_id=3,
+    decoder_start_token_id=3,
+)
 DEMO_ADAPTER_HIDDEN = 64
 DEMO_RIFE_WIDTH = 8
 
@@ -62,19 +88,38 @@ def write_demo_model(out: str | Path, *, overwrite: bool = False) -> Path:
     marker = {
         "random_weights": True,
         "note": "sonic_rt demo checkpoint: RANDOM WEIGHTS in the official Sonic layout, for checking an "
-                "install and for tests. Its video is not a talking face.",
+        "install and for tests. Its video is not a talking face.",
         "min_resolution": DEMO_MIN_RESOLUTION,
         "version": DEMO_VERSION,
         "seed": DEMO_SEED,
     }
-    return write_random_model(out, unet_config=DEMO_UNET_CONFIG, vae_config=DEMO_VAE_CONFIG, clip=DEMO_CLIP,
-                              whisper=DEMO_WHISPER, adapter_hidden=DEMO_ADAPTER_HIDDEN, rife_width=DEMO_RIFE_WIDTH,
-                              marker=marker, overwrite=overwrite)
+    return write_random_model(
+        out,
+        unet_config=DEMO_UNET_CONFIG,
+        vae_config=DEMO_VAE_CONFIG,
+        clip=DEMO_CLIP,
+        whisper=DEMO_WHISPER,
+        adapter_hidden=DEMO_ADAPTER_HIDDEN,
+        rife_width=DEMO_RIFE_WIDTH,
+        marker=marker,
+        overwrite=overwrite,
+    )
 
 
-def write_random_model(out: str | Path, *, unet_config: dict, vae_config: dict, clip: dict, whisper: dict,
-                       adapter_hidden: int, rife_width: int, marker: dict, seed: int = DEMO_SEED,
-                       unet_dtype: torch.dtype = torch.float32, overwrite: bool = False) -> Path:
+def write_random_model(
+    out: str | Path,
+    *,
+    unet_config: dict,
+    vae_config: dict,
+    clip: dict,
+    whisper: dict,
+    adapter_hidden: int,
+    rife_width: int,
+    marker: dict,
+    seed: int = DEMO_SEED,
+    unet_dtype: torch.dtype = torch.float32,
+    overwrite: bool = False,
+) -> Path:
     """Write a seeded random-weight checkpoint of any size in exactly the official Sonic layout.
 
     Used for the demo (:func:`write_demo_model`) and for the benchmarks' mid-size and full-size models
@@ -98,8 +143,13 @@ def write_random_model(out: str | Path, *, unet_config: dict, vae_config: dict, 
         ``out`` resolved. Raises FileExistsError if it exists and ``overwrite`` is False.
     """
     from diffusers import AutoencoderKLTemporalDecoder, EulerDiscreteScheduler
-    from transformers import (CLIPVisionConfig, CLIPVisionModelWithProjection,
-                              WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration)
+    from transformers import (
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+        WhisperConfig,
+        WhisperFeatureExtractor,
+        WhisperForConditionalGeneration,
+    )
     from transformers.utils import logging as transformers_logging
 
     # Library chatter (save progress bars, the torchvision fallback notice) is not for our users.

@@ -451,9 +451,7 @@ class YoloFaceDetector:
         out: list[FaceBox] = []
         for i in keep:
             x1, y1, x2, y2 = xyxy[i]
-            out.append(
-                FaceBox(float(x1) * sx, float(y1) * sy, float(x2 - x1) * sx, float(y2 - y1) * sy)
-            )
+            out.append(FaceBox(float(x1) * sx, float(y1) * sy, float(x2 - x1) * sx, float(y2 - y1) * sy))
         return out
 
     def select(self, boxes: Sequence[FaceBox]) -> FaceBox:
@@ -777,8 +775,7 @@ def prepare_reference(
         ux1, uy1, ux2, uy2 = user.xyxy
         if min(ux2, W0) - max(ux1, 0) <= 0 or min(uy2, H0) - max(uy1, 0) <= 0:
             raise InputError(
-                f"face box x={user.x:g},y={user.y:g},w={user.w:g},h={user.h:g} lies outside the "
-                f"{W0}x{H0} image",
+                f"face box x={user.x:g},y={user.y:g},w={user.w:g},h={user.h:g} lies outside the {W0}x{H0} image",
                 path=source,
             )
         first, det_name = user, "user"

@@ -12,8 +12,8 @@ from torch import nn
 from .checkpoint import ModelPaths, load_into, read_config, read_state_dict, strip_prefix
 from .errors import CheckpointError
 from .models.audio_adapters import Audio2bucketModel, AudioProjModel
-from .models.rife import IFNet, ifnet_width_from_state_dict
 from .models.batch_invariant import make_batch_invariant
+from .models.rife import IFNet, ifnet_width_from_state_dict
 from .models.unet import SonicUNet
 
 logger = logging.getLogger(__name__)
@@ -55,8 +55,12 @@ def _load_diffusers_vae(vae_dir: Path, dtype: torch.dtype) -> nn.Module:
     from diffusers import AutoencoderKLTemporalDecoder
 
     config = read_config(vae_dir / "config.json")
-    for name in ("diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.safetensors",
-                 "diffusion_pytorch_model.fp16.bin", "diffusion_pytorch_model.bin"):
+    for name in (
+        "diffusion_pytorch_model.fp16.safetensors",
+        "diffusion_pytorch_model.safetensors",
+        "diffusion_pytorch_model.fp16.bin",
+        "diffusion_pytorch_model.bin",
+    ):
         weights = vae_dir / name
         if weights.is_file():
             break
@@ -73,21 +77,26 @@ def _from_pretrained(cls, directory: Path, dtype: torch.dtype, allow_unexpected:
     key (and any unexpected key not starting with ``allow_unexpected``) is a CheckpointError."""
     variant = "fp16" if any(directory.glob("*.fp16.safetensors")) else None
     try:
-        model, info = cls.from_pretrained(directory, variant=variant, dtype=dtype, output_loading_info=True,
-                                          local_files_only=True)
+        model, info = cls.from_pretrained(
+            directory, variant=variant, dtype=dtype, output_loading_info=True, local_files_only=True
+        )
     except Exception as exc:
         raise CheckpointError(f"cannot load {cls.__name__} ({type(exc).__name__}: {exc})", directory) from None
     missing = list(info.get("missing_keys", []))
     mismatched = [str(m) for m in info.get("mismatched_keys", [])]
     unexpected = [k for k in info.get("unexpected_keys", []) if not k.startswith(allow_unexpected)]
     if missing or mismatched or unexpected:
-        raise CheckpointError(f"weights do not match {cls.__name__}: missing {missing[:5]}, unexpected "
-                              f"{unexpected[:5]}, mismatched {mismatched[:5]}", directory)
+        raise CheckpointError(
+            f"weights do not match {cls.__name__}: missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}, mismatched {mismatched[:5]}",
+            directory,
+        )
     return model
 
 
-def load_models(paths: ModelPaths, device: torch.device, dtype: torch.dtype, *, trust_pickle: bool = False,
-                audio_scale: float = 1.0) -> SonicModels:
+def load_models(
+    paths: ModelPaths, device: torch.device, dtype: torch.dtype, *, trust_pickle: bool = False, audio_scale: float = 1.0
+) -> SonicModels:
     """Load every model of ``paths`` strictly and move it to ``device``.
 
     Args:
@@ -138,15 +147,17 @@ def load_models(paths: ModelPaths, device: torch.device, dtype: torch.dtype, *, 
     hidden = _shape(token_state, "proj1.weight", paths.audio2token)[0]
     context_tokens = _shape(token_state, "proj3.weight", paths.audio2token)[0] // cross_dim
     with torch.device("meta"):
-        audio2token = AudioProjModel(AUDIO2TOKEN_WINDOW, whisper_blocks, whisper_cfg.d_model, hidden, cross_dim,
-                                     context_tokens)
+        audio2token = AudioProjModel(
+            AUDIO2TOKEN_WINDOW, whisper_blocks, whisper_cfg.d_model, hidden, cross_dim, context_tokens
+        )
     load_into(audio2token, token_state, paths.audio2token)
 
     bucket_state = read_state_dict(paths.audio2bucket, trust_pickle=trust_pickle)
     hidden = _shape(bucket_state, "proj1.weight", paths.audio2bucket)[0]
     with torch.device("meta"):
-        audio2bucket = Audio2bucketModel(AUDIO2BUCKET_WINDOW, 1, whisper_cfg.d_model,
-                                         image_encoder.config.projection_dim, hidden, 1, NUM_BUCKETS)
+        audio2bucket = Audio2bucketModel(
+            AUDIO2BUCKET_WINDOW, 1, whisper_cfg.d_model, image_encoder.config.projection_dim, hidden, 1, NUM_BUCKETS
+        )
     load_into(audio2bucket, bucket_state, paths.audio2bucket)
 
     # 5. RIFE: keys carry 'module.' (stripped exactly as official load_model does); width from the shapes.
@@ -160,10 +171,20 @@ def load_models(paths: ModelPaths, device: torch.device, dtype: torch.dtype, *, 
     load_into(rife, rife_state, paths.rife)
 
     scheduler_config = read_config(paths.scheduler / "scheduler_config.json")
-    models = SonicModels(paths=paths, unet=unet, vae=vae, image_encoder=image_encoder,
-                         whisper_encoder=whisper_encoder, feature_extractor=feature_extractor,
-                         audio2token=audio2token.eval(), audio2bucket=audio2bucket.eval(), rife=rife.eval(),
-                         scheduler_config=scheduler_config, device=device, dtype=dtype)
+    models = SonicModels(
+        paths=paths,
+        unet=unet,
+        vae=vae,
+        image_encoder=image_encoder,
+        whisper_encoder=whisper_encoder,
+        feature_extractor=feature_extractor,
+        audio2token=audio2token.eval(),
+        audio2bucket=audio2bucket.eval(),
+        rife=rife.eval(),
+        scheduler_config=scheduler_config,
+        device=device,
+        dtype=dtype,
+    )
     for module in (unet, vae, image_encoder):
         module.to(device)
     for module in (whisper_encoder, models.audio2token, models.audio2bucket, rife):

@@ -60,8 +60,9 @@ def is_engine_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / MANIFEST_NAME).is_file()
 
 
-def rebuild_hint(manifest: Manifest | Mapping[str, Any] | None, engine_dir: Path, *,
-                 precision: str | None = None) -> str:
+def rebuild_hint(
+    manifest: Manifest | Mapping[str, Any] | None, engine_dir: Path, *, precision: str | None = None
+) -> str:
     """The command that rebuilds ``engine_dir`` from its recorded source.
 
     Args:
@@ -77,8 +78,10 @@ def rebuild_hint(manifest: Manifest | Mapping[str, Any] | None, engine_dir: Path
         source = manifest.get("source")
         model_dir = source.get("model_dir", "MODEL_DIR") if isinstance(source, Mapping) else "MODEL_DIR"
         backend, recorded = manifest.get("backend", "onnxruntime"), manifest.get("precision", "fp16")
-    return (f"rebuild it: python -m export.build_engines --model {model_dir} --out {engine_dir} "
-            f"--backend {backend} --precision {precision or recorded}")
+    return (
+        f"rebuild it: python -m export.build_engines --model {model_dir} --out {engine_dir} "
+        f"--backend {backend} --precision {precision or recorded}"
+    )
 
 
 def read_manifest(engine_dir: str | os.PathLike) -> dict[str, Any]:
@@ -92,8 +95,9 @@ def read_manifest(engine_dir: str | os.PathLike) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise EngineError("no manifest.json: not an engine directory (python -m export.build_engines writes one)",
-                          engine_dir) from None
+        raise EngineError(
+            "no manifest.json: not an engine directory (python -m export.build_engines writes one)", engine_dir
+        ) from None
     except (OSError, ValueError) as exc:
         raise EngineError(f"manifest.json is unreadable ({exc}); rebuild the engine directory", path) from None
     _check_format(data, Path(engine_dir))
@@ -103,8 +107,9 @@ def read_manifest(engine_dir: str | os.PathLike) -> dict[str, Any]:
 def _check_format(data: Any, engine_dir: Path) -> None:
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
-        raise EngineError(f"manifest format {found!r} is not {FORMAT!r}; {rebuild_hint(data, engine_dir)}",
-                          engine_dir / MANIFEST_NAME)
+        raise EngineError(
+            f"manifest format {found!r} is not {FORMAT!r}; {rebuild_hint(data, engine_dir)}", engine_dir / MANIFEST_NAME
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -291,8 +296,10 @@ class Manifest(_Record):
         _check_format(data, engine_dir)
 
         def fail(problem: str) -> NoReturn:
-            raise EngineError(f"{problem} (tampered or damaged manifest); {rebuild_hint(data, engine_dir)}",
-                              engine_dir / MANIFEST_NAME)
+            raise EngineError(
+                f"{problem} (tampered or damaged manifest); {rebuild_hint(data, engine_dir)}",
+                engine_dir / MANIFEST_NAME,
+            )
 
         if data.get("backend") not in engine_backends():
             fail(f"backend {data.get('backend')!r} is not one of {', '.join(engine_backends())}")
@@ -302,13 +309,17 @@ class Manifest(_Record):
         missing = [name for name in GRAPH_NAMES if name not in graphs]
         unknown = [name for name in graphs if name not in GRAPH_NAMES]
         if missing or unknown:
-            fail(f"graph entries missing: {', '.join(missing) or 'none'}; unknown: "
-                 f"{', '.join(map(str, unknown)) or 'none'} (expected exactly {', '.join(GRAPH_NAMES)})")
+            fail(
+                f"graph entries missing: {', '.join(missing) or 'none'}; unknown: "
+                f"{', '.join(map(str, unknown)) or 'none'} (expected exactly {', '.join(GRAPH_NAMES)})"
+            )
         entries = {name: GraphEntry._parse(entry, fail, f"graph {name}") for name, entry in graphs.items()}
         for name, entry in entries.items():
             if entry.artifact not in entry.files:
-                fail(f"graph {name}: its artifact {entry.artifact!r} is not among the files whose sha256 is "
-                     f"checked ({', '.join(entry.files)})")
+                fail(
+                    f"graph {name}: its artifact {entry.artifact!r} is not among the files whose sha256 is "
+                    f"checked ({', '.join(entry.files)})"
+                )
         return cls._parse(data, fail, None, {"graphs": entries})
 
     @classmethod
@@ -336,14 +347,27 @@ def engine_file(engine_dir: Path, name: Any, manifest: Manifest | Mapping[str, A
         EngineError: ``name`` is absolute, contains ``..``, is not a string, or resolves outside ``engine_dir``.
     """
     manifest_path = Path(engine_dir) / MANIFEST_NAME
-    if (not isinstance(name, str) or not name or "\\" in name or "\0" in name or os.path.isabs(name)
-            or name.startswith("/") or any(part in ("", ".", "..") for part in name.split("/"))):
-        raise EngineError(f"lists the file {name!r}, which is not a plain path inside the engine directory "
-                          f"(tampered manifest?); {rebuild_hint(manifest, Path(engine_dir))}", manifest_path)
+    if (
+        not isinstance(name, str)
+        or not name
+        or "\\" in name
+        or "\0" in name
+        or os.path.isabs(name)
+        or name.startswith("/")
+        or any(part in ("", ".", "..") for part in name.split("/"))
+    ):
+        raise EngineError(
+            f"lists the file {name!r}, which is not a plain path inside the engine directory "
+            f"(tampered manifest?); {rebuild_hint(manifest, Path(engine_dir))}",
+            manifest_path,
+        )
     path = Path(engine_dir) / name
     if not path.resolve().is_relative_to(Path(engine_dir).resolve()):
-        raise EngineError(f"lists the file {name!r}, which resolves outside the engine directory (symlink?); "
-                          f"{rebuild_hint(manifest, Path(engine_dir))}", manifest_path)
+        raise EngineError(
+            f"lists the file {name!r}, which resolves outside the engine directory (symlink?); "
+            f"{rebuild_hint(manifest, Path(engine_dir))}",
+            manifest_path,
+        )
     return path
 
 
@@ -357,15 +381,21 @@ def verify_files(engine_dir: Path, files: dict[str, str], manifest: Manifest | M
             directory, is missing or has changed.
     """
     if not isinstance(files, dict) or not all(isinstance(d, str) for d in files.values()):
-        raise EngineError(f"a file list is not a mapping of name -> sha256 (tampered manifest?); "
-                          f"{rebuild_hint(manifest, Path(engine_dir))}", Path(engine_dir) / MANIFEST_NAME)
+        raise EngineError(
+            f"a file list is not a mapping of name -> sha256 (tampered manifest?); "
+            f"{rebuild_hint(manifest, Path(engine_dir))}",
+            Path(engine_dir) / MANIFEST_NAME,
+        )
     for name, digest in files.items():
         path = engine_file(engine_dir, name, manifest)
         if not path.is_file():
             raise EngineError(f"artifact {name} is missing; {rebuild_hint(manifest, engine_dir)}", path)
         if sha256_file(path) != digest:
-            raise EngineError(f"artifact {name} does not match its sha256 in manifest.json (corrupted or "
-                              f"modified); {rebuild_hint(manifest, engine_dir)}", path)
+            raise EngineError(
+                f"artifact {name} does not match its sha256 in manifest.json (corrupted or "
+                f"modified); {rebuild_hint(manifest, engine_dir)}",
+                path,
+            )
 
 
 @dataclass
@@ -391,8 +421,12 @@ class EngineDir:
         return WhisperFeatureExtractor.from_pretrained(self.root / "whisper", local_files_only=True)
 
 
-def open_engine_dir(engine_dir: str | os.PathLike, device: torch.device | None, precision: str | None,
-                    providers: list[str] | None = None) -> EngineDir:
+def open_engine_dir(
+    engine_dir: str | os.PathLike,
+    device: torch.device | None,
+    precision: str | None,
+    providers: list[str] | None = None,
+) -> EngineDir:
     """Verify an engine directory and load its graphs with the backend named in its manifest.
 
     Args:
@@ -412,19 +446,26 @@ def open_engine_dir(engine_dir: str | os.PathLike, device: torch.device | None, 
     manifest = Manifest.load(root)
     backend = backends.get_backend(manifest.backend)
     if precision is not None and precision != manifest.precision.value:
-        raise EngineError(f"engines were built for {manifest.precision.value}, but {precision} was requested; "
-                          f"omit the dtype or {rebuild_hint(manifest, root, precision=precision)}", root)
+        raise EngineError(
+            f"engines were built for {manifest.precision.value}, but {precision} was requested; "
+            f"omit the dtype or {rebuild_hint(manifest, root, precision=precision)}",
+            root,
+        )
     if backend.compiled:  # a compiled artifact runs only on the library version it was built with
         for library, version in backend.versions().items():
             if manifest.libraries.get(library) != version:
-                raise EngineError(f"engines were built with {library} {manifest.libraries.get(library)}, this is "
-                                  f"{version}; {rebuild_hint(manifest, root)}", root)
+                raise EngineError(
+                    f"engines were built with {library} {manifest.libraries.get(library)}, this is "
+                    f"{version}; {rebuild_hint(manifest, root)}",
+                    root,
+                )
     device = torch.device(device) if device is not None else backend.default_device()
     if backend.compiled:  # ... and on the GPU it was built for
         here, built = backend.gpu_identity(device), manifest.gpu
         if here != built:
-            raise EngineError(f"engines were built for {built}, this GPU is {here}; {rebuild_hint(manifest, root)}",
-                              root)
+            raise EngineError(
+                f"engines were built for {built}, this GPU is {here}; {rebuild_hint(manifest, root)}", root
+            )
     verify_files(root, manifest.files, manifest)
     graphs = {}
     for name, entry in manifest.graphs.items():

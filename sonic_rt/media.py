@@ -72,9 +72,7 @@ def _check_input_file(path: PathLike, kind: str, error: type[InputError]) -> str
     return p
 
 
-def load_image(
-    image: PathLike | Image.Image | np.ndarray, *, max_pixels: int = MAX_IMAGE_PIXELS
-) -> Image.Image:
+def load_image(image: PathLike | Image.Image | np.ndarray, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """Load a portrait as an RGB Pillow image.
 
     Args:
@@ -104,9 +102,7 @@ def load_image(
         except OSError as e:  # a lazily opened image whose pixel data is corrupt
             raise ImageError(f"cannot decode image ({e})", name) from e
     if not isinstance(image, (str, os.PathLike)):
-        raise ImageError(
-            f"expected a path, PIL.Image.Image or numpy uint8 array, got {type(image).__name__}"
-        )
+        raise ImageError(f"expected a path, PIL.Image.Image or numpy uint8 array, got {type(image).__name__}")
 
     path = _check_input_file(image, "image", ImageError)
     try:
@@ -200,9 +196,7 @@ def _open_audio(path: PathLike) -> tuple[av.container.InputContainer, av.audio.s
     codec = stream.codec_context
     if codec is None:  # FFmpeg has no decoder for the stream's codec (or the header names none)
         container.close()
-        raise AudioError(
-            "the audio codec is unknown or not supported; convert the file to wav, flac or mp3", p
-        )
+        raise AudioError("the audio codec is unknown or not supported; convert the file to wav, flac or mp3", p)
     if not codec.sample_rate or not codec.channels:
         container.close()
         raise AudioError("audio stream has no sample rate or channel count; the file may be corrupt", p)
@@ -437,9 +431,7 @@ class VideoWriter:
         self._width, self._height = int(width), int(height)
         self._frames = 0
         self._done = False
-        fd, tmp = tempfile.mkstemp(
-            prefix=f".{self._path.stem}.", suffix=".partial.mp4", dir=self._path.parent
-        )
+        fd, tmp = tempfile.mkstemp(prefix=f".{self._path.stem}.", suffix=".partial.mp4", dir=self._path.parent)
         os.close(fd)
         self._temp_path = Path(tmp)
         self._container: av.container.OutputContainer | None = None
@@ -494,9 +486,7 @@ class VideoWriter:
             frames = frames[None]
         expected = (self._height, self._width, 3)
         if frames.ndim != 4 or frames.shape[1:] != expected:
-            raise ValueError(
-                f"frames must have shape [n, {self._height}, {self._width}, 3], got {frames.shape}"
-            )
+            raise ValueError(f"frames must have shape [n, {self._height}, {self._width}, 3], got {frames.shape}")
         for rgb in frames:
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
             frame.pts = self._frames
@@ -568,9 +558,7 @@ class VideoWriter:
                 encode(resampler.resample(frame))
             encode(resampler.resample(None))
         except (av.FFmpegError, ValueError) as e:
-            raise AudioError(
-                f"cannot decode audio, the file may be corrupt ({_reason(e)})", self._audio_src
-            ) from e
+            raise AudioError(f"cannot decode audio, the file may be corrupt ({_reason(e)})", self._audio_src) from e
         finally:
             src.close()
         if n == 0:

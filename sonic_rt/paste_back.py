@@ -178,9 +178,17 @@ class PasteGeometry:
     face_box: tuple[float, float, float, float] | None = None
 
     @classmethod
-    def plan(cls, original_size: Sequence[int], crop_box: Sequence[int] | None, generated_size: Sequence[int],
-             *, feather: int | None = None, max_output_side: int = DEFAULT_MAX_OUTPUT_SIDE,
-             face_box: Sequence[float] | None = None, source: str | os.PathLike | None = None) -> PasteGeometry:
+    def plan(
+        cls,
+        original_size: Sequence[int],
+        crop_box: Sequence[int] | None,
+        generated_size: Sequence[int],
+        *,
+        feather: int | None = None,
+        max_output_side: int = DEFAULT_MAX_OUTPUT_SIDE,
+        face_box: Sequence[float] | None = None,
+        source: str | os.PathLike | None = None,
+    ) -> PasteGeometry:
         """Work out the geometry.
 
         Args:
@@ -201,19 +209,22 @@ class PasteGeometry:
         """
         W0, H0 = _check_size(original_size, "original_size")
         if W0 < MIN_IMAGE_SIDE or H0 < MIN_IMAGE_SIDE:
-            raise ImageError(f"the photo is {W0}x{H0} pixels; pasting the face back needs at least "
-                             f"{MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} (use crop output for tiny images)", source)
+            raise ImageError(
+                f"the photo is {W0}x{H0} pixels; pasting the face back needs at least "
+                f"{MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} (use crop output for tiny images)",
+                source,
+            )
         gw, gh = _check_size(generated_size, "generated_size")
         if not _is_int(max_output_side) or max_output_side < MIN_IMAGE_SIDE:
-            raise InputError(f"max_output_side must be an integer >= {MIN_IMAGE_SIDE} pixels, "
-                             f"got {max_output_side!r}")
+            raise InputError(f"max_output_side must be an integer >= {MIN_IMAGE_SIDE} pixels, got {max_output_side!r}")
         if feather is not None and (not _is_int(feather) or feather < 0):
             raise InputError(f"feather must be an integer >= 0 (pixels) or None for the default, got {feather!r}")
         crop = (0, 0, W0, H0) if crop_box is None else _check_box(crop_box, "crop box")
         x1, y1, x2, y2 = crop
         if x2 <= 0 or y2 <= 0 or x1 >= W0 or y1 >= H0:
-            raise InputError(f"crop box {crop} lies entirely outside the {W0}x{H0} photo; nothing to paste back",
-                             source)
+            raise InputError(
+                f"crop box {crop} lies entirely outside the {W0}x{H0} photo; nothing to paste back", source
+            )
 
         long_side = max(W0, H0)
         if long_side <= max_output_side:
@@ -227,8 +238,11 @@ class PasteGeometry:
         bx1, by1, bx2, by2 = box
         region = (max(bx1, 0), max(by1, 0), min(bx2, W), min(by2, H))
         if region[2] <= region[0] or region[3] <= region[1] or bx2 <= bx1 or by2 <= by1:
-            raise InputError(f"crop box {crop} covers no whole pixel of the {W}x{H} output "
-                             f"(box {box} in output pixels); use a larger face box or max_output_side", source)
+            raise InputError(
+                f"crop box {crop} covers no whole pixel of the {W}x{H} output "
+                f"(box {box} in output pixels); use a larger face box or max_output_side",
+                source,
+            )
         side = min(bx2 - bx1, by2 - by1)
         fw = max(1, round(side * DEFAULT_FEATHER_FRACTION)) if feather is None else int(feather)
         fw = min(fw, side // 2)
@@ -236,9 +250,18 @@ class PasteGeometry:
         fb = None if face_box is None else tuple(float(v) for v in face_box)
         if fb is not None and len(fb) != 4:
             raise InputError(f"face_box must be (x, y, w, h) in pixels, got {face_box!r}")
-        return cls(original_size=(W0, H0), output_size=(W, H), scale=float(min(sx, sy)),
-                   crop_box=crop, box=box, region=region, generated_size=(gw, gh), feather=fw,
-                   feathered=feathered, face_box=fb)  # type: ignore[arg-type]
+        return cls(
+            original_size=(W0, H0),
+            output_size=(W, H),
+            scale=float(min(sx, sy)),
+            crop_box=crop,
+            box=box,
+            region=region,
+            generated_size=(gw, gh),
+            feather=fw,
+            feathered=feathered,
+            face_box=fb,
+        )  # type: ignore[arg-type]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict of every field (tuples become lists), e.g. for ``AnimateResult`` or a report."""
@@ -310,12 +333,21 @@ class PasteBack:
     generated_size``. Composited values are rounded to the nearest level.
     """
 
-    def __init__(self, image: Image.Image | np.ndarray, crop_box: Sequence[int] | None,
-                 generated_size: Sequence[int], *, feather: int | None = None,
-                 colour_correction: bool | str | None = True, max_output_side: int = DEFAULT_MAX_OUTPUT_SIDE,
-                 device: str | torch.device | None = None, mode: str = "bicubic",
-                 face_box: Sequence[float] | None = None, reuse_output: bool = False,
-                 source: str | os.PathLike | None = None) -> None:
+    def __init__(
+        self,
+        image: Image.Image | np.ndarray,
+        crop_box: Sequence[int] | None,
+        generated_size: Sequence[int],
+        *,
+        feather: int | None = None,
+        colour_correction: bool | str | None = True,
+        max_output_side: int = DEFAULT_MAX_OUTPUT_SIDE,
+        device: str | torch.device | None = None,
+        mode: str = "bicubic",
+        face_box: Sequence[float] | None = None,
+        reuse_output: bool = False,
+        source: str | os.PathLike | None = None,
+    ) -> None:
         from .media import load_image
 
         if colour_correction is True:
@@ -323,17 +355,24 @@ class PasteBack:
         elif colour_correction is False or colour_correction is None:
             colour_correction = None
         elif colour_correction not in COLOUR_MODES:
-            raise InputError(f"colour_correction must be True, False, 'mean' or 'mean_std', "
-                             f"got {colour_correction!r}")
+            raise InputError(f"colour_correction must be True, False, 'mean' or 'mean_std', got {colour_correction!r}")
         if mode not in ("bicubic", "bilinear"):
             raise InputError(f"mode must be 'bicubic' or 'bilinear', got {mode!r}")
         if not isinstance(image, (Image.Image, np.ndarray)):
-            raise ImageError(f"the photo must be a PIL image or a uint8 numpy array, got {type(image).__name__}",
-                             source)
+            raise ImageError(
+                f"the photo must be a PIL image or a uint8 numpy array, got {type(image).__name__}", source
+            )
         rgb = np.array(load_image(image), dtype=np.uint8)  # [H0, W0, 3], a writable copy
         H0, W0 = rgb.shape[:2]
-        self.geometry = PasteGeometry.plan((W0, H0), crop_box, generated_size, feather=feather,
-                                           max_output_side=max_output_side, face_box=face_box, source=source)
+        self.geometry = PasteGeometry.plan(
+            (W0, H0),
+            crop_box,
+            generated_size,
+            feather=feather,
+            max_output_side=max_output_side,
+            face_box=face_box,
+            source=source,
+        )
         self.colour_correction: str | None = colour_correction
         self.mode = mode
         self.device = torch.device(device if device is not None else "cpu")
@@ -409,7 +448,7 @@ class PasteBack:
         frame_bytes = 4 * max(bg.numel(), 3 * gw * gh)  # the larger float32 intermediate: region or input
         step = max(1, _STEP_BYTES.get(self.device.type, _STEP_BYTES_DEFAULT) // frame_bytes)
         for start in range(0, n, step):
-            region = self._resize(x[start:start + step])  # new float32 [k, 3, h, w] in [0, 255]
+            region = self._resize(x[start : start + step])  # new float32 [k, 3, h, w] in [0, 255]
             if self.colour_correction is not None and self._band is not None:
                 if self._colour is None:
                     self._colour = self._fit_colour(region[0])
@@ -417,7 +456,7 @@ class PasteBack:
                 region.mul_(gain).add_(offset)
             # bg + w * (generated - bg), in place: exactly bg where w == 0 (outside the box nothing is touched)
             region.sub_(bg).mul_(weight).add_(bg).clamp_(0, 255).round_()
-            out[start:start + len(region), ry1:ry2, rx1:rx2] = region.to(torch.uint8).permute(0, 2, 3, 1)
+            out[start : start + len(region), ry1:ry2, rx1:rx2] = region.to(torch.uint8).permute(0, 2, 3, 1)
         return out.cpu().numpy()
 
     # ------------------------------------------------------------------------------------------------------
@@ -437,14 +476,14 @@ class PasteBack:
         if isinstance(frames, np.ndarray):
             frames = torch.from_numpy(np.ascontiguousarray(frames))
         if not isinstance(frames, torch.Tensor):
-            raise InputError(f"frames must be a torch tensor or numpy array [n, 3, h, w], "
-                             f"got {type(frames).__name__}")
+            raise InputError(f"frames must be a torch tensor or numpy array [n, 3, h, w], got {type(frames).__name__}")
         if frames.ndim == 3:
             frames = frames.unsqueeze(0)
         gw, gh = self.geometry.generated_size
         if frames.ndim != 4 or tuple(frames.shape[1:]) != (3, gh, gw):
-            raise InputError(f"frames must have shape [n, 3, {gh}, {gw}] (the generated size), "
-                             f"got {list(frames.shape)}")
+            raise InputError(
+                f"frames must have shape [n, 3, {gh}, {gw}] (the generated size), got {list(frames.shape)}"
+            )
         if frames.shape[0] == 0:
             raise InputError("frames is an empty chunk (n = 0)")
         if frames.dtype != torch.uint8 and not frames.is_floating_point():
@@ -471,7 +510,7 @@ class PasteBack:
         if resize:
             x = F.interpolate(x, size=(by2 - by1, bx2 - bx1), mode=self.mode, antialias=True, align_corners=False)
         # float32 planar: the elementwise ops after this broadcast over channels, slow in channels-last memory
-        x = x[:, :, ry1 - by1:ry2 - by1, rx1 - bx1:rx2 - bx1]
+        x = x[:, :, ry1 - by1 : ry2 - by1, rx1 - bx1 : rx2 - bx1]
         # a new tensor (the caller works in place), even when x is the caller's float frames
         return x.to(torch.float32, memory_format=torch.contiguous_format, copy=True).clamp_(0, 255)
 
@@ -505,8 +544,14 @@ def _demo_photo() -> np.ndarray:
     return np.ascontiguousarray(canvas)
 
 
-def demo_still(out: str | os.PathLike, image: str | os.PathLike | None = None, *, cast: Sequence[float] = (14, 4, -12),
-               gain: float = 1.06, panel_height: int = 360) -> dict[str, Any]:
+def demo_still(
+    out: str | os.PathLike,
+    image: str | os.PathLike | None = None,
+    *,
+    cast: Sequence[float] = (14, 4, -12),
+    gain: float = 1.06,
+    panel_height: int = 360,
+) -> dict[str, Any]:
     """Write a before/after PNG: generated crop | pasted, hard edge, no correction | pasted with the defaults.
 
     The "generated" frame is simulated: the crop the runtime would animate (face found with the OpenCV Haar
@@ -551,9 +596,11 @@ def demo_still(out: str | os.PathLike, image: str | os.PathLike | None = None, *
         draw.text((4, 3), label, fill=(255, 255, 255))
         return im
 
-    panels = [panel(gen.permute(1, 2, 0).numpy(), "generated crop (crop=True output)"),
-              panel(hard, "pasted: hard edge, no colour correction"),
-              panel(soft, f"pasted: feather {paste.geometry.feather}px + colour correction (default)")]
+    panels = [
+        panel(gen.permute(1, 2, 0).numpy(), "generated crop (crop=True output)"),
+        panel(hard, "pasted: hard edge, no colour correction"),
+        panel(soft, f"pasted: feather {paste.geometry.feather}px + colour correction (default)"),
+    ]
     sheet = Image.new("RGB", (sum(p.width for p in panels) + 8 * (len(panels) - 1), panel_height), (255, 255, 255))
     x = 0
     for p in panels:
@@ -566,8 +613,12 @@ def demo_still(out: str | os.PathLike, image: str | os.PathLike | None = None, *
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sonic_rt.paste_back", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--demo-still", metavar="OUT.png", required=True,
-                        help="write a before/after still: generated crop | hard paste | feathered + corrected")
+    parser.add_argument(
+        "--demo-still",
+        metavar="OUT.png",
+        required=True,
+        help="write a before/after still: generated crop | hard paste | feathered + corrected",
+    )
     parser.add_argument("--image", help="the photo (default: scikit-image's astronaut in a wider canvas)")
     args = parser.parse_args(argv)
     from .errors import SonicError
@@ -578,8 +629,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     g = info["geometry"]
-    print(f"wrote {info['out']}: photo {g['original_size']}, output {g['output_size']}, crop box {g['crop_box']}, "
-          f"feather {g['feather']} px, colour transform (gain, offset) {info['colour_transform']}")
+    print(
+        f"wrote {info['out']}: photo {g['original_size']}, output {g['output_size']}, crop box {g['crop_box']}, "
+        f"feather {g['feather']} px, colour transform (gain, offset) {info['colour_transform']}"
+    )
     return 0
 
 

@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 from .face import Reference
-from .pipeline import inputs as input_checks, steps
+from .pipeline import inputs as input_checks
+from .pipeline import steps
 from .pipeline.components import Components, load_components
 from .pipeline.inputs import PreparedInputs
 from .pipeline.memory import is_out_of_memory, notifier
@@ -41,9 +42,11 @@ from .pipeline.output import OUTPUT_FPS, output_fps
 from .pipeline.timing import STAGES, StageTimer
 from .scheduler import Distributed, SchedulerConfig, WindowScheduler
 
-FALLBACK_DETECTOR_NOTE = ("no yoloface_v5m.pt in {root}: the face was found with OpenCV's Haar cascade, not the "
-                          "official YOLOv5-face detector, so the crop and face mask differ slightly from the "
-                          "official ones")
+FALLBACK_DETECTOR_NOTE = (
+    "no yoloface_v5m.pt in {root}: the face was found with OpenCV's Haar cascade, not the "
+    "official YOLOv5-face detector, so the crop and face mask differ slightly from the "
+    "official ones"
+)
 
 
 @dataclass
@@ -123,12 +126,27 @@ class Runtime:
     One Runtime may be shared between threads: :meth:`animate` calls are serialised by a lock.
     """
 
-    def __init__(self, model_dir: str | os.PathLike, device: str | torch.device | None = None,
-                 dtype: str | torch.dtype | None = None, *, trust_pickle: bool = False,
-                 providers: list[str] | None = None, attention: str | None = None,
-                 scheduler: SchedulerConfig | None = None, compile: bool = False):
-        self.components: Components = load_components(model_dir, device, dtype, trust_pickle=trust_pickle,
-                                                      providers=providers, attention=attention, compile=compile)
+    def __init__(
+        self,
+        model_dir: str | os.PathLike,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        *,
+        trust_pickle: bool = False,
+        providers: list[str] | None = None,
+        attention: str | None = None,
+        scheduler: SchedulerConfig | None = None,
+        compile: bool = False,
+    ):
+        self.components: Components = load_components(
+            model_dir,
+            device,
+            dtype,
+            trust_pickle=trust_pickle,
+            providers=providers,
+            attention=attention,
+            compile=compile,
+        )
         self.scheduling = scheduler or SchedulerConfig()
         self.components.check_batching(self.scheduling.windows_per_call)
         self.distributed = Distributed.from_environment(self.device)
@@ -141,21 +159,35 @@ class Runtime:
     device = property(lambda self: self.components.device, doc="the working device")
     dtype = property(lambda self: self.components.dtype, doc="the working dtype of the latents (official: fp16)")
     feature_extractor = property(lambda self: self.components.feature_extractor, doc="Whisper's feature extractor")
-    noise_schedule_config = property(lambda self: self.components.noise_schedule_config,
-                                     doc="diffusers' EulerDiscreteScheduler config (not the window scheduler)")
+    noise_schedule_config = property(
+        lambda self: self.components.noise_schedule_config,
+        doc="diffusers' EulerDiscreteScheduler config (not the window scheduler)",
+    )
     face_detector = property(lambda self: self.components.face_detector, doc="YOLOv5-face or the Haar fallback")
     source = property(lambda self: self.components.source, doc="the loaded directory")
     backend = property(lambda self: self.components.backend, doc='"torch", "onnxruntime" or "tensorrt"')
-    attention = property(lambda self: self.components.attention,
-                         doc='the audio-attention implementation ("reference", "sdpa", "triton"; "engine")')
+    attention = property(
+        lambda self: self.components.attention,
+        doc='the audio-attention implementation ("reference", "sdpa", "triton"; "engine")',
+    )
     is_demo = property(lambda self: self.components.is_demo, doc="whether this is the random-weight demo")
-    default_min_resolution = property(lambda self: self.components.default_min_resolution,
-                                      doc="short side in pixels when min_resolution is None")
+    default_min_resolution = property(
+        lambda self: self.components.default_min_resolution, doc="short side in pixels when min_resolution is None"
+    )
 
     # ------------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def animate(self, image, audio, out: str | os.PathLike | None = None, options: AnimateOptions | None = None, *,
-                latents: torch.Tensor | None = None, events=None, **overrides) -> AnimateResult:
+    def animate(
+        self,
+        image,
+        audio,
+        out: str | os.PathLike | None = None,
+        options: AnimateOptions | None = None,
+        *,
+        latents: torch.Tensor | None = None,
+        events=None,
+        **overrides,
+    ) -> AnimateResult:
         """Animate ``image`` with ``audio`` and write an H.264 + AAC mp4 to ``out``.
 
         Args:
@@ -195,33 +227,61 @@ class Runtime:
     def _animate(self, image, audio, out, options: AnimateOptions, latents, events) -> AnimateResult:
         c, timer, started = self.components, StageTimer(self.device), time.perf_counter()
         say, write = notifier(events), self.distributed.rank == 0  # rank 0 decodes and writes
-        with timer.stage("preprocess"):      # 1. every input and the face crop, before any model runs
+        with timer.stage("preprocess"):  # 1. every input and the face crop, before any model runs
             inputs = self.check_inputs(image, audio, out, options, latents=latents)
         with timer.stage("audio_features"):  # 2. Whisper once per 30 s chunk
             features = steps.audio_features(c, inputs.samples)
-        with timer.stage("image_encode"):    # 3. CLIP embedding and VAE latents of the reference
+        with timer.stage("image_encode"):  # 3. CLIP embedding and VAE latents of the reference
             reference = steps.encode_reference(c, inputs.reference)
         with timer.stage("audio_adapters"):  # 4. audio tokens and buckets of every frame, 5. the guided UNet
-            audio_cond = steps.encode_audio(c, features, inputs.audio_frames, reference.clip_embeds,
-                                            options.dynamic_scale)
+            audio_cond = steps.encode_audio(
+                c, features, inputs.audio_frames, reference.clip_embeds, options.dynamic_scale
+            )
             del features
             denoiser = steps.guided_denoiser(c, inputs, reference, audio_cond, say)
         init = steps.prepare_latents(c, inputs, reference, options.seed, latents)  # 6. noise on the reference
-        with ExitStack() as stack:           # 7. denoise; decode -> interpolate -> encode from the last step on
+        with ExitStack() as stack:  # 7. denoise; decode -> interpolate -> encode from the last step on
             output = steps.open_output(stack, c, inputs, options, audio, timer, events, say, write)
-            final = steps.denoise(c, self._scheduler, init, inputs, denoiser, output, timer,
-                                  progress=options.progress, events=events, write=write)
+            final = steps.denoise(
+                c,
+                self._scheduler,
+                init,
+                inputs,
+                denoiser,
+                output,
+                timer,
+                progress=options.progress,
+                events=events,
+                write=write,
+            )
             if write:
                 output.finish(final)
         timer.add("total", time.perf_counter() - started)
         width, height = inputs.size
-        return AnimateResult(path=inputs.out_path if write else None, fps=float(output_fps(options.interpolate)),
-                             num_frames=output.num_out, num_generated_frames=inputs.num_frames, width=width,
-                             height=height, timings=timer.ordered(), frames=output.frames() if write else None,
-                             seed=init.seed, reference=inputs.reference, notes=self._notes(inputs.reference))
+        return AnimateResult(
+            path=inputs.out_path if write else None,
+            fps=float(output_fps(options.interpolate)),
+            num_frames=output.num_out,
+            num_generated_frames=inputs.num_frames,
+            width=width,
+            height=height,
+            timings=timer.ordered(),
+            frames=output.frames() if write else None,
+            seed=init.seed,
+            reference=inputs.reference,
+            notes=self._notes(inputs.reference),
+        )
 
-    def check_inputs(self, image, audio, out, options: AnimateOptions | None = None, *,
-                     latents: torch.Tensor | None = None, **overrides) -> PreparedInputs:
+    def check_inputs(
+        self,
+        image,
+        audio,
+        out,
+        options: AnimateOptions | None = None,
+        *,
+        latents: torch.Tensor | None = None,
+        **overrides,
+    ) -> PreparedInputs:
         """Step 1 of :meth:`animate`: check every input and prepare the reference, before any model runs
         (:func:`sonic_rt.pipeline.inputs.check_inputs`; also used by the eager baseline, so both refuse the
         same inputs with the same errors). Says once per Runtime when the fallback face detector found the face.
@@ -246,5 +306,15 @@ class Runtime:
         return (FALLBACK_DETECTOR_NOTE.format(root=self.source),) if reference.detector == "haar" else ()
 
 
-__all__ = ["Runtime", "AnimateResult", "AnimateOptions", "PreparedInputs", "STAGES", "DEFAULT_SEED",
-           "DEFAULT_MIN_RESOLUTION", "OUTPUT_FPS", "FALLBACK_DETECTOR_NOTE", "is_out_of_memory"]
+__all__ = [
+    "Runtime",
+    "AnimateResult",
+    "AnimateOptions",
+    "PreparedInputs",
+    "STAGES",
+    "DEFAULT_SEED",
+    "DEFAULT_MIN_RESOLUTION",
+    "OUTPUT_FPS",
+    "FALLBACK_DETECTOR_NOTE",
+    "is_out_of_memory",
+]

@@ -86,12 +86,15 @@ def window_indices(num_frames: int, frames_per_window: int, step: int, shift_off
     With N not a multiple of T the last window wraps past the end to the start; with N < T a window holds
     repeated frames. A frame that appears twice in one window is counted twice when averaging.
     """
-    return [[(s + k) % num_frames for k in range(frames_per_window)]
-            for s in window_starts(num_frames, frames_per_window, step, shift_offset)]
+    return [
+        [(s + k) % num_frames for k in range(frames_per_window)]
+        for s in window_starts(num_frames, frames_per_window, step, shift_offset)
+    ]
 
 
-def step_window_indices(num_frames: int, frames_per_window: int, step: int, shift_offset: int,
-                        device: torch.device | str = "cpu") -> torch.Tensor:
+def step_window_indices(
+    num_frames: int, frames_per_window: int, step: int, shift_offset: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """:func:`window_indices` as one int64 tensor ``[windows, T]`` computed on ``device`` by device kernels
     (``arange`` and ``remainder``, which is Python's modulo for the negative shifted starts), without a
     host-to-device copy. Row j is window j; the values equal :func:`window_indices`."""
@@ -148,10 +151,16 @@ class Window:
     sigma_next: torch.Tensor
 
 
-def sample(latents: torch.Tensor, sigmas: torch.Tensor, timesteps: torch.Tensor, config: SamplingConfig,
-           denoise: Callable[[torch.Tensor, list[Window]], torch.Tensor],
-           on_window: Callable[[Window], None] | None = None, scheduler: "WindowScheduler | None" = None,
-           on_final_frames: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
+def sample(
+    latents: torch.Tensor,
+    sigmas: torch.Tensor,
+    timesteps: torch.Tensor,
+    config: SamplingConfig,
+    denoise: Callable[[torch.Tensor, list[Window]], torch.Tensor],
+    on_window: Callable[[Window], None] | None = None,
+    scheduler: WindowScheduler | None = None,
+    on_final_frames: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+) -> torch.Tensor:
     """Shift-fusion denoising loop over the whole video.
 
     Args:
@@ -182,9 +191,10 @@ def sample(latents: torch.Tensor, sigmas: torch.Tensor, timesteps: torch.Tensor,
     for i in range(steps):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         step_index = step_window_indices(num_frames, config.frames_per_window, i, config.shift_offset, device)
-        windows = [Window(step=i, index=step_index[j], timestep=device_timesteps[i], sigma=sigma,
-                          sigma_next=sigma_next)
-                   for j in range(step_index.shape[0])]
+        windows = [
+            Window(step=i, index=step_index[j], timestep=device_timesteps[i], sigma=sigma, sigma_next=sigma_next)
+            for j in range(step_index.shape[0])
+        ]
         count = torch.zeros(1, num_frames, 1, 1, 1, dtype=latents.dtype, device=device)
         for window in windows:
             count.index_add_(1, window.index, count.new_ones(1, len(window.index), 1, 1, 1))
@@ -200,7 +210,7 @@ def sample(latents: torch.Tensor, sigmas: torch.Tensor, timesteps: torch.Tensor,
         done = torch.zeros_like(count) if last else None
         for positions, stepped in scheduler.imap(len(windows), run_group):
             for k, p in enumerate(positions):
-                acc.index_add_(1, windows[p].index, stepped[k:k + 1])
+                acc.index_add_(1, windows[p].index, stepped[k : k + 1])
                 if last:
                     done.index_add_(1, windows[p].index, count.new_ones(1, len(windows[p].index), 1, 1, 1))
                 if on_window is not None:
@@ -218,8 +228,9 @@ def scale_model_input(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return x / ((sigma**2 + 1) ** 0.5)
 
 
-def initial_noise(seed: int, image_shape: tuple[int, ...], latent_shape: tuple[int, ...], device: torch.device,
-                  dtype: torch.dtype) -> torch.Tensor:
+def initial_noise(
+    seed: int, image_shape: tuple[int, ...], latent_shape: tuple[int, ...], device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
     """The initial noise of a seeded run, drawn exactly as the official pipeline draws it.
 
     The official code seeds the global generator (``seed_everything(seed)``), then draws

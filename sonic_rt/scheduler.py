@@ -63,7 +63,7 @@ class Distributed:
         return self.world_size > 1
 
     @classmethod
-    def from_environment(cls, device: torch.device) -> "Distributed":
+    def from_environment(cls, device: torch.device) -> Distributed:
         """Join the job ``torchrun`` describes in the environment (``WORLD_SIZE`` > 1), else a single process.
 
         Initialises the default process group once: NCCL on CUDA, gloo on CPU.
@@ -118,12 +118,19 @@ class WindowScheduler:
         distributed: the rank/world of a ``torch.distributed`` job (default: single process).
     """
 
-    def __init__(self, config: SchedulerConfig = SchedulerConfig(), device: torch.device | str = "cpu",
-                 distributed: Distributed = Distributed()):
+    def __init__(
+        self,
+        config: SchedulerConfig = SchedulerConfig(),
+        device: torch.device | str = "cpu",
+        distributed: Distributed = Distributed(),
+    ):
         self.config, self.device, self.distributed = config, torch.device(device), distributed
         self._pool = ThreadPoolExecutor(config.lanes, thread_name_prefix="sonic-lane") if config.lanes > 1 else None
-        self._streams = ([torch.cuda.Stream(self.device) for _ in range(config.lanes)]
-                         if self.device.type == "cuda" and config.lanes > 1 else None)
+        self._streams = (
+            [torch.cuda.Stream(self.device) for _ in range(config.lanes)]
+            if self.device.type == "cuda" and config.lanes > 1
+            else None
+        )
         self._local = threading.local()
 
     def groups(self, num_windows: int) -> list[list[int]]:
@@ -136,8 +143,9 @@ class WindowScheduler:
         d = self.distributed
         return [g for j, g in enumerate(self.groups(num_windows)) if j % d.world_size == d.rank]
 
-    def map(self, num_windows: int, run_group: Callable[[list[int]], torch.Tensor]
-            ) -> list[tuple[list[int], torch.Tensor]]:
+    def map(
+        self, num_windows: int, run_group: Callable[[list[int]], torch.Tensor]
+    ) -> list[tuple[list[int], torch.Tensor]]:
         """Run ``run_group(positions) -> stepped latents [g, ...]`` for this rank's groups.
 
         Returns ``(positions, result)`` in window order. Raises the first failure of any lane (after the

@@ -37,9 +37,11 @@ from pathlib import Path
 #: (those the installed AnimateOptions lacks are left out).
 UI_OPTIONS = ("steps", "dynamic_scale", "seed", "min_resolution", "crop", "interpolate", "paste_back")
 GALLERY_SIZE = 12
-DEMO_BANNER = ("**Demo model: the weights are RANDOM.** The video is structured noise, not a talking face; it "
-               "checks the install. Start the server with `--model DIR` (the official Sonic checkpoints) for "
-               "real results.")
+DEMO_BANNER = (
+    "**Demo model: the weights are RANDOM.** The video is structured noise, not a talking face; it "
+    "checks the install. Start the server with `--model DIR` (the official Sonic checkpoints) for "
+    "real results."
+)
 
 
 class Cancelled(Exception):
@@ -49,14 +51,18 @@ class Cancelled(Exception):
 
 def add_parser(sub) -> None:
     """The ``serve`` subcommand (cheap: imports nothing heavy)."""
-    p = sub.add_parser("serve", help="serve a web page and an HTTP API over one loaded runtime (extra: ui)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                       description="Serve a gradio web page and HTTP API (endpoint /animate, health at /healthz) "
-                                   "over one loaded runtime. Needs the 'ui' extra (pip install -e '.[ui]').")
+    p = sub.add_parser(
+        "serve",
+        help="serve a web page and an HTTP API over one loaded runtime (extra: ui)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Serve a gradio web page and HTTP API (endpoint /animate, health at /healthz) "
+        "over one loaded runtime. Needs the 'ui' extra (pip install -e '.[ui]').",
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", type=Path, help="official-layout Sonic checkpoint (or engine) directory")
-    src.add_argument("--demo", action="store_true",
-                     help="use the random-weight demo checkpoint (install check; not a talking face)")
+    src.add_argument(
+        "--demo", action="store_true", help="use the random-weight demo checkpoint (install check; not a talking face)"
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
     p.add_argument("--port", type=int, default=7860, help="TCP port")
     p.add_argument("--concurrency", type=int, default=1, help="jobs that run at once; the others queue")
@@ -65,8 +71,11 @@ def add_parser(sub) -> None:
     p.add_argument("--max-queue", type=int, default=64, help="jobs that may wait in the queue")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=["fp16", "bf16", "fp32"], help="as for animate")
-    p.add_argument("--trust-pickle", action="store_true",
-                   help="allow checkpoint pickles that need arbitrary code (only for files you trust)")
+    p.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow checkpoint pickles that need arbitrary code (only for files you trust)",
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -97,8 +106,12 @@ def write_examples(folder: Path) -> list[list[str]]:
     image, speech = folder / "astronaut.png", folder / "hello.wav"
     try:
         Image.fromarray(data.astronaut()).save(image)
-        subprocess.run(["espeak-ng", "-w", str(speech), "Hello there. This is Sonic, a talking head."],
-                       check=True, capture_output=True, timeout=30)
+        subprocess.run(
+            ["espeak-ng", "-w", str(speech), "Hello there. This is Sonic, a talking head."],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
     except (OSError, subprocess.SubprocessError):
         return []
     return [[str(image), str(speech)]]
@@ -116,14 +129,20 @@ def _option_widgets(gr, runtime) -> dict:
         help_text = info.help + (f"; official: {info.source}" if info.source else "")
         kind = info.type.removesuffix(" | None")
         if kind == "bool":
-            widgets[info.name] = gr.Checkbox(value=info.default, label=label, info=help_text,
-                                             elem_id=f"opt-{info.name}")
+            widgets[info.name] = gr.Checkbox(
+                value=info.default, label=label, info=help_text, elem_id=f"opt-{info.name}"
+            )
         elif kind in ("int", "float"):
             value = info.default
             if value is None and info.name == "min_resolution":  # None: the model's own default, shown
                 value = runtime.default_min_resolution
-            widgets[info.name] = gr.Number(value=value, label=label, info=help_text,
-                                           precision=0 if kind == "int" else None, elem_id=f"opt-{info.name}")
+            widgets[info.name] = gr.Number(
+                value=value,
+                label=label,
+                info=help_text,
+                precision=0 if kind == "int" else None,
+                elem_id=f"opt-{info.name}",
+            )
     return {name: widgets[name] for name in UI_OPTIONS if name in widgets}
 
 
@@ -148,9 +167,15 @@ class Server:
         self._lock = threading.Lock()
 
     def health(self) -> dict:
-        return {"status": "ok", "model": Path(self.runtime.source).name, "demo": bool(self.runtime.is_demo),
-                "device": str(self.runtime.device), "backend": self.runtime.backend,
-                "jobs_running": self.running, "jobs_done": self.done}
+        return {
+            "status": "ok",
+            "model": Path(self.runtime.source).name,
+            "demo": bool(self.runtime.is_demo),
+            "device": str(self.runtime.device),
+            "backend": self.runtime.backend,
+            "jobs_running": self.running,
+            "jobs_done": self.done,
+        }
 
     def check_audio(self, audio: str):
         """Decode the speech once: the limit on its length and the window count of the progress bar."""
@@ -158,13 +183,15 @@ class Server:
 
         header = media.probe_audio(audio)
         if header.duration_s > self.max_audio_seconds:
-            raise _user_error(f"the speech is {header.duration_s:.0f} s long; this server accepts up to "
-                              f"{self.max_audio_seconds:g} s")
+            raise _user_error(
+                f"the speech is {header.duration_s:.0f} s long; this server accepts up to {self.max_audio_seconds:g} s"
+            )
         samples = media.load_audio(audio)
         seconds = len(samples) / 16000
         if seconds > self.max_audio_seconds:
-            raise _user_error(f"the speech is {seconds:.0f} s long; this server accepts up to "
-                              f"{self.max_audio_seconds:g} s")
+            raise _user_error(
+                f"the speech is {seconds:.0f} s long; this server accepts up to {self.max_audio_seconds:g} s"
+            )
         return samples
 
     def run_job(self, image, audio, options, cancel: threading.Event, report) -> str:
@@ -175,8 +202,11 @@ class Server:
 
         samples = self.check_audio(audio)
         frames = num_generated_frames(len(samples))
-        total = options.steps * len(window_starts(max(frames, 1), options.frames_per_window, 0,
-                                                  options.shift_offset)) if options.steps > 0 else 1
+        total = (
+            options.steps * len(window_starts(max(frames, 1), options.frames_per_window, 0, options.shift_offset))
+            if options.steps > 0
+            else 1
+        )
         job = self.results / uuid.uuid4().hex
         job.mkdir()
         out = job / "sonic.mp4"
@@ -205,7 +235,7 @@ class Server:
                 self.running -= 1
         with self._lock:
             self.done += 1
-            self.gallery = [str(result.path)] + self.gallery[:GALLERY_SIZE - 1]
+            self.gallery = [str(result.path)] + self.gallery[: GALLERY_SIZE - 1]
         return str(result.path)
 
 
@@ -223,8 +253,15 @@ def _user_error(message: str):
     return InputError(message)
 
 
-def build_app(runtime, workdir: Path, *, max_audio_seconds: float = 600.0, max_upload_mb: float = 50.0,
-              concurrency: int = 1, max_queue: int = 64):
+def build_app(
+    runtime,
+    workdir: Path,
+    *,
+    max_audio_seconds: float = 600.0,
+    max_upload_mb: float = 50.0,
+    concurrency: int = 1,
+    max_queue: int = 64,
+):
     """The gradio Blocks and its :class:`Server`.
 
     Returns:
@@ -241,28 +278,36 @@ def build_app(runtime, workdir: Path, *, max_audio_seconds: float = 600.0, max_u
         gr.Markdown("# Sonic: portrait + speech -> talking-head video")
         if runtime.is_demo:
             gr.Markdown(DEMO_BANNER, elem_id="demo-banner", elem_classes=["sonic-demo-banner"])
-        gr.Markdown(f"Limits: speech up to **{max_audio_seconds:g} s**, uploads up to **{max_upload_mb:g} MB**; "
-                    f"{concurrency} job{'s' if concurrency != 1 else ''} at a time on `{runtime.device}`, the "
-                    f"others wait in the queue (up to {max_queue}). Model: `{Path(runtime.source).name}`.",
-                    elem_id="limits")
+        gr.Markdown(
+            f"Limits: speech up to **{max_audio_seconds:g} s**, uploads up to **{max_upload_mb:g} MB**; "
+            f"{concurrency} job{'s' if concurrency != 1 else ''} at a time on `{runtime.device}`, the "
+            f"others wait in the queue (up to {max_queue}). Model: `{Path(runtime.source).name}`.",
+            elem_id="limits",
+        )
         with gr.Row():
             with gr.Column():
-                portrait = gr.Image(label="Portrait (one face)", sources=["upload", "webcam"], type="filepath",
-                                    image_mode=None, elem_id="portrait")
+                portrait = gr.Image(
+                    label="Portrait (one face)",
+                    sources=["upload", "webcam"],
+                    type="filepath",
+                    image_mode=None,
+                    elem_id="portrait",
+                )
                 # The runtime reads the file itself (its checks and one-line errors), not gradio's PIL.
                 portrait.preprocess = _portrait_preprocess(portrait)
-                speech = gr.Audio(label="Speech", sources=["upload", "microphone"], type="filepath",
-                                  elem_id="speech")
+                speech = gr.Audio(label="Speech", sources=["upload", "microphone"], type="filepath", elem_id="speech")
                 with gr.Accordion("Options", open=True):
                     widgets = _option_widgets(gr, runtime)
                 with gr.Row():
                     generate = gr.Button("Generate", variant="primary", elem_id="generate")
                     cancel = gr.Button("Cancel", variant="stop", elem_id="cancel")
             with gr.Column():
-                video = gr.Video(label="Result", elem_id="result", autoplay=True, buttons=["download"],
-                                 interactive=False)
-                gallery = gr.Gallery(label="Made since the server started", columns=3, elem_id="gallery",
-                                     interactive=False)
+                video = gr.Video(
+                    label="Result", elem_id="result", autoplay=True, buttons=["download"], interactive=False
+                )
+                gallery = gr.Gallery(
+                    label="Made since the server started", columns=3, elem_id="gallery", interactive=False
+                )
         if examples:
             gr.Examples(examples=examples, inputs=[portrait, speech], label="Example (click, then Generate)")
 
@@ -279,8 +324,11 @@ def build_app(runtime, workdir: Path, *, max_audio_seconds: float = 600.0, max_u
             for name, value in zip(names, values):
                 if value is None and getattr(defaults, name) is not None:
                     value = getattr(defaults, name)  # an emptied field keeps the default
-                if isinstance(getattr(defaults, name), int) and not isinstance(getattr(defaults, name), bool) \
-                        and value is not None:
+                if (
+                    isinstance(getattr(defaults, name), int)
+                    and not isinstance(getattr(defaults, name), bool)
+                    and value is not None
+                ):
                     value = int(value)
                 chosen[name] = value
             options = dataclasses.replace(defaults, **chosen)
@@ -291,8 +339,9 @@ def build_app(runtime, workdir: Path, *, max_audio_seconds: float = 600.0, max_u
 
             loop = asyncio.get_running_loop()
             context = contextvars.copy_context()  # gr.Progress finds its job through context variables
-            future = loop.run_in_executor(server.executor, context.run, server.run_job, image, audio, options,
-                                          stop, report)
+            future = loop.run_in_executor(
+                server.executor, context.run, server.run_job, image, audio, options, stop, report
+            )
             try:
                 return await asyncio.shield(future)
             except asyncio.CancelledError:
@@ -305,15 +354,24 @@ def build_app(runtime, workdir: Path, *, max_audio_seconds: float = 600.0, max_u
                 raise gr.Error(_one_line(exc), print_exception=False) from None
 
         # The API's parameter names and defaults: the option names (gradio reads the signature).
-        params = [inspect.Parameter("image", inspect.Parameter.POSITIONAL_OR_KEYWORD),
-                  inspect.Parameter("audio", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-        params += [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=getattr(defaults, name))
-                   for name in names]
-        params.append(inspect.Parameter("progress", inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                                        default=gr.Progress()))
+        params = [
+            inspect.Parameter("image", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+            inspect.Parameter("audio", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+        ]
+        params += [
+            inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=getattr(defaults, name))
+            for name in names
+        ]
+        params.append(inspect.Parameter("progress", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=gr.Progress()))
         animate.__signature__ = inspect.Signature(params)
-        job = generate.click(animate, inputs=[portrait, speech, *widgets.values()], outputs=video,
-                             api_name="animate", concurrency_limit=concurrency, concurrency_id="sonic")
+        job = generate.click(
+            animate,
+            inputs=[portrait, speech, *widgets.values()],
+            outputs=video,
+            api_name="animate",
+            concurrency_limit=concurrency,
+            concurrency_id="sonic",
+        )
         job.then(lambda: list(server.gallery), None, gallery, api_visibility="private", queue=False)
         cancel.click(None, None, None, cancels=[job], api_visibility="private", queue=False)
         blocks.load(lambda: list(server.gallery), None, gallery, api_visibility="private", queue=False)
@@ -350,16 +408,27 @@ def make_app(runtime, workdir: Path, **limits):
     def healthz() -> dict:
         return server.health()
 
-    app = gr.mount_gradio_app(app, blocks, path="/", allowed_paths=[str(workdir)], show_error=True,
-                              max_file_size=int(max_upload_mb * 1024 * 1024), ssr_mode=False, pwa=False,
-                              mcp_server=False, theme=theme, css=css, footer_links=["api"])
+    app = gr.mount_gradio_app(
+        app,
+        blocks,
+        path="/",
+        allowed_paths=[str(workdir)],
+        show_error=True,
+        max_file_size=int(max_upload_mb * 1024 * 1024),
+        ssr_mode=False,
+        pwa=False,
+        mcp_server=False,
+        theme=theme,
+        css=css,
+        footer_links=["api"],
+    )
     return app, server
 
 
 def run(args: argparse.Namespace) -> int:
     """``serve``: load the runtime once, serve until interrupted, remove the temporary directory."""
     workdir = Path(tempfile.mkdtemp(prefix="sonic_rt-serve-"))  # mode 0700
-    os.environ["GRADIO_TEMP_DIR"] = str(workdir / "gradio")     # uploads and gradio's copies
+    os.environ["GRADIO_TEMP_DIR"] = str(workdir / "gradio")  # uploads and gradio's copies
     try:
         _import_gradio()
         import uvicorn
@@ -370,16 +439,28 @@ def run(args: argparse.Namespace) -> int:
             from .demo import ensure_demo_model
 
             model_dir = ensure_demo_model()
-            print(f"using the RANDOM-WEIGHT demo checkpoint at {model_dir}: the video checks the install, "
-                  "it is not a talking face", file=sys.stderr)
+            print(
+                f"using the RANDOM-WEIGHT demo checkpoint at {model_dir}: the video checks the install, "
+                "it is not a talking face",
+                file=sys.stderr,
+            )
         else:
             model_dir = args.model
         runtime = Runtime(model_dir, device=args.device, dtype=args.dtype, trust_pickle=args.trust_pickle)
-        app, server = make_app(runtime, workdir, max_audio_seconds=args.max_audio_seconds,
-                               max_upload_mb=args.max_upload_mb, concurrency=args.concurrency,
-                               max_queue=args.max_queue)
-        print(f"sonic_rt serve: http://{args.host}:{args.port}/ (API: /animate, health: /healthz; "
-              f"files in {workdir}, removed on exit)", file=sys.stderr, flush=True)
+        app, server = make_app(
+            runtime,
+            workdir,
+            max_audio_seconds=args.max_audio_seconds,
+            max_upload_mb=args.max_upload_mb,
+            concurrency=args.concurrency,
+            max_queue=args.max_queue,
+        )
+        print(
+            f"sonic_rt serve: http://{args.host}:{args.port}/ (API: /animate, health: /healthz; "
+            f"files in {workdir}, removed on exit)",
+            file=sys.stderr,
+            flush=True,
+        )
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
         server.executor.shutdown(wait=True, cancel_futures=True)
         runtime.close()

@@ -62,8 +62,10 @@ def speech(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def long_speech(tmp_path_factory) -> Path:
     """About 4 s of speech: N > 25 generated frames, so several windows per step."""
-    return _espeak("Hello, this is a test of the sonic runtime. It should animate a face.",
-                   tmp_path_factory.mktemp("inputs") / "long_speech.wav")
+    return _espeak(
+        "Hello, this is a test of the sonic runtime. It should animate a face.",
+        tmp_path_factory.mktemp("inputs") / "long_speech.wav",
+    )
 
 
 def write_wav(path: Path, samples: np.ndarray, rate: int = 16000) -> Path:

@@ -47,8 +47,9 @@ def counting(passed: bool, reason: str = ""):
 def test_the_real_kernels_pass_the_check_in_the_interpreter():
     result = run_selfcheck(torch.device("cpu"), {64, 32})
     assert result["passed"], result["reason"]
-    assert set(result["cases"]) == {f"{k} {t} d{d}" for k in ("spatial", "temporal") for t in ("fp16", "fp32")
-                                    for d in (32, 64)}
+    assert set(result["cases"]) == {
+        f"{k} {t} d{d}" for k in ("spatial", "temporal") for t in ("fp16", "fp32") for d in (32, 64)
+    }
     for case in result["cases"].values():
         assert case["kernel_err"] <= case["bound"]
 
@@ -58,9 +59,11 @@ def test_a_wrong_kernel_fails_the_check_with_the_case_and_the_error():
     def off_by_a_bit(q, k, v, clip_v, mask, heads, scale=1.0, **kw):
         return kernels.spatial_audio_attention(q, k, v, clip_v, mask, heads, scale, **kw) + 0.05
 
-    broken = types.SimpleNamespace(SUPPORTED_HEAD_DIMS=kernels.SUPPORTED_HEAD_DIMS,
-                                   spatial_audio_attention=off_by_a_bit,
-                                   temporal_audio_attention=kernels.temporal_audio_attention)
+    broken = types.SimpleNamespace(
+        SUPPORTED_HEAD_DIMS=kernels.SUPPORTED_HEAD_DIMS,
+        spatial_audio_attention=off_by_a_bit,
+        temporal_audio_attention=kernels.temporal_audio_attention,
+    )
     result = run_selfcheck(torch.device("cpu"), {64}, (torch.float16,), kernels=broken)
     assert not result["passed"] and result["reason"].startswith("spatial fp16 d64: max|kernel - fp32| =")
 
@@ -69,8 +72,11 @@ def test_a_wrong_kernel_fails_the_check_with_the_case_and_the_error():
 
     broken.spatial_audio_attention = raising
     result = run_selfcheck(torch.device("cpu"), {64}, (torch.float16,), kernels=broken)
-    assert result == {"passed": False, "cases": {},
-                      "reason": "spatial fp16 d64: the kernel raised RuntimeError: PTX assembly failed"}
+    assert result == {
+        "passed": False,
+        "cases": {},
+        "reason": "spatial fp16 d64: the kernel raised RuntimeError: PTX assembly failed",
+    }
 
 
 def test_verdict_is_cached_per_gpu_in_memory_and_on_disk(tmp_path):
@@ -133,8 +139,11 @@ def test_auto_on_cuda_falls_back_to_sdpa_with_a_one_line_reason(capsys):
 
 def test_explicit_triton_still_runs_the_check_and_fails_clearly():
     check, calls = fake_check(False)
-    with pytest.raises(InputError, match=r"attention='triton' cannot be used on cuda: the compiled kernel failed "
-                                         r"its self-check against sdpa \(spatial fp16 d64: .*\); use attention='sdpa'"):
+    with pytest.raises(
+        InputError,
+        match=r"attention='triton' cannot be used on cuda: the compiled kernel failed "
+        r"its self-check against sdpa \(spatial fp16 d64: .*\); use attention='sdpa'",
+    ):
         resolve_attention("triton", CUDA, {64}, selfcheck=check)
     assert len(calls) == 1
     ok, _ = fake_check(True)

@@ -6,12 +6,21 @@ import numpy as np
 import pytest
 import torch
 
-from sonic_rt.audio_features import (BUCKET_PAD, BUCKET_WINDOW, TOKEN_PAD, TOKEN_WINDOW, audio_windows,
-                                     encode_audio, num_generated_frames, whisper_hidden_states)
+from sonic_rt.audio_features import (
+    BUCKET_PAD,
+    BUCKET_WINDOW,
+    TOKEN_PAD,
+    TOKEN_WINDOW,
+    audio_windows,
+    encode_audio,
+    num_generated_frames,
+    whisper_hidden_states,
+)
 
 
-@pytest.mark.parametrize("samples, frames", [(0, 0), (1279, 0), (1280, 1), (2559, 1), (2560, 2), (64_000, 50),
-                                             (64_639, 50), (160_000, 125)])
+@pytest.mark.parametrize(
+    "samples, frames", [(0, 0), (1279, 0), (1280, 1), (2559, 1), (2560, 2), (64_000, 50), (64_639, 50), (160_000, 125)]
+)
 def test_frame_count_is_samples_div_640_div_2(samples, frames):
     assert num_generated_frames(samples) == frames
 
@@ -53,7 +62,9 @@ def test_whisper_runs_once_per_30_s_chunk():
 
     encoder = _CountingEncoder()
     samples = np.random.default_rng(0).standard_normal(16000 * 31).astype(np.float32) * 0.1
-    hidden, last = whisper_hidden_states(samples, WhisperFeatureExtractor(feature_size=80), encoder, torch.device("cpu"))
+    hidden, last = whisper_hidden_states(
+        samples, WhisperFeatureExtractor(feature_size=80), encoder, torch.device("cpu")
+    )
     assert encoder.calls == 2
     assert hidden.shape == (1, 3000, 3, 4) and last.shape == (1, 3000, 1, 4)
     assert torch.equal(last, hidden[:, :, -1:])  # the official second encoder call returns exactly this
@@ -72,8 +83,9 @@ class _FirstToken(torch.nn.Module):
 
 def test_buckets_are_out_times_16_plus_16_times_dynamic_scale():
     states = token_states(1500, blocks=1)
-    tokens, uncond, buckets = encode_audio(states, states, 40, torch.zeros(1, 5), _FirstToken(), _ConstBucket(),
-                                           dynamic_scale=1.5, batch_frames=7)
+    tokens, uncond, buckets = encode_audio(
+        states, states, 40, torch.zeros(1, 5), _FirstToken(), _ConstBucket(), dynamic_scale=1.5, batch_frames=7
+    )
     assert tokens.shape == (1, 20, 32, 1) and uncond.shape == (1, 1, 32, 1)
     assert buckets.shape == (1, 20, 2)
     assert torch.all(buckets == (0.5 * 16 + 16) * 1.5)

@@ -13,9 +13,25 @@ GRAPHS = ["audio2token", "unet"]
 def test_bench_backends_demo_writes_the_expected_json(demo_dir, engine_dir, tmp_path, capsys):
     video = shutil.which("espeak-ng") is not None  # the whole-video part needs real speech
     out = tmp_path / "backends.json"
-    argv = ["--sizes", "demo", "--model", str(demo_dir), "--engines", str(engine_dir), "--cache", str(tmp_path),
-            "--steps", "1", "--repeats", "1", "--graphs", ",".join(GRAPHS), "--out", str(out),
-            "--video" if video else "--no-video"]
+    argv = [
+        "--sizes",
+        "demo",
+        "--model",
+        str(demo_dir),
+        "--engines",
+        str(engine_dir),
+        "--cache",
+        str(tmp_path),
+        "--steps",
+        "1",
+        "--repeats",
+        "1",
+        "--graphs",
+        ",".join(GRAPHS),
+        "--out",
+        str(out),
+        "--video" if video else "--no-video",
+    ]
     assert backends.main(argv) == 0
 
     report = json.loads(out.read_text())

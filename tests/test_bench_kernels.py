@@ -21,8 +21,9 @@ FAST = ["--warmup", "0", "--repeats", "1"]
 
 
 def run_program(module: str, args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env
+    )
 
 
 def run_interpreted(module: str, args: list[str]) -> int:
@@ -54,8 +55,9 @@ def test_kernels_benchmark_in_the_interpreter(tmp_path):
     assert data["formulas"]["flops"].startswith("4*N*L*T*C")
     rows = data["layers"]["fp16"]
     # every distinct attn2 shape of SVD-xt: spatial and temporal at levels 0..3, 32 layers per UNet call
-    assert sorted((r["kind"], r["level"]) for r in rows) == [(k, lvl) for k in ("spatial", "temporal")
-                                                              for lvl in range(4)]
+    assert sorted((r["kind"], r["level"]) for r in rows) == [
+        (k, lvl) for k in ("spatial", "temporal") for lvl in range(4)
+    ]
     assert sum(r["count"] for r in rows) == 32
     for r in rows:
         assert r["head_dim"] == 64 and r["tokens"] == 32

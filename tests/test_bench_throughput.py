@@ -19,9 +19,26 @@ SECONDS = (0.5, 1.0)
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed (real speech input)")
 def test_tiny_preset_writes_well_formed_results(demo_dir, engine_dir, tmp_path, capsys):
     out = tmp_path / "results" / "throughput.json"
-    argv = ["--preset", "demo", "--seconds", ",".join(map(str, SECONDS)), "--steps", "1",
-            "--backends", "eager,torch,onnxruntime,tensorrt", "--model", str(demo_dir), "--engines", str(engine_dir),
-            "--cache", str(tmp_path / "cache"), "--out", str(out), "--device", "cpu"]
+    argv = [
+        "--preset",
+        "demo",
+        "--seconds",
+        ",".join(map(str, SECONDS)),
+        "--steps",
+        "1",
+        "--backends",
+        "eager,torch,onnxruntime,tensorrt",
+        "--model",
+        str(demo_dir),
+        "--engines",
+        str(engine_dir),
+        "--cache",
+        str(tmp_path / "cache"),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+    ]
     assert throughput.main(argv) == 0
 
     report = json.loads(out.read_text())
@@ -66,11 +83,14 @@ def test_tiny_preset_writes_well_formed_results(demo_dir, engine_dir, tmp_path, 
     assert sorted(p.name for p in out.parent.iterdir()) == ["throughput.json", "throughput.md", "throughput.png"]
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--preset", "full", "--device", "cpu"], "for GPUs"),
-    (["--seconds", "0.01"], "at least 0.08"),
-    (["--backends", "eager,jax"], "--backends takes"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--preset", "full", "--device", "cpu"], "for GPUs"),
+        (["--seconds", "0.01"], "at least 0.08"),
+        (["--backends", "eager,jax"], "--backends takes"),
+    ],
+)
 def test_bad_settings_exit_2_with_a_message(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
         throughput.main(argv)

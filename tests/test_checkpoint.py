@@ -58,15 +58,20 @@ def test_demo_checkpoint_has_the_official_file_layout_and_key_names(demo_dir):
     # official names, including Sonic's audio-processor keys; the other files have identical key lists.
     unet = torch.load(demo_dir / "Sonic/unet.pth", weights_only=True)
     assert set(unet) <= set(expected["Sonic/unet.pth"])
-    assert sum(k.endswith("attn2.processor.to_k_ip.0.weight") for k in unet) == 8  # 4 transformers (down 1, mid 1, up 2) x spatial+temporal
+    assert (
+        sum(k.endswith("attn2.processor.to_k_ip.0.weight") for k in unet) == 8
+    )  # 4 transformers (down 1, mid 1, up 2) x spatial+temporal
     for rel in ("Sonic/audio2token.pth", "Sonic/audio2bucket.pth", "RIFE/flownet.pkl"):
         state = torch.load(demo_dir / rel, weights_only=True)
         assert list(state) == list(expected[rel]), rel  # same names, same order; only widths differ
-    for rel in ("stable-video-diffusion-img2vid-xt/unet/config.json",
-                "stable-video-diffusion-img2vid-xt/vae/diffusion_pytorch_model.fp16.safetensors",
-                "stable-video-diffusion-img2vid-xt/image_encoder/model.fp16.safetensors",
-                "stable-video-diffusion-img2vid-xt/scheduler/scheduler_config.json",
-                "whisper-tiny/model.safetensors", "whisper-tiny/preprocessor_config.json"):
+    for rel in (
+        "stable-video-diffusion-img2vid-xt/unet/config.json",
+        "stable-video-diffusion-img2vid-xt/vae/diffusion_pytorch_model.fp16.safetensors",
+        "stable-video-diffusion-img2vid-xt/image_encoder/model.fp16.safetensors",
+        "stable-video-diffusion-img2vid-xt/scheduler/scheduler_config.json",
+        "whisper-tiny/model.safetensors",
+        "whisper-tiny/preprocessor_config.json",
+    ):
         assert (demo_dir / rel).is_file(), rel
 
 
@@ -149,8 +154,12 @@ def test_corrupt_checkpoint_is_a_checkpoint_error(tmp_path):
 def test_convert_writes_safetensors_that_the_loader_prefers(demo_dir, tmp_path):
     model = copy_demo(demo_dir, tmp_path)
     written = convert_checkpoints(model)
-    assert sorted(p.name for p in written) == ["audio2bucket.safetensors", "audio2token.safetensors",
-                                                "flownet.safetensors", "unet.safetensors"]
+    assert sorted(p.name for p in written) == [
+        "audio2bucket.safetensors",
+        "audio2token.safetensors",
+        "flownet.safetensors",
+        "unet.safetensors",
+    ]
     paths = resolve_model_dir(model)
     assert paths.unet.suffix == ".safetensors" and paths.rife.suffix == ".safetensors"
     original = torch.load(model / "Sonic/unet.pth", weights_only=True)

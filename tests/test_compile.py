@@ -18,7 +18,8 @@ def eager_frames(runtime, portrait, speech):
 
 @pytest.mark.slow
 def test_compiled_unet_gives_the_eager_frames_within_2_levels_and_compiles_each_shape_once(
-        demo_dir, portrait, speech, eager_frames, tmp_path, monkeypatch, capsys):
+    demo_dir, portrait, speech, eager_frames, tmp_path, monkeypatch, capsys
+):
     monkeypatch.setenv(compiling.ENV_CACHE, str(tmp_path / "inductor"))
     rt = sonic_rt.Runtime(demo_dir, compile=True)
     first = rt.animate(portrait, speech, None, **FAST)
@@ -32,8 +33,9 @@ def test_compiled_unet_gives_the_eager_frames_within_2_levels_and_compiles_each_
     assert np.array_equal(again.frames, first.frames)
 
 
-def test_without_a_compiler_compile_says_so_and_runs_uncompiled(demo_dir, portrait, speech, eager_frames,
-                                                                monkeypatch, capsys):
+def test_without_a_compiler_compile_says_so_and_runs_uncompiled(
+    demo_dir, portrait, speech, eager_frames, monkeypatch, capsys
+):
     monkeypatch.setattr(compiling, "compile_unavailable_reason", lambda device: "no C++ compiler was found")
     rt = sonic_rt.Runtime(demo_dir, compile=True)
     err = capsys.readouterr().err

@@ -22,13 +22,13 @@ def eager(runtime):
     return EagerPipeline(runtime)
 
 
-def test_eager_computes_the_runtimes_function_and_writes_a_complete_mp4(runtime, eager, portrait, long_speech,
-                                                                         tmp_path):
+def test_eager_computes_the_runtimes_function_and_writes_a_complete_mp4(
+    runtime, eager, portrait, long_speech, tmp_path
+):
     """Same weights, same sampler: the generated frames agree to fp32 reduction order. Tolerance: at most 2
     uint8 levels on at most 0.1% of the values (measured: 1 level on ~0.015%)."""
     want = runtime.animate(portrait, long_speech, None, steps=STEPS, progress=False)
-    got = eager.animate(portrait, long_speech, tmp_path / "eager.mp4", steps=STEPS, progress=False,
-                        return_frames=True)
+    got = eager.animate(portrait, long_speech, tmp_path / "eager.mp4", steps=STEPS, progress=False, return_frames=True)
     n = len(load_audio(long_speech, SAMPLE_RATE)) // 640 // 2
     assert got.num_generated_frames == want.num_generated_frames == n > 25  # several windows per step
     assert got.frames.shape == want.frames.shape == (n, 128, 128, 3)
@@ -54,17 +54,27 @@ def test_eager_does_the_official_work(runtime, eager, portrait, speech, monkeypa
     def count(name):
         def hook(*_):
             calls[name] = calls.get(name, 0) + 1
+
         return hook
 
-    handles = [module.register_forward_hook(count(name)) for name, module in (
-        ("whisper", eager.whisper), ("clip", eager.image_encoder), ("audio2token", eager.audio2token),
-        ("audio2bucket", eager.audio2bucket), ("unet", eager.unet), ("rife", eager.rife))]
+    handles = [
+        module.register_forward_hook(count(name))
+        for name, module in (
+            ("whisper", eager.whisper),
+            ("clip", eager.image_encoder),
+            ("audio2token", eager.audio2token),
+            ("audio2bucket", eager.audio2bucket),
+            ("unet", eager.unet),
+            ("rife", eager.rife),
+        )
+    ]
     for method in ("encode", "decode"):
         original = getattr(eager.vae, method)
         monkeypatch.setattr(eager.vae, method, lambda *a, _o=original, _m=method, **k: (count(_m)(), _o(*a, **k))[1])
     downsample = IPAdapterMaskProcessor.downsample
-    monkeypatch.setattr(IPAdapterMaskProcessor, "downsample",
-                        staticmethod(lambda *a, **k: (count("mask")(), downsample(*a, **k))[1]))
+    monkeypatch.setattr(
+        IPAdapterMaskProcessor, "downsample", staticmethod(lambda *a, **k: (count("mask")(), downsample(*a, **k))[1])
+    )
     try:
         result = eager.animate(portrait, speech, None, steps=STEPS, progress=False)
     finally:
@@ -72,11 +82,20 @@ def test_eager_does_the_official_work(runtime, eager, portrait, speech, monkeypa
             handle.remove()
     n = result.num_generated_frames
     windows = len(window_starts(n, 25, 0, 7))
-    spatial = sum(isinstance(getattr(m, "processor", None), SpatialAudioAttnProcessor)
-                  for m in eager.unet.unet.modules())
-    assert calls == {"whisper": 2, "clip": 2, "encode": 2, "audio2token": 2 * n, "audio2bucket": n,
-                     "unet": STEPS * windows, "mask": STEPS * windows * spatial, "decode": math.ceil(n / 8),
-                     "rife": n - 1}
+    spatial = sum(
+        isinstance(getattr(m, "processor", None), SpatialAudioAttnProcessor) for m in eager.unet.unet.modules()
+    )
+    assert calls == {
+        "whisper": 2,
+        "clip": 2,
+        "encode": 2,
+        "audio2token": 2 * n,
+        "audio2bucket": n,
+        "unet": STEPS * windows,
+        "mask": STEPS * windows * spatial,
+        "decode": math.ceil(n / 8),
+        "rife": n - 1,
+    }
 
 
 def test_eager_needs_the_torch_backend(engine_dir):

@@ -11,14 +11,12 @@ import av
 import numpy as np
 import pytest
 import torch
+from conftest import write_wav
 
 import sonic_rt
-from sonic_rt.errors import (AudioError, CheckpointError, FaceNotFoundError, ImageError, InputError,
-                             OutputPathError)
+from sonic_rt.errors import AudioError, CheckpointError, FaceNotFoundError, ImageError, InputError, OutputPathError
 from sonic_rt.media import probe_audio, read_video
 from sonic_rt.runtime import STAGES
-
-from conftest import write_wav
 
 FAST = dict(steps=2, progress=False)
 
@@ -85,6 +83,7 @@ def test_arrays_in_and_silent_audio_is_valid(runtime, portrait, tmp_path):
 
 # --- bad input: typed errors raised before any heavy work, and no output left ---------------------------------
 
+
 def bad_cases(tmp_path: Path, portrait: Path, speech: Path):
     grey = tmp_path / "grey.png"
     from PIL import Image
@@ -115,8 +114,9 @@ def bad_cases(tmp_path: Path, portrait: Path, speech: Path):
     }
 
 
-@pytest.mark.parametrize("case", ["no face", "corrupt image", "missing image", "corrupt audio", "no audio stream",
-                                  "audio too short"])
+@pytest.mark.parametrize(
+    "case", ["no face", "corrupt image", "missing image", "corrupt audio", "no audio stream", "audio too short"]
+)
 def test_bad_input_raises_a_typed_error_and_leaves_no_output(runtime, portrait, speech, tmp_path, case):
     inputs = tmp_path / "inputs"
     inputs.mkdir()
@@ -152,9 +152,11 @@ def test_missing_checkpoint_directory():
 
 # --- CLI ----------------------------------------------------------------------------------------------------------
 
+
 def run_cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "sonic_rt", *args], capture_output=True, text=True, env=env,
-                          timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "sonic_rt", *args], capture_output=True, text=True, env=env, timeout=600
+    )
 
 
 def test_cli_help_explains():
@@ -165,8 +167,17 @@ def test_cli_help_explains():
 
 
 def test_cli_bad_input_is_one_line_and_exit_2(demo_dir, portrait, tmp_path):
-    result = run_cli("animate", "--model", str(demo_dir), "--image", str(portrait), "--audio",
-                     str(tmp_path / "missing.wav"), "--out", str(tmp_path / "o.mp4"))
+    result = run_cli(
+        "animate",
+        "--model",
+        str(demo_dir),
+        "--image",
+        str(portrait),
+        "--audio",
+        str(tmp_path / "missing.wav"),
+        "--out",
+        str(tmp_path / "o.mp4"),
+    )
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "missing.wav" in result.stderr
     assert "Traceback" not in result.stderr
@@ -178,8 +189,18 @@ def test_cli_demo_end_to_end_with_defaults(portrait, long_speech, tmp_path):
     """The README's main command, as a new user runs it (demo created in a fresh cache, 25 steps)."""
     env = dict(os.environ, SONIC_RT_CACHE=str(tmp_path / "cache"))
     out = tmp_path / "out.mp4"
-    result = run_cli("animate", "--demo", "--image", str(portrait), "--audio", str(long_speech), "--out", str(out),
-                     "--quiet", env=env)
+    result = run_cli(
+        "animate",
+        "--demo",
+        "--image",
+        str(portrait),
+        "--audio",
+        str(long_speech),
+        "--out",
+        str(out),
+        "--quiet",
+        env=env,
+    )
     assert result.returncode == 0, result.stderr
     assert "RANDOM-WEIGHT" in result.stderr
     frames, fps, audio_seconds = read_video(out)
@@ -194,9 +215,24 @@ def test_cli_sigterm_during_sampling_leaves_no_output(demo_dir, portrait, long_s
 
     outdir = tmp_path / "out"
     outdir.mkdir()
-    proc = subprocess.Popen([sys.executable, "-m", "sonic_rt", "animate", "--model", str(demo_dir), "--image",
-                             str(portrait), "--audio", str(long_speech), "--out", str(outdir / "o.mp4")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sonic_rt",
+            "animate",
+            "--model",
+            str(demo_dir),
+            "--image",
+            str(portrait),
+            "--audio",
+            str(long_speech),
+            "--out",
+            str(outdir / "o.mp4"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.time() + 120
     err = b""
     while time.time() < deadline and b"denoising:" not in err:  # the progress bar (stderr, \r-separated)

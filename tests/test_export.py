@@ -29,8 +29,10 @@ QUIET = dict(log=lambda _: None)
 
 # Several batch / frame / size points per graph beyond the profile's min, opt and max.
 POINTS = {
-    "unet": [{"batch": 6, "frames": 7, "height": 16, "width": 24}, {"batch": 3, "frames": 25, "height": 32,
-                                                                  "width": 16}],
+    "unet": [
+        {"batch": 6, "frames": 7, "height": 16, "width": 24},
+        {"batch": 3, "frames": 25, "height": 32, "width": 16},
+    ],
     "vae_decoder": [{"frames": 3, "latent_height": 16, "latent_width": 24}],
     "vae_encoder": [{"height": 192, "width": 128}],
     "rife": [{"pairs": 5, "height": 128, "width": 192}],
@@ -93,9 +95,16 @@ def test_fp16_build_keeps_the_official_fp32_graphs(fp16_engine_dir):
     manifest = read_manifest(fp16_engine_dir)
     assert manifest["precision"] == "fp16"
     dtypes = {name: entry["spec"]["inputs"][0]["dtype"] for name, entry in manifest["graphs"].items()}
-    assert dtypes == {"whisper_encoder": "float16", "image_encoder": "float16", "vae_encoder": "float16",
-                      "audio2token": "float32", "audio2bucket": "float32", "unet": "float16",
-                      "vae_decoder": "float16", "rife": "float32"}
+    assert dtypes == {
+        "whisper_encoder": "float16",
+        "image_encoder": "float16",
+        "vae_encoder": "float16",
+        "audio2token": "float32",
+        "audio2bucket": "float32",
+        "unet": "float16",
+        "vae_decoder": "float16",
+        "rife": "float32",
+    }
 
 
 def test_whole_video_onnxruntime_matches_torch(engine_dir, runtime, portrait, speech, tmp_path):
@@ -109,13 +118,14 @@ def test_whole_video_onnxruntime_matches_torch(engine_dir, runtime, portrait, sp
     assert a.shape == b.shape and a.shape[0] == result.num_generated_frames
     diff = np.abs(a.astype(np.int16) - b.astype(np.int16))
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    psnr = float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+    psnr = float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
     print(f"onnxruntime vs torch: max abs diff {diff.max()} levels, PSNR {psnr:.1f} dB")
     assert diff.max() <= 2 and psnr >= 60.0
     assert result.path.is_file() and result.num_frames == 2 * a.shape[0] - 1
 
 
 # --- manifest: reuse, rebuild, refusal, atomicity ---------------------------------------------------------------
+
 
 def _copy(src, dst):
     shutil.copytree(src, dst)
@@ -143,7 +153,10 @@ def test_changed_weights_rebuild_only_the_graphs_that_use_them(demo_dir, engine_
     report = build_engines(model, out, BuildOptions(shapes=SHAPES), **QUIET)
     built = {name: why for name, (action, why) in report.actions.items() if action == "built"}
     assert built == {"audio2bucket": "source changed: Sonic/audio2bucket.pth"}
-    assert read_manifest(out)["graphs"]["audio2bucket"]["files"] != read_manifest(engine_dir)["graphs"]["audio2bucket"]["files"]
+    assert (
+        read_manifest(out)["graphs"]["audio2bucket"]["files"]
+        != read_manifest(engine_dir)["graphs"]["audio2bucket"]["files"]
+    )
 
 
 def test_changed_window_length_rebuilds_only_the_unet(demo_dir, engine_dir, tmp_path):
@@ -251,10 +264,17 @@ def test_tensorrt_engines_for_another_version_or_gpu_are_refused(engine_dir, tmp
 
 # --- CLI ------------------------------------------------------------------------------------------------------------
 
+
 def _cli(*args, env=None):
     # export/ is not installed (docs/development.md#packaging): run it from the repository root
-    return subprocess.run([sys.executable, "-m", "export.build_engines", *args], capture_output=True, text=True,
-                          env=env, timeout=900, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return subprocess.run(
+        [sys.executable, "-m", "export.build_engines", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
 
 
 def test_cli_help_and_clear_errors(tmp_path):
@@ -279,9 +299,29 @@ def test_cli_build_then_animate_with_the_engine_directory(tmp_path, portrait, sp
     again = _cli("--demo", "--backend", "onnxruntime", "--out", str(tmp_path / "engines" / "demo-ort"), env=env)
     assert again.returncode == 0 and "0 graphs built, 8 reused" in again.stderr
     out = tmp_path / "o.mp4"
-    run = subprocess.run([sys.executable, "-m", "sonic_rt", "animate", "--model", str(tmp_path / "engines" / "demo-ort"),
-                          "--image", str(portrait), "--audio", str(speech), "--out", str(out), "--steps", "3",
-                          "--quiet"], capture_output=True, text=True, env=env, timeout=900)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sonic_rt",
+            "animate",
+            "--model",
+            str(tmp_path / "engines" / "demo-ort"),
+            "--image",
+            str(portrait),
+            "--audio",
+            str(speech),
+            "--out",
+            str(out),
+            "--steps",
+            "3",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     frames, fps, audio_seconds = sonic_rt.media.read_video(out)
     assert frames.shape[1:] == (128, 128, 3) and frames.shape[0] % 2 == 1 and fps == 25.0 and audio_seconds > 1.5

@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 # fp16 on GPU: lanes and batching may change kernel choices (cuBLAS heuristics per shape / stream), so the frames
 # are compared within the fp16 tolerance of tests/test_end_to_end.py (uint8 levels), not bit for bit.
@@ -51,13 +50,15 @@ def levels(a: np.ndarray, b: np.ndarray) -> int:
 
 
 @pytest.mark.parametrize("lanes, windows_per_call", [(2, 1), (2, 2), (1, 2)])
-def test_stream_lanes_and_batching_give_the_sequential_frames(demo_dir, portrait, audio, sequential_frames,
-                                                             lanes, windows_per_call):
+def test_stream_lanes_and_batching_give_the_sequential_frames(
+    demo_dir, portrait, audio, sequential_frames, lanes, windows_per_call
+):
     import sonic_rt
     from sonic_rt.scheduler import SchedulerConfig
 
-    rt = sonic_rt.Runtime(demo_dir, device="cuda", dtype="fp16",
-                          scheduler=SchedulerConfig(lanes=lanes, windows_per_call=windows_per_call))
+    rt = sonic_rt.Runtime(
+        demo_dir, device="cuda", dtype="fp16", scheduler=SchedulerConfig(lanes=lanes, windows_per_call=windows_per_call)
+    )
     try:
         if lanes > 1:
             assert rt._scheduler._streams is not None and len(rt._scheduler._streams) == lanes  # CUDA streams
@@ -70,8 +71,9 @@ def test_stream_lanes_and_batching_give_the_sequential_frames(demo_dir, portrait
     assert diff <= FP16_LEVELS
 
 
-def test_a_real_device_out_of_memory_error_retries_with_fewer_windows(demo_dir, portrait, audio, sequential_frames,
-                                                                      monkeypatch, capsys):
+def test_a_real_device_out_of_memory_error_retries_with_fewer_windows(
+    demo_dir, portrait, audio, sequential_frames, monkeypatch, capsys
+):
     """The UNet graph asks the device for more memory than it has when called with 2 windows: a genuine
     ``torch.cuda.OutOfMemoryError`` from the caching allocator. The runtime retries with 1 window per call and
     gives the sequential frames; the device is usable afterwards."""
@@ -85,7 +87,7 @@ def test_a_real_device_out_of_memory_error_retries_with_fewer_windows(demo_dir, 
         sizes.append(inputs[0].shape[0])
         if inputs[0].shape[0] > 3:
             _, total = torch.cuda.mem_get_info()
-            torch.empty(total + 2 ** 30, dtype=torch.uint8, device="cuda")  # more than the device has
+            torch.empty(total + 2**30, dtype=torch.uint8, device="cuda")  # more than the device has
         return run(inputs, values)
 
     monkeypatch.setattr(rt.graphs.unet, "run", run_or_real_oom)
@@ -95,8 +97,9 @@ def test_a_real_device_out_of_memory_error_retries_with_fewer_windows(demo_dir, 
     assert levels(got, sequential_frames) <= FP16_LEVELS
 
 
-def test_with_the_device_nearly_full_the_runtime_fails_cleanly_and_recovers(sequential, portrait, audio,
-                                                                           sequential_frames, tmp_path):
+def test_with_the_device_nearly_full_the_runtime_fails_cleanly_and_recovers(
+    sequential, portrait, audio, sequential_frames, tmp_path
+):
     """Fill the device to all but 8 MiB, then animate: an out-of-memory error (the runtime's, or torch's from a
     stage without a fallback), no output file; once the memory is freed the same runtime gives the same frames."""
     import importlib.util
@@ -106,7 +109,7 @@ def test_with_the_device_nearly_full_the_runtime_fails_cleanly_and_recovers(sequ
     out = tmp_path / "o.mp4" if importlib.util.find_spec("av") else None  # an mp4 needs PyAV
     torch.cuda.empty_cache()
     free, _ = torch.cuda.mem_get_info()
-    hog = torch.empty(max(0, free - 8 * 2 ** 20), dtype=torch.uint8, device="cuda")
+    hog = torch.empty(max(0, free - 8 * 2**20), dtype=torch.uint8, device="cuda")
     try:
         with pytest.raises((OutOfMemoryError, torch.cuda.OutOfMemoryError)) as caught:
             sequential.animate(portrait, audio, out, **FAST)
@@ -166,8 +169,13 @@ def test_no_host_sync_in_a_denoising_step_of_the_demo_unet(demo_dir, attention):
 
     def denoise(x, windows):
         (window,) = windows
-        inp = torch.cat([scale_model_input(torch.cat([x] * 3), window.sigma),
-                         image.unsqueeze(1).expand(-1, x.shape[1], -1, -1, -1)], dim=2)
+        inp = torch.cat(
+            [
+                scale_model_input(torch.cat([x] * 3), window.sigma),
+                image.unsqueeze(1).expand(-1, x.shape[1], -1, -1, -1),
+            ],
+            dim=2,
+        )
         audio_rows = torch.cat([tokens[:, window.index]] * 3)
         v = rt.graphs.unet(inp, window.timestep.reshape(1).float(), clip, audio_rows, time_ids, *masks)
         return combine_guidance(v, 2.0, 7.5)
@@ -195,12 +203,16 @@ def test_the_kernels_pass_their_self_check_on_this_gpu(tmp_path):
 
     result = attention_check.run_selfcheck(torch.device("cuda"), {64})
     for name, case in result["cases"].items():
-        print(f"self-check {name}: kernel {case['kernel_err']:.3g}, sdpa {case['sdpa_err']:.3g}, "
-              f"bound {case['bound']:.3g}")
+        print(
+            f"self-check {name}: kernel {case['kernel_err']:.3g}, sdpa {case['sdpa_err']:.3g}, "
+            f"bound {case['bound']:.3g}"
+        )
     assert result["passed"], result["reason"]
     assert len(result["cases"]) == 6
     attention_check.clear_memo()
     verdict = attention_check.verify_triton(torch.device("cuda"), {64}, cache=tmp_path / "c.json")
     assert verdict.passed and not verdict.cached and (tmp_path / "c.json").is_file()
-    assert resolve_attention("auto", torch.device("cuda"), {64},
-                             selfcheck=lambda d, dims: verdict) is AudioAttention.TRITON
+    assert (
+        resolve_attention("auto", torch.device("cuda"), {64}, selfcheck=lambda d, dims: verdict)
+        is AudioAttention.TRITON
+    )

@@ -25,9 +25,26 @@ def test_rehearsal_runs_every_part_and_writes_every_file(demo_dir, tmp_path):
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k not in ("OUT", "TRITON_INTERPRET")}
     env["PYTHON"] = sys.executable
-    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), "--rehearse", "--out", str(out),
-                           "--model", str(demo_dir), "--cache", str(tmp_path / "cache"), "--budget", "400"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            "bash",
+            str(REPO / "bench" / "gpu_check.sh"),
+            "--rehearse",
+            "--out",
+            str(out),
+            "--model",
+            str(demo_dir),
+            "--cache",
+            str(tmp_path / "cache"),
+            "--budget",
+            "400",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == sorted(gpu_check.FILES)
     assert len(gpu_check.FILES) <= 8  # what the device tool brings back from $OUT
@@ -102,8 +119,19 @@ def test_parts_are_skipped_when_the_budget_is_spent_or_a_module_is_missing(tmp_p
 
     monkeypatch.setattr(gpu_check, "run_part", fake_run)
     monkeypatch.setattr(gpu_check, "collect", lambda part, record: {**record, "result": None})
-    args = gpu_check.parse_args(["--rehearse", "--out", str(tmp_path), "--budget", "50", "--parts",
-                                 "throughput,unet_fp16,unet_bf16", "--inputs", str(tmp_path / "none")])
+    args = gpu_check.parse_args(
+        [
+            "--rehearse",
+            "--out",
+            str(tmp_path),
+            "--budget",
+            "50",
+            "--parts",
+            "throughput,unet_fp16,unet_bf16",
+            "--inputs",
+            str(tmp_path / "none"),
+        ]
+    )
     assert gpu_check.check(args, "cmd") == 1
     assert ran == [("unet_fp16", 40)]  # min(cap 90, 50 - 0 - 10 reserved)
     parts = json.loads((tmp_path / "summary.json").read_text())["parts"]
@@ -120,16 +148,24 @@ def test_junit_results_and_headlines(tmp_path):
     </testsuite></testsuites>""")
     result = gpu_check.junit_results(xml)
     assert result["counts"] == {"passed": 1, "failed": 1, "error": 0, "skipped": 1}
-    assert result["tests"][0] == {"id": "tests.test_gpu::test_a", "outcome": "passed", "seconds": 1.5, "message": "",
-                                  "stdout": "lanes=2: max 0"}
+    assert result["tests"][0] == {
+        "id": "tests.test_gpu::test_a",
+        "outcome": "passed",
+        "seconds": 1.5,
+        "message": "",
+        "stdout": "lanes=2: max 0",
+    }
     assert result["tests"][1]["message"] == "assert 4 <= 3"
     assert gpu_check.headline("pytest", result) == "1 passed, 1 failed, 0 errors, 1 skipped"
-    unet = {"implementations": {"reference": {"ms": 300.0, "speedup_vs_reference": 1.0, "peak_gib": 20.0,
-                                              "max_abs_diff_vs_reference": 0.0},
-                                "triton": {"ms": 200.0, "speedup_vs_reference": 1.5, "peak_gib": 18.0,
-                                           "max_abs_diff_vs_reference": 1e-3}}}
-    assert gpu_check.headline("unet_fp16", unet) == ("reference 300.0 ms, triton 200.0 ms; triton x1.50, "
-                                                     "|diff| 1.0e-03; peak 20.0 GiB")
+    unet = {
+        "implementations": {
+            "reference": {"ms": 300.0, "speedup_vs_reference": 1.0, "peak_gib": 20.0, "max_abs_diff_vs_reference": 0.0},
+            "triton": {"ms": 200.0, "speedup_vs_reference": 1.5, "peak_gib": 18.0, "max_abs_diff_vs_reference": 1e-3},
+        }
+    }
+    assert gpu_check.headline("unet_fp16", unet) == (
+        "reference 300.0 ms, triton 200.0 ms; triton x1.50, |diff| 1.0e-03; peak 20.0 GiB"
+    )
     assert gpu_check.headline("unet_bf16", {"bad": 1}).startswith("(unreadable result")
 
 

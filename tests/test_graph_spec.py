@@ -11,10 +11,24 @@ from sonic_rt.errors import InputError
 from sonic_rt.graphs import DimRange, GraphSpec, PipelineConfig, Precision, ShapeOptions, TensorSpec, graph_specs
 from sonic_rt.graphs.modules import GRAPH_NAMES
 
-CONFIG = PipelineConfig(latent_channels=4, unet_in_channels=8, cross_attention_dim=1024, audio_context_tokens=32,
-                        attention_levels=(0, 1, 2, 3), vae_scale_factor=8, vae_scaling_factor=0.18215,
-                        clip_image_size=224, clip_embed_dim=1024, whisper_mel_bins=80, whisper_positions=1500,
-                        whisper_states=5, whisper_d_model=384, token_window=10, bucket_window=50, num_buckets=2)
+CONFIG = PipelineConfig(
+    latent_channels=4,
+    unet_in_channels=8,
+    cross_attention_dim=1024,
+    audio_context_tokens=32,
+    attention_levels=(0, 1, 2, 3),
+    vae_scale_factor=8,
+    vae_scaling_factor=0.18215,
+    clip_image_size=224,
+    clip_embed_dim=1024,
+    whisper_mel_bins=80,
+    whisper_positions=1500,
+    whisper_states=5,
+    whisper_d_model=384,
+    token_window=10,
+    bucket_window=50,
+    num_buckets=2,
+)
 SHAPES = ShapeOptions(frames=25, resolution=DimRange(512, 512, 1024), windows=DimRange(1, 2, 4))
 
 
@@ -26,12 +40,25 @@ def specs():
 def test_every_graph_has_a_spec_with_the_official_sizes(specs):
     assert tuple(specs) == GRAPH_NAMES
     unet = specs["unet"]
-    assert unet.input_names == ["sample", "timestep", "clip_embeds", "audio_tokens", "added_time_ids",
-                                "face_mask_0", "face_mask_1", "face_mask_2", "face_mask_3"]
+    assert unet.input_names == [
+        "sample",
+        "timestep",
+        "clip_embeds",
+        "audio_tokens",
+        "added_time_ids",
+        "face_mask_0",
+        "face_mask_1",
+        "face_mask_2",
+        "face_mask_3",
+    ]
     assert unet.shape(unet.inputs[0], "opt") == (6, 25, 8, 64, 64)
     assert unet.shape(unet.inputs[3], "max") == (12, 25, 32, 1024)
-    assert [unet.shape(t, "max") for t in unet.inputs[5:]] == [(1, 1, 128, 128), (1, 1, 64, 64), (1, 1, 32, 32),
-                                                               (1, 1, 16, 16)]
+    assert [unet.shape(t, "max") for t in unet.inputs[5:]] == [
+        (1, 1, 128, 128),
+        (1, 1, 64, 64),
+        (1, 1, 32, 32),
+        (1, 1, 16, 16),
+    ]
     assert specs["whisper_encoder"].shape(specs["whisper_encoder"].outputs[0]) == (1, 1500, 5, 384)
     # precision: official fp32 graphs stay fp32, timestep and added_time_ids are always fp32
     assert specs["rife"].inputs[0].dtype == "float32" and specs["audio2token"].inputs[0].dtype == "float32"
@@ -44,8 +71,9 @@ def test_dynamic_axes_are_exactly_the_named_dims_with_a_range(specs):
     assert axes["face_mask_2"] == {2: "height_2", 3: "width_2"}
     assert "timestep" not in axes
     assert specs["whisper_encoder"].dynamic_axes() == {}  # fixed [1, 80, 3000]: a static graph
-    fixed = graph_specs(CONFIG, ShapeOptions(resolution=DimRange.fixed(512), windows=DimRange.fixed(1)),
-                        Precision.FP32)["unet"].dynamic_axes()
+    fixed = graph_specs(
+        CONFIG, ShapeOptions(resolution=DimRange.fixed(512), windows=DimRange.fixed(1)), Precision.FP32
+    )["unet"].dynamic_axes()
     assert fixed["sample"] == {1: "frames"}  # single-value ranges are static
 
 
@@ -68,9 +96,20 @@ def test_sample_inputs_follow_shapes_dtypes_ranges_and_derived_dims(specs):
     assert 0.0 <= float(args[5].min()) and float(args[5].max()) <= 1.0
     again = unet.sample_inputs({"batch": 3, "frames": 7, "height": 72, "width": 100}, seed=3)
     assert all(torch.equal(a, b) for a, b in zip(args, again))
-    assert unet.check_inputs(args) == {"batch": 3, "frames": 7, "height": 72, "width": 100, "height_0": 72,
-                                       "width_0": 100, "height_1": 36, "width_1": 50, "height_2": 18, "width_2": 25,
-                                       "height_3": 9, "width_3": 13}
+    assert unet.check_inputs(args) == {
+        "batch": 3,
+        "frames": 7,
+        "height": 72,
+        "width": 100,
+        "height_0": 72,
+        "width_0": 100,
+        "height_1": 36,
+        "width_1": 50,
+        "height_2": 18,
+        "width_2": 25,
+        "height_3": 9,
+        "width_3": 13,
+    }
 
 
 def test_check_inputs_names_the_problem(specs):
@@ -114,11 +153,22 @@ def test_bad_ranges_and_options_are_refused():
         GraphSpec("g", (TensorSpec("x", ("n",), "float32"),), (), {})
 
 
-@pytest.mark.parametrize("value, want", [
-    ("fp16", Precision.FP16), ("float16", Precision.FP16), (torch.float16, Precision.FP16),
-    ("bf16", Precision.BF16), ("bfloat16", Precision.BF16), (torch.bfloat16, Precision.BF16),
-    ("fp32", Precision.FP32), ("float32", Precision.FP32), (torch.float32, Precision.FP32),
-    (Precision.FP16, Precision.FP16), (None, None)])
+@pytest.mark.parametrize(
+    "value, want",
+    [
+        ("fp16", Precision.FP16),
+        ("float16", Precision.FP16),
+        (torch.float16, Precision.FP16),
+        ("bf16", Precision.BF16),
+        ("bfloat16", Precision.BF16),
+        (torch.bfloat16, Precision.BF16),
+        ("fp32", Precision.FP32),
+        ("float32", Precision.FP32),
+        (torch.float32, Precision.FP32),
+        (Precision.FP16, Precision.FP16),
+        (None, None),
+    ],
+)
 def test_precision_parses_every_spelling_of_a_dtype(value, want):
     assert Precision.parse(value) is want
 
@@ -127,10 +177,13 @@ def test_precision_owns_the_torch_and_numpy_dtypes_and_names_unknown_ones():
     import numpy as np
 
     assert [(p.value, p.dtype, p.torch_dtype) for p in Precision] == [
-        ("fp32", "float32", torch.float32), ("fp16", "float16", torch.float16), ("bf16", "bfloat16", torch.bfloat16)]
+        ("fp32", "float32", torch.float32),
+        ("fp16", "float16", torch.float16),
+        ("bf16", "bfloat16", torch.bfloat16),
+    ]
     assert Precision.FP16.numpy_dtype is np.float16 and Precision.FP32.numpy_dtype is np.float32
     with pytest.raises(ValueError, match="numpy has no bfloat16"):
-        Precision.BF16.numpy_dtype
+        _ = Precision.BF16.numpy_dtype
     assert all(Precision.from_torch(p.torch_dtype) is p for p in Precision)
     for bad in ("half", "FP16", torch.int64):
         with pytest.raises(InputError, match="use one of fp16, float16, bf16, bfloat16, fp32, float32"):

@@ -17,8 +17,9 @@ from sonic_rt.models.unet import AudioAttention, SonicUNet, level_face_masks
 
 kernels = pytest.importorskip("sonic_rt.kernels.audio_attention")
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-cpu_kernels = pytest.mark.skipif(not INTERPRETED, reason="CPU kernel runs need TRITON_INTERPRET=1 (set by conftest "
-                                 "where there is no GPU)")
+cpu_kernels = pytest.mark.skipif(
+    not INTERPRETED, reason="CPU kernel runs need TRITON_INTERPRET=1 (set by conftest where there is no GPU)"
+)
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED, reason="needs a CUDA GPU, compiled")
 
@@ -31,7 +32,7 @@ LOW_ATOL = {torch.float16: 1e-3, torch.bfloat16: 8e-3}
 def _face_mask(length_h: int, length_w: int) -> torch.Tensor:
     """A real face-box mask on a level grid: bicubic-downsampled from pixels (overshoot included)."""
     mask = torch.zeros(1, 1, 8 * length_h, 8 * length_w)
-    mask[..., 8 * length_h // 4: 8 * length_h * 3 // 4, 8 * length_w // 3: 8 * length_w * 2 // 3] = 1.0
+    mask[..., 8 * length_h // 4 : 8 * length_h * 3 // 4, 8 * length_w // 3 : 8 * length_w * 2 // 3] = 1.0
     return level_face_masks(mask, (length_h, length_w), [0])[0].reshape(-1)
 
 
@@ -45,8 +46,12 @@ def _inputs(n, length, tokens, heads, head_dim, dtype, device="cpu", seed=0):
 
 def _masks(h, w):
     gen = torch.Generator().manual_seed(7)
-    return {"zeros": torch.zeros(h * w), "ones": torch.ones(h * w), "face": _face_mask(h, w),
-            "random": torch.rand(h * w, generator=gen) * (torch.rand(h * w, generator=gen) > 0.5)}
+    return {
+        "zeros": torch.zeros(h * w),
+        "ones": torch.ones(h * w),
+        "face": _face_mask(h, w),
+        "random": torch.rand(h * w, generator=gen) * (torch.rand(h * w, generator=gen) > 0.5),
+    }
 
 
 def _check(got, want_fp32, same_dtype_ref, dtype):
@@ -132,9 +137,14 @@ def test_demo_unet_with_triton_attention_matches_the_reference_unet(batch, frame
     h, w = size
     mask = torch.zeros(1, 1, 8 * h, 8 * w)
     mask[..., 8:40, 16:48] = 1.0
-    args = (torch.randn(batch, frames, 8, h, w, generator=gen), torch.tensor([0.4]),
-            torch.randn(batch, 1, 32, generator=gen), torch.randn(batch, frames, 32, 32, generator=gen),
-            torch.tensor([[12.5, 20.0, 24.0]] * batch), *level_face_masks(mask, size, unet.attention_levels))
+    args = (
+        torch.randn(batch, frames, 8, h, w, generator=gen),
+        torch.tensor([0.4]),
+        torch.randn(batch, 1, 32, generator=gen),
+        torch.randn(batch, frames, 32, 32, generator=gen),
+        torch.tensor([[12.5, 20.0, 24.0]] * batch),
+        *level_face_masks(mask, size, unet.attention_levels),
+    )
     want = unet(*args)
     fused = copy.deepcopy(unet)
     fused.attention = AudioAttention.TRITON
@@ -163,9 +173,28 @@ def test_cli_selects_the_implementation(demo_dir, portrait, speech, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     if torch.cuda.is_available():
         pytest.skip("on a GPU machine triton is available")
-    run = subprocess.run([sys.executable, "-m", "sonic_rt", "animate", "--model", str(demo_dir), "--image", str(portrait),
-                          "--audio", str(speech), "--out", str(tmp_path / "o.mp4"), "--attention", "triton"],
-                         capture_output=True, text=True, env=env, timeout=300)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sonic_rt",
+            "animate",
+            "--model",
+            str(demo_dir),
+            "--image",
+            str(portrait),
+            "--audio",
+            str(speech),
+            "--out",
+            str(tmp_path / "o.mp4"),
+            "--attention",
+            "triton",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert run.returncode == 2 and "attention='triton' cannot run here" in run.stderr and "CUDA" in run.stderr
     helped = subprocess.run([sys.executable, "-m", "sonic_rt", "animate", "--help"], capture_output=True, text=True)
     assert "--attention" in helped.stdout and "triton" in helped.stdout
@@ -173,13 +202,14 @@ def test_cli_selects_the_implementation(demo_dir, portrait, speech, tmp_path):
 
 # --- GPU (compiled kernels, full size) -------------------------------------------------------------------------
 
+
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("level", [0, 1, 2, 3])
 def test_full_size_kernels_on_gpu(dtype, level):
     """SVD-xt at 512x512: 75 frame rows (3 CFG x 25), 32 tokens, head dim 64, channels 320/640/1280/1280."""
-    side = 64 // 2 ** level
+    side = 64 // 2**level
     channels = (320, 640, 1280, 1280)[level]
     heads = channels // 64
     q, k, v, clip_v = _inputs(75, side * side, 32, heads, 64, dtype, device="cuda")

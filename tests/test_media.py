@@ -402,9 +402,7 @@ def test_check_output_path(tmp_path, monkeypatch):
         check_output_path(tmp_path / "file" / "out.mp4")
 
 
-@pytest.mark.skipif(
-    hasattr(os, "geteuid") and os.geteuid() == 0, reason="root can write to read-only directories"
-)
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root can write to read-only directories")
 def test_check_output_path_not_writable(tmp_path):
     ro = tmp_path / "ro"
     ro.mkdir()

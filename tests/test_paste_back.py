@@ -25,8 +25,9 @@ def photo() -> np.ndarray:
 
     astro = data.astronaut()
     H, W = 701, 1001
-    return np.ascontiguousarray(np.pad(astro, ((PAD_TOP, H - 512 - PAD_TOP), (PAD_LEFT, W - 512 - PAD_LEFT), (0, 0)),
-                                       mode="reflect"))
+    return np.ascontiguousarray(
+        np.pad(astro, ((PAD_TOP, H - 512 - PAD_TOP), (PAD_LEFT, W - 512 - PAD_LEFT), (0, 0)), mode="reflect")
+    )
 
 
 def crop_as_generated(photo: np.ndarray, box=CROP, size=GEN, cast=(0.0, 0.0, 0.0), gain=1.0) -> torch.Tensor:
@@ -87,16 +88,20 @@ def test_feather_ramp_is_monotone_without_a_hard_edge(photo):
     weight = (white.astype(float) - black.astype(float)).mean(axis=2) / 255  # +-1/255 from rounding
     x1, y1, x2, y2 = CROP
     cy, cx = (y1 + y2) // 2, (x1 + x2) // 2
-    for ramp in (weight[cy, x1:x1 + f + 1], weight[cy, x2 - f - 1:x2][::-1],  # left, right edge inward
-                 weight[y1:y1 + f + 1, cx], weight[y2 - f - 1:y2, cx][::-1]):  # top, bottom
+    for ramp in (
+        weight[cy, x1 : x1 + f + 1],
+        weight[cy, x2 - f - 1 : x2][::-1],  # left, right edge inward
+        weight[y1 : y1 + f + 1, cx],
+        weight[y2 - f - 1 : y2, cx][::-1],
+    ):  # top, bottom
         assert (np.diff(ramp) >= -2 / 255).all(), ramp  # monotone up to rounding
         assert ramp[0] < 0.05 and ramp[-1] > 0.99
         assert np.abs(np.diff(ramp)).max() < 1.5 / f + 2 / 255  # smoothstep's steepest slope: no step
-    assert (weight[cy, x1 - 20:x1] == 0).all() and (weight[cy, x2:x2 + 20] == 0).all()
+    assert (weight[cy, x1 - 20 : x1] == 0).all() and (weight[cy, x2 : x2 + 20] == 0).all()
     # the weights themselves: exactly monotone along each axis, 1 beyond the feather
     w = feather_weights(paste.geometry)[0].numpy()
     row = w[w.shape[0] // 2]
-    assert (np.diff(row[: len(row) // 2]) >= 0).all() and (np.diff(row[len(row) // 2:]) <= 0).all()
+    assert (np.diff(row[: len(row) // 2]) >= 0).all() and (np.diff(row[len(row) // 2 :]) <= 0).all()
     assert (w[f:-f, f:-f] == 1).all() and 0 < w.min() < 0.01
 
 
@@ -246,8 +251,7 @@ def test_chunked_equals_all_at_once(photo):
     np.testing.assert_array_equal(np.concatenate([reuse(frames[a:b]).copy() for a, b in ((0, 5), (5, 21))]), whole)
     # uint8 frames give the same picture as the same values in float
     as_u8 = (frames * 255).round().to(torch.uint8)
-    np.testing.assert_array_equal(PasteBack(photo, CROP, GEN)(as_u8),
-                                  PasteBack(photo, CROP, GEN)(as_u8.float() / 255))
+    np.testing.assert_array_equal(PasteBack(photo, CROP, GEN)(as_u8), PasteBack(photo, CROP, GEN)(as_u8.float() / 255))
 
 
 def _tensor_state(obj) -> dict[str, tuple]:
@@ -292,7 +296,7 @@ def test_from_reference_maps_the_real_crop_back(photo):
     x1, y1, x2, y2 = g.region
     err = np.abs(out[y1:y2, x1:x2] - photo[y1:y2, x1:x2]).mean()
     assert err < 3, err
-    shifted = np.abs(out[y1:y2, x1:x2] - photo[y1:y2, x1 + 2:x2 + 2]).mean()
+    shifted = np.abs(out[y1:y2, x1:x2] - photo[y1:y2, x1 + 2 : x2 + 2]).mean()
     assert shifted > err + 2  # a 2-pixel misplacement would show
 
 

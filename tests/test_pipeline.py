@@ -34,7 +34,10 @@ def test_options_are_exported_and_describe_every_field():
 def test_the_sampler_takes_its_defaults_from_the_options():
     options, config = AnimateOptions(), SamplingConfig()
     assert (config.steps, config.frames_per_window, config.shift_offset) == (
-        options.steps, options.frames_per_window, options.shift_offset)
+        options.steps,
+        options.frames_per_window,
+        options.shift_offset,
+    )
 
 
 def test_cli_defaults_are_the_options_defaults():
@@ -42,12 +45,40 @@ def test_cli_defaults_are_the_options_defaults():
 
 
 def test_every_cli_flag_reaches_its_option(capsys):
-    args = build_parser().parse_args(REQUIRED + [
-        "--steps", "3", "--seed", "5", "--dynamic-scale", "1.5", "--shift-offset", "4", "--frames-per-window", "9",
-        "--min-resolution", "256", "--no-interpolate", "--face-box", "1,2,3,4", "--no-crop", "--quiet"])
+    args = build_parser().parse_args(
+        REQUIRED
+        + [
+            "--steps",
+            "3",
+            "--seed",
+            "5",
+            "--dynamic-scale",
+            "1.5",
+            "--shift-offset",
+            "4",
+            "--frames-per-window",
+            "9",
+            "--min-resolution",
+            "256",
+            "--no-interpolate",
+            "--face-box",
+            "1,2,3,4",
+            "--no-crop",
+            "--quiet",
+        ]
+    )
     assert options_from_args(args) == AnimateOptions(
-        steps=3, seed=5, dynamic_scale=1.5, shift_offset=4, frames_per_window=9, min_resolution=256,
-        interpolate=False, face_box="1,2,3,4", crop=False, progress=False)
+        steps=3,
+        seed=5,
+        dynamic_scale=1.5,
+        shift_offset=4,
+        frames_per_window=9,
+        min_resolution=256,
+        interpolate=False,
+        face_box="1,2,3,4",
+        crop=False,
+        progress=False,
+    )
     with pytest.raises(SystemExit):
         build_parser().parse_args(["animate", "--help"])
     text = capsys.readouterr().out
@@ -79,8 +110,13 @@ class RecordingUNet:
 
 
 def _window(index, step=0):
-    return Window(step=step, index=torch.tensor(index), timestep=torch.tensor(1.5), sigma=torch.tensor(3.0),
-                  sigma_next=torch.tensor(2.0))
+    return Window(
+        step=step,
+        index=torch.tensor(index),
+        timestep=torch.tensor(1.5),
+        sigma=torch.tensor(3.0),
+        sigma_next=torch.tensor(2.0),
+    )
 
 
 def test_guided_denoiser_builds_uncond_drop_audio_cond_rows_and_combines_them():
@@ -92,9 +128,18 @@ def test_guided_denoiser_builds_uncond_drop_audio_cond_rows_and_combines_them():
     uncond = torch.full((1, 1, 32, dim), -1.0)
     buckets = torch.arange(2 * frames * 2, dtype=torch.float32).reshape(1, 2 * frames, 2)
     unet = RecordingUNet()
-    denoiser = GuidedDenoiser(unet, image_latents=image_latents, clip_embeds=clip, cond_tokens=cond,
-                              uncond_tokens=uncond, buckets=buckets, face_masks=[torch.ones(1, 1, h, w)], fps=12.5,
-                              image_guidance_scale=2.0, audio_guidance_scale=7.5)
+    denoiser = GuidedDenoiser(
+        unet,
+        image_latents=image_latents,
+        clip_embeds=clip,
+        cond_tokens=cond,
+        uncond_tokens=uncond,
+        buckets=buckets,
+        face_masks=[torch.ones(1, 1, h, w)],
+        fps=12.5,
+        image_guidance_scale=2.0,
+        audio_guidance_scale=7.5,
+    )
     windows = [_window([0, 1, 2]), _window([3, 4, 5])]
     x = torch.randn(n, frames, 4, h, w)
     v = denoiser(x, windows)
@@ -102,11 +147,11 @@ def test_guided_denoiser_builds_uncond_drop_audio_cond_rows_and_combines_them():
     assert sample.shape == (3 * n, frames, 8, h, w) and len(masks) == 1
     scaled = x / (3.0**2 + 1) ** 0.5
     for row in range(3):
-        torch.testing.assert_close(sample[row * n:(row + 1) * n, :, :4], scaled)
+        torch.testing.assert_close(sample[row * n : (row + 1) * n, :, :4], scaled)
     assert (sample[:n, :, 4:] == 0).all() and (sample[n:, :, 4:] == 7.0).all()  # image latents: zero for uncond
     assert (clip_rows[:n] == 0).all() and (clip_rows[n:] == 2.0).all() and clip_rows.shape == (3 * n, 1, 6)
-    assert (audio[:2 * n] == -1.0).all()  # uncond and drop_audio: audio2token of the zero window
-    torch.testing.assert_close(audio[2 * n:], torch.cat([cond[:, [0, 1, 2]], cond[:, [3, 4, 5]]]))
+    assert (audio[: 2 * n] == -1.0).all()  # uncond and drop_audio: audio2token of the zero window
+    torch.testing.assert_close(audio[2 * n :], torch.cat([cond[:, [0, 1, 2]], cond[:, [3, 4, 5]]]))
     want_ids = torch.tensor([[12.5, *buckets[0, :3].mean(0)], [12.5, *buckets[0, 3:].mean(0)]])
     torch.testing.assert_close(time_ids, want_ids.repeat(3, 1))
     assert timestep.tolist() == [1.5]
@@ -126,8 +171,12 @@ def test_memory_fallback_halves_keeps_the_smaller_size_and_fails_at_one():
     fallback = MemoryFallback("windows per UNet call", True, "too big", lambda m, info: said.append((m, info)))
     assert fallback.run(5, call).tolist() == [0, 1, 2, 3, 4]
     assert sizes == [5, 2, 2, 1] and fallback.limit == 2
-    assert said == [("out of memory with 5 windows per UNet call; retrying with 2 (same result)",
-                     {"what": "windows per UNet call", "failed": 5, "retry": 2})]
+    assert said == [
+        (
+            "out of memory with 5 windows per UNet call; retrying with 2 (same result)",
+            {"what": "windows per UNet call", "failed": 5, "retry": 2},
+        )
+    ]
 
     def always(part):
         raise RuntimeError("CPU allocator: out of memory")

@@ -43,8 +43,18 @@ import sonic_rt
 from sonic_rt.checkpoint import read_state_dict
 from sonic_rt.errors import AudioError, CheckpointError, EngineError, ImageError
 from sonic_rt.manifest import open_engine_dir, sha256_file, verify_files
-from sonic_rt.media import (MAX_AUDIO_SAMPLE_RATE, MAX_IMAGE_PIXELS, MAX_SAMPLE_MAGNITUDE, MIN_AUDIO_SAMPLE_RATE,
-                            AudioInfo, VideoWriter, load_audio, load_image, probe_audio, write_wav)
+from sonic_rt.media import (
+    MAX_AUDIO_SAMPLE_RATE,
+    MAX_IMAGE_PIXELS,
+    MAX_SAMPLE_MAGNITUDE,
+    MIN_AUDIO_SAMPLE_RATE,
+    AudioInfo,
+    VideoWriter,
+    load_audio,
+    load_image,
+    probe_audio,
+    write_wav,
+)
 
 # --------------------------------------------------------------------------------------------------------------------
 # How much runs: the suite's case count is computed from these constants
@@ -54,21 +64,29 @@ from sonic_rt.media import (MAX_AUDIO_SAMPLE_RATE, MAX_IMAGE_PIXELS, MAX_SAMPLE_
 CALL_LIMIT_S = 10.0
 
 #: Generated examples per hypothesis test (derandomized, so these exact examples run every session).
-RANDOM_BYTES_EXAMPLES = 800      # random bytes (optionally behind a real magic number) x 9 extensions
-PREFIX_EXAMPLES = 1000           # truncated prefixes of 9 real files, under any of the 9 extensions
-MUTATION_EXAMPLES = 800          # prefixes with 1..8 bytes overwritten
-WAV_HEADER_EXAMPLES = 600        # hand-written WAV headers: rate, channels, bits, format tag, block align
-FLOAT_WAV_EXAMPLES = 300         # float32/float64 WAVs with NaN, infinities, huge and normal values
-PNG_BOMB_EXAMPLES = 100          # PNG headers declaring more than MAX_IMAGE_PIXELS pixels
+RANDOM_BYTES_EXAMPLES = 800  # random bytes (optionally behind a real magic number) x 9 extensions
+PREFIX_EXAMPLES = 1000  # truncated prefixes of 9 real files, under any of the 9 extensions
+MUTATION_EXAMPLES = 800  # prefixes with 1..8 bytes overwritten
+WAV_HEADER_EXAMPLES = 600  # hand-written WAV headers: rate, channels, bits, format tag, block align
+FLOAT_WAV_EXAMPLES = 300  # float32/float64 WAVs with NaN, infinities, huge and normal values
+PNG_BOMB_EXAMPLES = 100  # PNG headers declaring more than MAX_IMAGE_PIXELS pixels
 
 #: Hand-picked hypothesis ``@example`` inputs (they run in addition to the generated ones).
-WAV_HEADER_EXPLICIT = 7          # the brief's absurd rates (0, 1 Hz, 4 GHz) and channel counts (0, 255, 65535)
-FLOAT_WAV_EXPLICIT = 5           # NaN, +inf, -inf, 3e38 at 22.05 kHz, 1e300 in float64
-PNG_BOMB_EXPLICIT = 3            # 100000 x 100000, 9000 x 9000 (over our limit, under Pillow's), 2**31-1 square
+WAV_HEADER_EXPLICIT = 7  # the brief's absurd rates (0, 1 Hz, 4 GHz) and channel counts (0, 255, 65535)
+FLOAT_WAV_EXPLICIT = 5  # NaN, +inf, -inf, 3e38 at 22.05 kHz, 1e300 in float64
+PNG_BOMB_EXPLICIT = 3  # 100000 x 100000, 9000 x 9000 (over our limit, under Pillow's), 2**31-1 square
 
-HYPOTHESIS_CASES = (RANDOM_BYTES_EXAMPLES + PREFIX_EXAMPLES + MUTATION_EXAMPLES + WAV_HEADER_EXAMPLES
-                    + WAV_HEADER_EXPLICIT + FLOAT_WAV_EXAMPLES + FLOAT_WAV_EXPLICIT + PNG_BOMB_EXAMPLES
-                    + PNG_BOMB_EXPLICIT)
+HYPOTHESIS_CASES = (
+    RANDOM_BYTES_EXAMPLES
+    + PREFIX_EXAMPLES
+    + MUTATION_EXAMPLES
+    + WAV_HEADER_EXAMPLES
+    + WAV_HEADER_EXPLICIT
+    + FLOAT_WAV_EXAMPLES
+    + FLOAT_WAV_EXPLICIT
+    + PNG_BOMB_EXAMPLES
+    + PNG_BOMB_EXPLICIT
+)
 
 EXTENSIONS = ("png", "jpg", "webp", "wav", "mp3", "m4a", "flac", "mp4", "")
 MANY_CHANNELS = ("flac_7.1", "wav_9ch", "wav_64ch")
@@ -76,22 +94,33 @@ MIDSTREAM_CHANGES = ("mono_then_stereo", "22050_then_44100")
 IMAGE_BOMBS = ("png_100000", "jpeg_65500", "webp_16384", "gif_65535", "webp_9000")
 WRONG_EXTENSIONS = ("wav_as_png", "png_as_wav", "mp3_as_jpg", "jpg_as_mp3", "video_as_m4a")
 PICKLE_FORMATS = ("torch_zip", "torch_zip_top_level", "torch_legacy", "pickle_protocol_2", "pickle_protocol_0")
-ENGINE_TAMPERING = ("truncated_manifest", "manifest_is_a_list", "support_file_missing", "support_file_modified",
-                    "support_file_escapes", "artifact_escapes", "artifact_absolute", "artifact_not_verified",
-                    "artifact_symlink_escapes", "graph_removed", "backend_removed", "spec_malformed")
+ENGINE_TAMPERING = (
+    "truncated_manifest",
+    "manifest_is_a_list",
+    "support_file_missing",
+    "support_file_modified",
+    "support_file_escapes",
+    "artifact_escapes",
+    "artifact_absolute",
+    "artifact_not_verified",
+    "artifact_symlink_escapes",
+    "graph_removed",
+    "backend_removed",
+    "spec_malformed",
+)
 
 EXPLICIT_CASES = (
-    2 * len(EXTENSIONS)          # a zero-length file and a directory, per extension
+    2 * len(EXTENSIONS)  # a zero-length file and a directory, per extension
     + len(MANY_CHANNELS)
     + len(MIDSTREAM_CHANGES)
     + len(IMAGE_BOMBS)
     + len(WRONG_EXTENSIONS)
     + len(PICKLE_FORMATS)
-    + 1                          # the same pickle with trust_pickle=True: the control that the payload is live
-    + 1                          # Runtime on a demo copy whose unet.pth runs code
-    + 2                          # verify_files with an escaping name, absolute and relative
+    + 1  # the same pickle with trust_pickle=True: the control that the payload is live
+    + 1  # Runtime on a demo copy whose unet.pth runs code
+    + 2  # verify_files with an escaping name, absolute and relative
     + len(ENGINE_TAMPERING)
-    + 3                          # CLI: a bomb image, an absurd-rate wav, a code-running unet.pth
+    + 3  # CLI: a bomb image, an absurd-rate wav, a code-running unet.pth
 )
 
 #: The number of hostile inputs one session of this file runs (the README states it).
@@ -99,14 +128,19 @@ TOTAL_CASES = HYPOTHESIS_CASES + EXPLICIT_CASES
 
 #: Shared hypothesis settings: the same examples every session, no example database, no shrinking phase (a failure
 #: is reported with the example that failed), a deadline per example of three loader calls.
-FUZZ = settings(derandomize=True, database=None, phases=(Phase.explicit, Phase.generate),
-                deadline=3 * CALL_LIMIT_S * 1000, suppress_health_check=[HealthCheck.too_slow,
-                                                                         HealthCheck.data_too_large])
+FUZZ = settings(
+    derandomize=True,
+    database=None,
+    phases=(Phase.explicit, Phase.generate),
+    deadline=3 * CALL_LIMIT_S * 1000,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------------------------------
+
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
@@ -119,8 +153,9 @@ def png_bytes(width: int, height: int, color_type: int = 2, idat: bytes | None =
     return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
 
 
-def wav_bytes(rate: int, channels: int, bits: int = 16, tag: int = 1, data: bytes = b"\0" * 4000,
-              block_align: int | None = None) -> bytes:
+def wav_bytes(
+    rate: int, channels: int, bits: int = 16, tag: int = 1, data: bytes = b"\0" * 4000, block_align: int | None = None
+) -> bytes:
     """A RIFF/WAVE file written field by field, so any header value (even a nonsense one) can be stated."""
     align = (channels * bits // 8) & 0xFFFF if block_align is None else block_align
     fmt = struct.pack("<HHIIHH", tag, channels, rate, (rate * max(align, 1)) & 0xFFFFFFFF, align, bits)
@@ -220,8 +255,12 @@ def _encode_audio(path: Path, codec: str, rate: int, layout: str, seconds: float
     data = np.stack([0.3 * np.sin(2 * np.pi * (300 + 110 * c) * t) for c in range(channels)]).astype(np.float32)
     with av.open(str(path), "w") as container:
         stream = container.add_stream(codec, rate=rate, layout=layout)
-        resampler = av.AudioResampler(format=stream.codec_context.format.name, layout=layout, rate=rate,
-                                      frame_size=stream.codec_context.frame_size or 1024)
+        resampler = av.AudioResampler(
+            format=stream.codec_context.format.name,
+            layout=layout,
+            rate=rate,
+            frame_size=stream.codec_context.frame_size or 1024,
+        )
         # packed input: PyAV's planar from_ndarray has the same 8+ channel plane bug as to_ndarray
         frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(data.T).reshape(1, -1), format="flt", layout=layout)
         frame.sample_rate = rate
@@ -282,9 +321,19 @@ def sources(tmp_path_factory) -> dict[str, dict]:
 # 1. Hostile media files, property-based
 # --------------------------------------------------------------------------------------------------------------------
 
-MAGIC = (b"", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff\xe0", b"RIFF\x24\x00\x00\x00WAVEfmt ",
-         b"RIFF\x24\x00\x00\x00WEBPVP8 ", b"ID3\x04\x00\x00", b"\xff\xfb\x90\x64", b"fLaC\x00\x00\x00\x22",
-         b"\x00\x00\x00\x20ftypisom", b"OggS\x00\x02", b"GIF89a")
+MAGIC = (
+    b"",
+    b"\x89PNG\r\n\x1a\n",
+    b"\xff\xd8\xff\xe0",
+    b"RIFF\x24\x00\x00\x00WAVEfmt ",
+    b"RIFF\x24\x00\x00\x00WEBPVP8 ",
+    b"ID3\x04\x00\x00",
+    b"\xff\xfb\x90\x64",
+    b"fLaC\x00\x00\x00\x22",
+    b"\x00\x00\x00\x20ftypisom",
+    b"OggS\x00\x02",
+    b"GIF89a",
+)
 
 
 def test_random_bytes_under_every_extension(scratch):
@@ -306,7 +355,7 @@ def test_random_bytes_under_every_extension(scratch):
 
 def _cut(data: bytes, cut) -> bytes:
     n = cut if isinstance(cut, int) else int(cut * len(data))
-    return data[:max(1, min(n, len(data)))]
+    return data[: max(1, min(n, len(data)))]
 
 
 def test_truncated_real_files_under_any_extension(scratch, sources):
@@ -318,8 +367,11 @@ def test_truncated_real_files_under_any_extension(scratch, sources):
     seen = []
 
     @settings(FUZZ, max_examples=PREFIX_EXAMPLES)
-    @given(source=st.sampled_from(SOURCE_NAMES), cut=st.one_of(st.integers(0, 1024), st.floats(0, 1)),
-           ext=st.sampled_from(EXTENSIONS))
+    @given(
+        source=st.sampled_from(SOURCE_NAMES),
+        cut=st.one_of(st.integers(0, 1024), st.floats(0, 1)),
+        ext=st.sampled_from(EXTENSIONS),
+    )
     def check(source, cut, ext):
         seen.append(source)
         entry = sources[source]
@@ -343,9 +395,12 @@ def test_real_files_with_overwritten_bytes(scratch, sources):
     seen = []
 
     @settings(FUZZ, max_examples=MUTATION_EXAMPLES)
-    @given(source=st.sampled_from(SOURCE_NAMES), cut=st.floats(0.05, 1),
-           edits=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 255)), min_size=1, max_size=8),
-           ext=st.sampled_from(EXTENSIONS))
+    @given(
+        source=st.sampled_from(SOURCE_NAMES),
+        cut=st.floats(0.05, 1),
+        edits=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 255)), min_size=1, max_size=8),
+        ext=st.sampled_from(EXTENSIONS),
+    )
     def check(source, cut, edits, ext):
         seen.append(source)
         data = bytearray(_cut(sources[source]["bytes"], cut))
@@ -357,11 +412,16 @@ def test_real_files_with_overwritten_bytes(scratch, sources):
     assert len(seen) == MUTATION_EXAMPLES
 
 
-RATES = st.one_of(st.sampled_from([0, 1, 2, 3999, 4000, 8000, 16000, 44100, 768000, 768001, 2**31 - 1, 2**31,
-                                   4_000_000_000, 2**32 - 1]),
-                  st.integers(MIN_AUDIO_SAMPLE_RATE, MAX_AUDIO_SAMPLE_RATE), st.integers(0, 2**32 - 1))
-CHANNELS = st.one_of(st.sampled_from([0, 1, 2, 3, 6, 8, 9, 64, 65, 255, 65535]), st.integers(1, 16),
-                     st.integers(0, 65535))
+RATES = st.one_of(
+    st.sampled_from(
+        [0, 1, 2, 3999, 4000, 8000, 16000, 44100, 768000, 768001, 2**31 - 1, 2**31, 4_000_000_000, 2**32 - 1]
+    ),
+    st.integers(MIN_AUDIO_SAMPLE_RATE, MAX_AUDIO_SAMPLE_RATE),
+    st.integers(0, 2**32 - 1),
+)
+CHANNELS = st.one_of(
+    st.sampled_from([0, 1, 2, 3, 6, 8, 9, 64, 65, 255, 65535]), st.integers(1, 16), st.integers(0, 65535)
+)
 BITS = st.one_of(st.sampled_from([0, 1, 4, 8, 16, 24, 32, 64, 65535]), st.integers(0, 65535))
 TAGS = st.sampled_from([0, 1, 2, 3, 6, 7, 0x11, 0x55, 0xFFFE, 0xFFFF])
 
@@ -383,8 +443,14 @@ def test_wav_headers_with_absurd_fields(scratch):
     @example(rate=16000, channels=0, bits=16, tag=1, align=None, data=b"\1\2" * 2000)
     @example(rate=16000, channels=255, bits=16, tag=1, align=None, data=b"\1\2" * 2000)
     @example(rate=16000, channels=65535, bits=16, tag=1, align=None, data=b"\1\2" * 2000)
-    @given(rate=RATES, channels=CHANNELS, bits=BITS, tag=TAGS, align=st.one_of(st.none(), st.integers(0, 65535)),
-           data=st.one_of(st.binary(max_size=4096), st.integers(0, 8192).map(lambda n: b"\0" * n)))
+    @given(
+        rate=RATES,
+        channels=CHANNELS,
+        bits=BITS,
+        tag=TAGS,
+        align=st.one_of(st.none(), st.integers(0, 65535)),
+        data=st.one_of(st.binary(max_size=4096), st.integers(0, 8192).map(lambda n: b"\0" * n)),
+    )
     def check(rate, channels, bits, tag, align, data):
         seen.append(rate)
         path = scratch.write(wav_bytes(rate, channels, bits, tag, data, align), "wav")
@@ -413,10 +479,14 @@ def test_float_wavs_with_nan_inf_and_huge_values(scratch):
     @example(width=32, channels=2, rate=44100, values=[0.1, -math.inf, 0.2, 0.0])
     @example(width=32, channels=1, rate=22050, values=[3e38, -3e38] * 200)
     @example(width=64, channels=1, rate=22050, values=[1e300, 0.5] * 50)
-    @given(width=st.sampled_from([32, 64]), channels=st.integers(1, 2),
-           rate=st.sampled_from([8000, 16000, 22050, 48000]),
-           values=st.lists(st.one_of(st.floats(-1, 1), st.floats(allow_nan=True, allow_infinity=True)),
-                           min_size=0, max_size=600))
+    @given(
+        width=st.sampled_from([32, 64]),
+        channels=st.integers(1, 2),
+        rate=st.sampled_from([8000, 16000, 22050, 48000]),
+        values=st.lists(
+            st.one_of(st.floats(-1, 1), st.floats(allow_nan=True, allow_infinity=True)), min_size=0, max_size=600
+        ),
+    )
     def check(width, channels, rate, values):
         seen.append(width)
         with np.errstate(over="ignore"):
@@ -475,11 +545,14 @@ def _mp3_without_header_frame(data: bytes) -> bytes:
         pos = 10 + sum(b << (7 * (3 - i)) for i, b in enumerate(data[6:10]))
     assert data[pos] == 0xFF and data[pos + 1] & 0xE0 == 0xE0, "not an MPEG audio frame"
     mpeg1 = (data[pos + 1] >> 3) & 3 == 3
-    kbps = ((0, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320) if mpeg1 else
-            (0, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160))[data[pos + 2] >> 4]
+    kbps = (
+        (0, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320)
+        if mpeg1
+        else (0, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160)
+    )[data[pos + 2] >> 4]
     rate = ((44100, 48000, 32000) if mpeg1 else (22050, 24000, 16000))[(data[pos + 2] >> 2) & 3]
     length = (144 if mpeg1 else 72) * kbps * 1000 // rate + ((data[pos + 2] >> 1) & 1)
-    return data[pos + length:]
+    return data[pos + length :]
 
 
 @pytest.mark.parametrize("case", MIDSTREAM_CHANGES)
@@ -487,8 +560,12 @@ def test_mp3_whose_channels_or_rate_change_midstream(tmp_path, case):
     """Two mp3s glued together (``cat a.mp3 b.mp3``), the second stereo or at another rate: refused as one
     AudioError (it escaped as numpy's ValueError, or decoded at the wrong speed, before)."""
     first = _encode_audio(tmp_path / "first.mp3", "libmp3lame", 22050, "mono", 0.5)
-    second = _encode_audio(tmp_path / "second.mp3", "libmp3lame", *{
-        "mono_then_stereo": (22050, "stereo"), "22050_then_44100": (44100, "mono")}[case], 0.5)
+    second = _encode_audio(
+        tmp_path / "second.mp3",
+        "libmp3lame",
+        *{"mono_then_stereo": (22050, "stereo"), "22050_then_44100": (44100, "mono")}[case],
+        0.5,
+    )
     path = tmp_path / "glued.mp3"
     path.write_bytes(first.read_bytes() + _mp3_without_header_frame(second.read_bytes()))
     assert isinstance(call(probe_audio, path), AudioInfo)  # the header is fine; the stream is not
@@ -534,19 +611,24 @@ def _bomb(kind: str) -> bytes:
         Image.new("RGB", (16, 16)).save(buffer, "JPEG")
         data = bytearray(buffer.getvalue())
         sof = data.find(b"\xff\xc0")
-        data[sof + 5:sof + 9] = struct.pack(">HH", 65500, 65500)
+        data[sof + 5 : sof + 9] = struct.pack(">HH", 65500, 65500)
         return bytes(data)
     if kind.startswith("webp_"):
         side = int(kind.split("_")[1])
         Image.new("RGB", (16, 16)).save(buffer, "WEBP", lossless=True)
         data = bytearray(buffer.getvalue())
         at = data.find(b"VP8L") + 9  # after the chunk size and the 0x2f signature: 14 bits w-1, 14 bits h-1
-        old = int.from_bytes(data[at:at + 4], "little")
-        data[at:at + 4] = struct.pack("<I", (old & ~((1 << 28) - 1)) | (side - 1) | ((side - 1) << 14))
+        old = int.from_bytes(data[at : at + 4], "little")
+        data[at : at + 4] = struct.pack("<I", (old & ~((1 << 28) - 1)) | (side - 1) | ((side - 1) << 14))
         return bytes(data)
     if kind == "gif_65535":
-        return (b"GIF89a" + struct.pack("<HHBBB", 65535, 65535, 0, 0, 0) + b","
-                + struct.pack("<HHHHB", 0, 0, 65535, 65535, 0) + b"\x02\x02\x44\x01\x00;")
+        return (
+            b"GIF89a"
+            + struct.pack("<HHBBB", 65535, 65535, 0, 0, 0)
+            + b","
+            + struct.pack("<HHHHB", 0, 0, 65535, 65535, 0)
+            + b"\x02\x02\x44\x01\x00;"
+        )
     raise ValueError(kind)
 
 
@@ -578,8 +660,13 @@ def test_zero_length_file_and_directory_under_every_extension(tmp_path, ext):
 def test_wrong_extension(tmp_path, sources, case):
     """Content decides, not the extension: audio named .png is not an image (and still decodes as audio), an image
     named .wav is not audio, a video with no audio track named .m4a has no audio stream."""
-    source, ext = {"wav_as_png": ("wav", "png"), "png_as_wav": ("png", "wav"), "mp3_as_jpg": ("mp3", "jpg"),
-                   "jpg_as_mp3": ("jpg", "mp3"), "video_as_m4a": ("mp4_video_only", "m4a")}[case]
+    source, ext = {
+        "wav_as_png": ("wav", "png"),
+        "png_as_wav": ("png", "wav"),
+        "mp3_as_jpg": ("mp3", "jpg"),
+        "jpg_as_mp3": ("jpg", "mp3"),
+        "video_as_m4a": ("mp4_video_only", "m4a"),
+    }[case]
     path = tmp_path / f"renamed.{ext}"
     path.write_bytes(sources[source]["bytes"])
     results = call_all(path)
@@ -597,6 +684,7 @@ def test_wrong_extension(tmp_path, sources, case):
 # --------------------------------------------------------------------------------------------------------------------
 # 3a. Untrusted model files: pickles that would run code
 # --------------------------------------------------------------------------------------------------------------------
+
 
 class RunsCode:
     """Unpickling this runs ``touch SENTINEL``: harmless, and detectable."""
@@ -670,6 +758,7 @@ def test_runtime_refuses_a_code_running_unet(evil_model):
 # --------------------------------------------------------------------------------------------------------------------
 # 3b. Tampered engine directories
 # --------------------------------------------------------------------------------------------------------------------
+
 
 def test_verify_files_refuses_names_that_leave_the_directory(tmp_path):
     """Even when the outside file exists and matches its sha256, a name that escapes the engine directory is
@@ -769,11 +858,13 @@ def test_tampered_engine_directory_is_refused(engine_dir, tmp_path, monkeypatch,
 # 2 and 3a. The CLI on hostile files: exit 2, one line naming the file, nothing written
 # --------------------------------------------------------------------------------------------------------------------
 
+
 def run_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     """Run ``python -m sonic_rt animate ARGS`` with the demo cache under ``tmp_path``."""
     env = dict(os.environ, SONIC_RT_CACHE=str(tmp_path / "cache"))
-    return subprocess.run([sys.executable, "-m", "sonic_rt", "animate", *args], capture_output=True, text=True,
-                          env=env, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "sonic_rt", "animate", *args], capture_output=True, text=True, env=env, timeout=600
+    )
 
 
 def assert_one_error_line(result: subprocess.CompletedProcess, names: Path, outdir: Path) -> None:
@@ -798,8 +889,7 @@ def test_cli_hostile_input_exits_2_with_one_line(tmp_path, portrait, speech, bad
         image, audio = portrait, inputs / "one_hertz.wav"
         audio.write_bytes(wav_bytes(1, 1, data=b"\0" * 200_000))
         hostile = audio
-    result = run_cli(tmp_path, "--demo", "--image", str(image), "--audio", str(audio), "--out",
-                     str(outdir / "OUT.mp4"))
+    result = run_cli(tmp_path, "--demo", "--image", str(image), "--audio", str(audio), "--out", str(outdir / "OUT.mp4"))
     assert_one_error_line(result, hostile, outdir)
 
 
@@ -808,8 +898,19 @@ def test_cli_code_running_unet_exits_2_with_one_line(evil_model, tmp_path, portr
     model, sentinel = evil_model
     outdir = tmp_path / "out"
     outdir.mkdir()
-    result = run_cli(tmp_path, "--model", str(model), "--image", str(portrait), "--audio", str(speech), "--out",
-                     str(outdir / "OUT.mp4"), "--device", "cpu")
+    result = run_cli(
+        tmp_path,
+        "--model",
+        str(model),
+        "--image",
+        str(portrait),
+        "--audio",
+        str(speech),
+        "--out",
+        str(outdir / "OUT.mp4"),
+        "--device",
+        "cpu",
+    )
     assert_one_error_line(result, model.resolve() / "Sonic/unet.pth", outdir)
     assert "--trust-pickle" in result.stderr
     assert not sentinel.exists()

@@ -50,8 +50,9 @@ def batched(demo_dir):
     return sonic_rt.Runtime(demo_dir, scheduler=SchedulerConfig(windows_per_call=3))
 
 
-def test_unet_out_of_memory_retries_with_fewer_windows_and_says_so(runtime, batched, portrait, long_speech,
-                                                                   monkeypatch, capsys):
+def test_unet_out_of_memory_retries_with_fewer_windows_and_says_so(
+    runtime, batched, portrait, long_speech, monkeypatch, capsys
+):
     """Windows are independent, so the retry gives exactly the frames of one window per call."""
     sizes = fail_above(batched.graphs.unet, 3, monkeypatch)
     events = []
@@ -63,16 +64,18 @@ def test_unet_out_of_memory_retries_with_fewer_windows_and_says_so(runtime, batc
     assert "out of memory with 3 windows per UNet call; retrying with 1 (same result)" in capsys.readouterr().err
 
 
-def test_out_of_memory_at_one_window_names_the_setting_and_leaves_no_file(batched, portrait, speech, tmp_path,
-                                                                         monkeypatch):
+def test_out_of_memory_at_one_window_names_the_setting_and_leaves_no_file(
+    batched, portrait, speech, tmp_path, monkeypatch
+):
     fail_above(batched.graphs.unet, 0, monkeypatch)
     with pytest.raises(OutOfMemoryError, match="lower --min-resolution"):
         batched.animate(portrait, speech, tmp_path / "o.mp4", **FAST)
     assert only(tmp_path) == []
 
 
-def test_decode_and_rife_out_of_memory_retry_with_smaller_chunks(runtime, portrait, long_speech, tmp_path,
-                                                                 monkeypatch, capsys):
+def test_decode_and_rife_out_of_memory_retry_with_smaller_chunks(
+    runtime, portrait, long_speech, tmp_path, monkeypatch, capsys
+):
     decode = fail_above(runtime.graphs.vae_decoder, 4, monkeypatch)
     rife = fail_above(runtime.graphs.rife, 2, monkeypatch)
     result = runtime.animate(portrait, long_speech, tmp_path / "o.mp4", **FAST)
@@ -117,9 +120,26 @@ def test_cli_sigterm_while_encoding_stops_promptly_and_leaves_nothing(demo_dir, 
     audio = write_wav(tmp_path / "long.wav", np.tile(samples, 5), 16000)  # ~20 s: 10 windows per step
     outdir = tmp_path / "out"
     outdir.mkdir()
-    proc = subprocess.Popen([sys.executable, "-m", "sonic_rt", "animate", "--model", str(demo_dir), "--image",
-                             str(portrait), "--audio", str(audio), "--out", str(outdir / "o.mp4"), "--steps", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sonic_rt",
+            "animate",
+            "--model",
+            str(demo_dir),
+            "--image",
+            str(portrait),
+            "--audio",
+            str(audio),
+            "--out",
+            str(outdir / "o.mp4"),
+            "--steps",
+            "1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         partial = [p for p in outdir.iterdir() if p.name.endswith(".partial.mp4")]
@@ -152,9 +172,21 @@ def test_soak_ten_minutes_of_audio_in_bounded_memory(demo_dir, portrait, long_sp
     def start(minutes: int) -> subprocess.Popen:
         n = minutes * 60 * 16000
         audio = write_wav(tmp_path / f"speech-{minutes}min.wav", np.tile(samples, -(-n // len(samples)))[:n], 16000)
-        return subprocess.Popen([sys.executable, str(REPO / "tests/scripts/soak.py"), str(demo_dir), str(portrait),
-                                 str(audio), str(tmp_path / f"out-{minutes}min.mp4"), "1", "64"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        return subprocess.Popen(
+            [
+                sys.executable,
+                str(REPO / "tests/scripts/soak.py"),
+                str(demo_dir),
+                str(portrait),
+                str(audio),
+                str(tmp_path / f"out-{minutes}min.mp4"),
+                "1",
+                "64",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
 
     def finish(proc: subprocess.Popen) -> dict:
         out, err = proc.communicate(timeout=1800)
@@ -165,8 +197,9 @@ def test_soak_ten_minutes_of_audio_in_bounded_memory(demo_dir, portrait, long_sp
     longest = start(10)
     reports = {minutes: finish(start(minutes)) for minutes in (1, 5)}
     reports[10] = finish(longest)
-    print(json.dumps({m: {k: r[k] for k in ("peak_rss_mb", "rss_after_load_mb", "seconds")}
-                      for m, r in reports.items()}))
+    print(
+        json.dumps({m: {k: r[k] for k in ("peak_rss_mb", "rss_after_load_mb", "seconds")} for m, r in reports.items()})
+    )
     for minutes, r in reports.items():
         n = minutes * 60 * 16000 // 640 // 2
         assert r["num_generated_frames"] == n and r["num_frames"] == 2 * n - 1

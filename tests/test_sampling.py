@@ -8,13 +8,47 @@ import pytest
 import torch
 
 from sonic_rt.architectures import SVD_XT_SCHEDULER_CONFIG
-from sonic_rt.sampling import (SamplingConfig, combine_guidance, euler_v_step, initial_noise, karras_schedule,
-                               sample, scale_model_input, window_indices, window_starts)
+from sonic_rt.sampling import (
+    SamplingConfig,
+    combine_guidance,
+    euler_v_step,
+    initial_noise,
+    karras_schedule,
+    sample,
+    scale_model_input,
+    window_indices,
+    window_starts,
+)
 
 # docs/official_algorithm.md section 3, computed with diffusers 0.29.0
-OFFICIAL_SIGMAS = [700.0, 545.729, 421.569, 322.454, 244.023, 182.547, 134.854, 98.267, 70.541, 49.810, 34.537,
-                   23.468, 15.590, 10.097, 6.354, 3.870, 2.269, 1.273, 0.6781, 0.3394, 0.1574, 0.06640, 0.02480,
-                   0.007882, 0.002, 0.0]
+OFFICIAL_SIGMAS = [
+    700.0,
+    545.729,
+    421.569,
+    322.454,
+    244.023,
+    182.547,
+    134.854,
+    98.267,
+    70.541,
+    49.810,
+    34.537,
+    23.468,
+    15.590,
+    10.097,
+    6.354,
+    3.870,
+    2.269,
+    1.273,
+    0.6781,
+    0.3394,
+    0.1574,
+    0.06640,
+    0.02480,
+    0.007882,
+    0.002,
+    0.0,
+]
 
 
 def test_sigmas_and_timesteps_equal_the_official_table():

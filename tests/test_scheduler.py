@@ -25,16 +25,21 @@ from toy import toy_denoise, toy_problem  # noqa: E402
 
 # N < 25, N not a multiple of 25 (wrap-around window), a long N
 LENGTHS = [7, 60, 126]
-SETUPS = [SchedulerConfig(lanes=2), SchedulerConfig(lanes=3), SchedulerConfig(windows_per_call=2),
-          SchedulerConfig(windows_per_call=3, lanes=2)]
+SETUPS = [
+    SchedulerConfig(lanes=2),
+    SchedulerConfig(lanes=3),
+    SchedulerConfig(windows_per_call=2),
+    SchedulerConfig(windows_per_call=3, lanes=2),
+]
 
 
 def _run(num_frames, scheduler_config=SchedulerConfig(), denoise=toy_denoise, **kw):
     latents, sigmas, timesteps = toy_problem(num_frames)
     scheduler = WindowScheduler(scheduler_config, "cpu")
     try:
-        return sample(latents, sigmas, timesteps, SamplingConfig(steps=len(timesteps)), denoise,
-                      scheduler=scheduler, **kw)
+        return sample(
+            latents, sigmas, timesteps, SamplingConfig(steps=len(timesteps)), denoise, scheduler=scheduler, **kw
+        )
     finally:
         scheduler.close()
 
@@ -75,8 +80,9 @@ def test_a_worker_exception_surfaces(setup):
 
 def test_final_frames_are_reported_as_their_windows_finish():
     reports = []
-    result = _run(126, SchedulerConfig(lanes=2), on_final_frames=lambda lat, ready: reports.append(
-        (lat.clone(), ready.clone())))
+    result = _run(
+        126, SchedulerConfig(lanes=2), on_final_frames=lambda lat, ready: reports.append((lat.clone(), ready.clone()))
+    )
     counts = [int(r.sum()) for _, r in reports]
     assert counts == sorted(counts) and counts[0] < 126 and counts[-1] == 126  # progressively, then all
     for latents, ready in reports:  # what is reported final is final
@@ -93,8 +99,18 @@ def _free_port() -> int:
 
 def _torchrun(nproc, *args, timeout=300):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-           "127.0.0.1", "--master_port", str(_free_port()), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
 
 
@@ -116,6 +132,7 @@ def test_a_failure_on_one_rank_is_raised_on_every_rank(tmp_path):
 
 # --- through the Runtime ---------------------------------------------------------------------------------------
 
+
 def test_runtime_lanes_and_batching_are_bit_identical(runtime, demo_dir, portrait, long_speech):
     """Through the real (demo) UNet on CPU: 2 lanes, and 2 or 3 windows per UNet call, give exactly the frames of
     one window per call (N = 51: 3 windows per step, one of them wrapping)."""
@@ -134,16 +151,32 @@ def test_batched_unet_rows_equal_single_window_rows(runtime):
     masks = level_face_masks(torch.ones(1, 1, 128, 128), (16, 16), unet.attention_levels)
 
     def window():
-        return (torch.randn(3, 25, 8, 16, 16, generator=gen), torch.randn(3, 1, 32, generator=gen),
-                torch.randn(3, 25, 32, 32, generator=gen), torch.rand(3, 3, generator=gen) * 20)
+        return (
+            torch.randn(3, 25, 8, 16, 16, generator=gen),
+            torch.randn(3, 1, 32, generator=gen),
+            torch.randn(3, 25, 32, 32, generator=gen),
+            torch.rand(3, 3, generator=gen) * 20,
+        )
 
     windows = [window() for _ in range(3)]
     t = torch.tensor([0.4])
     single = [unet(s, t, c, a, i, *masks) for s, c, a, i in windows]
-    batched = unet(*(torch.cat(parts) if k != 1 else t for k, parts in
-                     enumerate([[w[0] for w in windows], None, [w[1] for w in windows], [w[2] for w in windows],
-                                [w[3] for w in windows]])), *masks)
-    assert all(torch.equal(batched[3 * j:3 * j + 3], single[j]) for j in range(3))
+    batched = unet(
+        *(
+            torch.cat(parts) if k != 1 else t
+            for k, parts in enumerate(
+                [
+                    [w[0] for w in windows],
+                    None,
+                    [w[1] for w in windows],
+                    [w[2] for w in windows],
+                    [w[3] for w in windows],
+                ]
+            )
+        ),
+        *masks,
+    )
+    assert all(torch.equal(batched[3 * j : 3 * j + 3], single[j]) for j in range(3))
 
 
 def test_output_starts_before_the_last_window_of_the_last_step(runtime, portrait, long_speech, tmp_path):
@@ -153,8 +186,14 @@ def test_output_starts_before_the_last_window_of_the_last_step(runtime, portrait
     samples = sonic_rt.media.load_audio(long_speech, 16000)
     samples = np.pad(samples, (0, max(0, 64000 - len(samples))))[:64000]
     events = []
-    result = runtime.animate(portrait, samples, tmp_path / "o.mp4", steps=2, progress=False,
-                             events=lambda kind, info: events.append((kind, info)))
+    result = runtime.animate(
+        portrait,
+        samples,
+        tmp_path / "o.mp4",
+        steps=2,
+        progress=False,
+        events=lambda kind, info: events.append((kind, info)),
+    )
     assert result.num_generated_frames == 50
     windows = [i for i, (kind, _) in enumerate(events) if kind == "window"]
     frames = [i for i, (kind, _) in enumerate(events) if kind == "frames"]
@@ -182,8 +221,24 @@ def test_cli_under_torchrun_two_ranks_writes_the_same_video(demo_dir, portrait, 
     videos = {}
     for nproc in (1, 2):
         out = tmp_path / f"o{nproc}.mp4"
-        run = _torchrun(nproc, "-m", "sonic_rt", "animate", "--model", str(demo_dir), "--image", str(portrait),
-                        "--audio", str(speech), "--out", str(out), "--steps", "2", "--quiet", timeout=600)
+        run = _torchrun(
+            nproc,
+            "-m",
+            "sonic_rt",
+            "animate",
+            "--model",
+            str(demo_dir),
+            "--image",
+            str(portrait),
+            "--audio",
+            str(speech),
+            "--out",
+            str(out),
+            "--steps",
+            "2",
+            "--quiet",
+            timeout=600,
+        )
         assert run.returncode == 0, run.stderr[-3000:]
         videos[nproc] = sonic_rt.media.read_video(out)[0]
     assert videos[1].shape == videos[2].shape and (videos[1] == videos[2]).all()
@@ -192,8 +247,11 @@ def test_cli_under_torchrun_two_ranks_writes_the_same_video(demo_dir, portrait, 
 def test_engine_batching_matches_one_window_per_call(engine_dir, portrait, long_speech):
     """The onnxruntime backend (engines built for 1..2 windows per call): 2 windows per call vs 1."""
     one = sonic_rt.Runtime(engine_dir).animate(portrait, long_speech, None, steps=2, progress=False).frames
-    two = sonic_rt.Runtime(engine_dir, scheduler=SchedulerConfig(windows_per_call=2)).animate(
-        portrait, long_speech, None, steps=2, progress=False).frames
+    two = (
+        sonic_rt.Runtime(engine_dir, scheduler=SchedulerConfig(windows_per_call=2))
+        .animate(portrait, long_speech, None, steps=2, progress=False)
+        .frames
+    )
     diff = abs(one.astype(int) - two.astype(int)).max()
     print(f"onnxruntime, 2 windows per call vs 1: max frame diff {diff}")
     assert diff == 0

@@ -34,6 +34,7 @@ START_TIMEOUT = 180
 
 class FakeRuntime:
     """What the page reads of a Runtime, without loading one."""
+
     is_demo, device, source, backend, default_min_resolution = True, "cpu", "/models/demo", "torch", 128
 
 
@@ -112,8 +113,12 @@ def server(demo_dir, tmp_path_factory):
     port = _free_port()
     env = {**os.environ, "SONIC_RT_CACHE": str(cache), "TMPDIR": str(tmp)}
     log = open(root / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "sonic_rt", "serve", "--demo", "--port", str(port)],
-                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sonic_rt", "serve", "--demo", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + START_TIMEOUT
     while True:
@@ -223,9 +228,18 @@ def _browser():
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--window-size=1280,1100",
-                 "--autoplay-policy=no-user-gesture-required", "--mute-audio"):
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1280,1100",
+        "--autoplay-policy=no-user-gesture-required",
+        "--mute-audio",
+    ):
         opts.add_argument(flag)
     return webdriver.Chrome(options=opts, service=Service(CHROMEDRIVER))
 
@@ -253,8 +267,9 @@ def test_browser_generates_and_plays(server, portrait, speech, tmp_path):
         WebDriverWait(driver, 120).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#result video[src]"))
         video = driver.find_element(By.CSS_SELECTOR, "#result video")
         driver.execute_script("arguments[0].muted = true; arguments[0].play();", video)
-        WebDriverWait(driver, 30).until(lambda d: d.execute_script(
-            "return arguments[0].readyState >= 2 && arguments[0].currentTime > 0", video))
+        WebDriverWait(driver, 30).until(
+            lambda d: d.execute_script("return arguments[0].readyState >= 2 && arguments[0].currentTime > 0", video)
+        )
         assert driver.execute_script("return arguments[0].videoWidth", video) > 0
         WebDriverWait(driver, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery video, #gallery img"))
         driver.set_window_size(1280, 1400)

@@ -30,10 +30,24 @@ from sonic_rt.graphs import DimRange, PipelineConfig, Precision, ShapeOptions, T
 BACKEND_MODULE = "sonic_rt.backends.tensorrt_backend"
 
 # The demo checkpoint's sizes (sonic_rt.demo), written out by hand so no weights are needed.
-DEMO_CONFIG = PipelineConfig(latent_channels=4, unet_in_channels=8, cross_attention_dim=32, audio_context_tokens=32,
-                             attention_levels=(0, 1), vae_scale_factor=8, vae_scaling_factor=0.18215,
-                             clip_image_size=224, clip_embed_dim=32, whisper_mel_bins=80, whisper_positions=1500,
-                             whisper_states=3, whisper_d_model=32, token_window=10, bucket_window=50, num_buckets=2)
+DEMO_CONFIG = PipelineConfig(
+    latent_channels=4,
+    unet_in_channels=8,
+    cross_attention_dim=32,
+    audio_context_tokens=32,
+    attention_levels=(0, 1),
+    vae_scale_factor=8,
+    vae_scaling_factor=0.18215,
+    clip_image_size=224,
+    clip_embed_dim=32,
+    whisper_mel_bins=80,
+    whisper_positions=1500,
+    whisper_states=3,
+    whisper_d_model=32,
+    token_window=10,
+    bucket_window=50,
+    num_buckets=2,
+)
 DEMO_SHAPES = ShapeOptions(frames=8, resolution=DimRange(128, 128, 256), windows=DimRange(1, 1, 2))
 
 
@@ -77,8 +91,7 @@ class DataType(enum.Enum):
     FLOAT, HALF, BF16, INT64, INT32, BOOL = range(6)
 
 
-SPEC_DTYPE = {"float32": DataType.FLOAT, "float16": DataType.HALF, "bfloat16": DataType.BF16,
-              "int64": DataType.INT64}
+SPEC_DTYPE = {"float32": DataType.FLOAT, "float16": DataType.HALF, "bfloat16": DataType.BF16, "int64": DataType.INT64}
 
 
 class TensorIOMode(enum.Enum):
@@ -117,6 +130,7 @@ class FakeTensorRT(types.ModuleType):
             def method(self, *args, **kwargs):
                 fake.calls.append((name, *args, *kwargs.values()))
                 return result(self, *args) if callable(result) else result
+
             return method
 
         def tensors(tensor_specs):
@@ -154,8 +168,9 @@ class FakeTensorRT(types.ModuleType):
             create_network = recorder("create_network", lambda self, flags: Network())
             create_builder_config = recorder("create_builder_config", lambda self: Config())
             create_optimization_profile = recorder("create_optimization_profile", lambda self: Profile())
-            build_serialized_network = recorder("build_serialized_network",
-                                                lambda self, *_: None if fake.build_fails else fake.plan)
+            build_serialized_network = recorder(
+                "build_serialized_network", lambda self, *_: None if fake.build_fails else fake.plan
+            )
 
         class Profile:
             set_shape = recorder("set_shape")
@@ -190,8 +205,9 @@ class FakeTensorRT(types.ModuleType):
                 return True
 
             def _outputs(self):
-                ins = {t.name: at(self.addresses[t.name], self.shapes[t.name], t.torch_dtype)
-                       for t in engine_spec.inputs}
+                ins = {
+                    t.name: at(self.addresses[t.name], self.shapes[t.name], t.torch_dtype) for t in engine_spec.inputs
+                }
                 return fake.forward(**ins)
 
         class Engine:
@@ -214,8 +230,9 @@ class FakeTensorRT(types.ModuleType):
             def __init__(self, logger):
                 pass
 
-            deserialize_cuda_engine = recorder("deserialize_cuda_engine",
-                                               lambda self, data: Engine() if bytes(data) == fake.plan else None)
+            deserialize_cuda_engine = recorder(
+                "deserialize_cuda_engine", lambda self, data: Engine() if bytes(data) == fake.plan else None
+            )
 
         self.Builder, self.OnnxParser, self.Runtime = Builder, OnnxParser, Runtime
 
@@ -243,12 +260,19 @@ def install(monkeypatch, fake: FakeTensorRT):
 
 
 # -- builder ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("graph, precision, fp16", [
-    ("unet", Precision.FP16, True), ("vae_decoder", Precision.FP16, True),
-    ("rife", Precision.FP16, False), ("audio2bucket", Precision.FP16, False),  # official fp32 in any build
-    ("unet", Precision.FP32, False)])
-def test_builder_uses_the_spec_profile_precision_and_timing_cache(monkeypatch, fake_gpu, tmp_path, graph, precision,
-                                                                  fp16):
+@pytest.mark.parametrize(
+    "graph, precision, fp16",
+    [
+        ("unet", Precision.FP16, True),
+        ("vae_decoder", Precision.FP16, True),
+        ("rife", Precision.FP16, False),
+        ("audio2bucket", Precision.FP16, False),  # official fp32 in any build
+        ("unet", Precision.FP32, False),
+    ],
+)
+def test_builder_uses_the_spec_profile_precision_and_timing_cache(
+    monkeypatch, fake_gpu, tmp_path, graph, precision, fp16
+):
     from export.tensorrt_build import build_engine
 
     spec = specs(precision)[graph]
@@ -415,8 +439,7 @@ def test_dims_outside_the_profile_fail_before_tensorrt(rife):
 def test_load_refuses_plans_that_do_not_match(monkeypatch, fake_gpu, tmp_path):
     spec = rife_spec()
     wrong_name = dataclasses.replace(spec, outputs=(TensorSpec("out", ("pairs", 3, "height", "width"), "float32"),))
-    wrong_dtype = dataclasses.replace(spec, outputs=(TensorSpec("middle", ("pairs", 3, "height", "width"),
-                                                                "float16"),))
+    wrong_dtype = dataclasses.replace(spec, outputs=(TensorSpec("middle", ("pairs", 3, "height", "width"), "float16"),))
     wrong_profile = dataclasses.replace(spec, dims={**spec.dims, "pairs": DimRange(1, 2, 4)})
     cases = [(wrong_name, "outputs"), (wrong_dtype, "precision"), (wrong_profile, "shapes")]
     for engine_spec, message in cases:
@@ -472,8 +495,11 @@ def test_real_engine_for_audio2token_matches_pytorch(tmp_path):
     spec = specs()["audio2token"]  # always fp32 (official)
     torch.manual_seed(0)
     c = DEMO_CONFIG
-    module = Audio2TokenGraph(AudioProjModel(c.token_window, c.whisper_states, c.whisper_d_model, 64,
-                                             c.cross_attention_dim, c.audio_context_tokens)).eval()
+    module = Audio2TokenGraph(
+        AudioProjModel(
+            c.token_window, c.whisper_states, c.whisper_d_model, 64, c.cross_attention_dim, c.audio_context_tokens
+        )
+    ).eval()
     onnx, plan, cache = tmp_path / "audio2token.onnx", tmp_path / "audio2token.plan", tmp_path / "timing.cache"
     export_graph(module, spec, onnx)
     info = build_engine(onnx, spec, plan, Precision.FP32, timing_cache=cache)

@@ -7,12 +7,16 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
-from sonic_rt.demo import DEMO_UNET_CONFIG
 from diffusers.image_processor import IPAdapterMaskProcessor
 
-from sonic_rt.models.unet import (AudioAttention, SonicUNet, SpatialAudioAttnProcessor, TemporalAudioAttnProcessor,
-                                  level_face_masks)
+from sonic_rt.demo import DEMO_UNET_CONFIG
+from sonic_rt.models.unet import (
+    AudioAttention,
+    SonicUNet,
+    SpatialAudioAttnProcessor,
+    TemporalAudioAttnProcessor,
+    level_face_masks,
+)
 
 
 def attention(q, k, v, heads):
@@ -76,7 +80,7 @@ def test_spatial_processor_matches_explicit_masked_attention(unet, impl):
     # queries whose mask is exactly 0 ignore the audio entirely
     cond.audio_tokens = torch.randn_like(audio).view(b, f, 32, 32)
     other = attn(x, encoder_hidden_states=clip)
-    outside = (mask_l[0, :, 0] == 0)
+    outside = mask_l[0, :, 0] == 0
     assert outside.any() and not outside.all()
     torch.testing.assert_close(other[:, outside], got[:, outside], rtol=0, atol=1e-6)
     assert not torch.allclose(other[:, ~outside], got[:, ~outside])
@@ -101,10 +105,11 @@ def test_temporal_processor_attends_to_the_window_mean_audio(unet, impl):
     for row in range(b):
         for pos in range(hw):
             i = row * hw + pos
-            q = attn.to_q(x[i:i + 1])
-            h = attn.to_v(clip[i:i + 1]) + attention(q, proc.to_k_ip[0](mean[row:row + 1]),
-                                                     proc.to_v_ip[0](mean[row:row + 1]), attn.heads)
-            want[i:i + 1] = attn.to_out[0](h)
+            q = attn.to_q(x[i : i + 1])
+            h = attn.to_v(clip[i : i + 1]) + attention(
+                q, proc.to_k_ip[0](mean[row : row + 1]), proc.to_v_ip[0](mean[row : row + 1]), attn.heads
+            )
+            want[i : i + 1] = attn.to_out[0](h)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -133,7 +138,7 @@ def test_level_masks_equal_the_per_layer_downsampling_of_every_attention_layer(u
     gen = torch.Generator().manual_seed(4)
     h, w = size
     mask = torch.zeros(1, 1, 8 * h, 8 * w)
-    mask[..., 5:8 * h - 9, 13:8 * w - 3] = 1.0
+    mask[..., 5 : 8 * h - 9, 13 : 8 * w - 3] = 1.0
     masks = level_face_masks(mask, size, unet.attention_levels)
     seen = []
 
@@ -145,11 +150,18 @@ def test_level_masks_equal_the_per_layer_downsampling_of_every_attention_layer(u
             assert torch.equal(masks[level].reshape(1, -1, 1), want)
             seen.append(level)
 
-    handles = [m.register_forward_pre_hook(spy, with_kwargs=True) for n, m in unet.unet.named_modules()
-               if n.endswith(".attn2")]
+    handles = [
+        m.register_forward_pre_hook(spy, with_kwargs=True) for n, m in unet.unet.named_modules() if n.endswith(".attn2")
+    ]
     try:
-        unet(torch.randn(3, 2, 8, h, w, generator=gen), torch.tensor(0.3), torch.randn(3, 1, 32, generator=gen),
-             torch.randn(3, 2, 32, 32, generator=gen), torch.tensor([[12.5, 20.0, 24.0]] * 3), *masks)
+        unet(
+            torch.randn(3, 2, 8, h, w, generator=gen),
+            torch.tensor(0.3),
+            torch.randn(3, 1, 32, generator=gen),
+            torch.randn(3, 2, 32, 32, generator=gen),
+            torch.tensor([[12.5, 20.0, 24.0]] * 3),
+            *masks,
+        )
     finally:
         for handle in handles:
             handle.remove()
@@ -166,9 +178,14 @@ def test_simplified_attention_unet_matches_the_reference_structure(unet, batch, 
     mask = torch.zeros(1, 1, 8 * h, 8 * w)
     mask[..., 8:40, 16:48] = 1.0
     masks = level_face_masks(mask, size, unet.attention_levels)
-    args = (torch.randn(batch, frames, 8, h, w, generator=gen), torch.tensor([0.7]),
-            torch.randn(batch, 1, 32, generator=gen), torch.randn(batch, frames, 32, 32, generator=gen),
-            torch.tensor([[12.5, 20.0, 24.0]] * batch), *masks)
+    args = (
+        torch.randn(batch, frames, 8, h, w, generator=gen),
+        torch.tensor([0.7]),
+        torch.randn(batch, 1, 32, generator=gen),
+        torch.randn(batch, frames, 32, 32, generator=gen),
+        torch.tensor([[12.5, 20.0, 24.0]] * batch),
+        *masks,
+    )
     try:
         unet.attention = AudioAttention.REFERENCE
         want = unet(*args)
@@ -190,8 +207,13 @@ def test_official_per_layer_mask_call_equals_the_per_level_masks(unet, size):
     h, w = size
     mask = torch.zeros(1, 1, 8 * h, 8 * w)
     mask[..., 8:40, 16:48] = 1.0
-    args = (torch.randn(3, 5, 8, h, w, generator=gen), torch.tensor([0.7]), torch.randn(3, 1, 32, generator=gen),
-            torch.randn(3, 5, 32, 32, generator=gen), torch.tensor([[12.5, 20.0, 24.0]] * 3))
+    args = (
+        torch.randn(3, 5, 8, h, w, generator=gen),
+        torch.tensor([0.7]),
+        torch.randn(3, 1, 32, generator=gen),
+        torch.randn(3, 5, 32, 32, generator=gen),
+        torch.tensor([[12.5, 20.0, 24.0]] * 3),
+    )
     masks = level_face_masks(mask, size, unet.attention_levels)
     calls = []
     original = IPAdapterMaskProcessor.downsample
@@ -209,8 +231,9 @@ def test_official_per_layer_mask_call_equals_the_per_level_masks(unet, size):
         IPAdapterMaskProcessor.downsample = staticmethod(original)
         unet.attention = AudioAttention.REFERENCE
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    spatial = sum(isinstance(m.processor, SpatialAudioAttnProcessor) for n, m in unet.unet.named_modules()
-                  if n.endswith(".attn2"))
+    spatial = sum(
+        isinstance(m.processor, SpatialAudioAttnProcessor) for n, m in unet.unet.named_modules() if n.endswith(".attn2")
+    )
     assert len(calls) == spatial  # once per spatial layer of the call, at [B*F, queries, channels]
     assert all(batch == 15 for batch, _, _ in calls)
     with pytest.raises(ValueError, match="not both"):

@@ -50,13 +50,19 @@ class BackendEntry:
 REGISTRY: dict[str, BackendEntry] = {
     "torch": BackendEntry("sonic_rt.backends.torch_backend", "TorchBackend", "torch==2.13.0", engines=False),
     "onnxruntime": BackendEntry(
-        "sonic_rt.backends.onnxruntime_backend", "OnnxRuntimeBackend",
+        "sonic_rt.backends.onnxruntime_backend",
+        "OnnxRuntimeBackend",
         "onnxruntime (CPU: pip install 'sonic_rt[onnx]') or onnxruntime-gpu (CUDA: pip install 'sonic_rt[gpu]'); "
-        "never both", engines=True),
+        "never both",
+        engines=True,
+    ),
     "tensorrt": BackendEntry(
-        "sonic_rt.backends.tensorrt_backend", "TensorRTBackend",
+        "sonic_rt.backends.tensorrt_backend",
+        "TensorRTBackend",
         "TensorRT 10 with its Python bindings (pip install 'sonic_rt[tensorrt]' where NVIDIA's index is reachable) "
-        "and a CUDA GPU", engines=True),
+        "and a CUDA GPU",
+        engines=True,
+    ),
 }
 
 
@@ -141,8 +147,11 @@ class Backend(abc.ABC):
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         missing = [attr for attr in ("name", "artifact_suffix") if not hasattr(cls, attr)]
-        abstract = [attr for attr in ("versions", "default_device")
-                    if getattr(getattr(cls, attr), "__isabstractmethod__", False)]
+        abstract = [
+            attr
+            for attr in ("versions", "default_device")
+            if getattr(getattr(cls, attr), "__isabstractmethod__", False)
+        ]
         if missing or abstract:
             raise TypeError(f"backend {cls.__name__} does not define {', '.join(missing + abstract)}")
         cls.is_exported = cls.artifact_suffix is not None
@@ -168,8 +177,9 @@ class Backend(abc.ABC):
         return None
 
     @classmethod
-    def load_graph(cls, spec: GraphSpec, path: Path, device: torch.device,
-                   providers: Sequence[str] | None = None) -> Graph:
+    def load_graph(
+        cls, spec: GraphSpec, path: Path, device: torch.device, providers: Sequence[str] | None = None
+    ) -> Graph:
         """Load the artifact ``path`` as graph ``spec`` on ``device`` (exported backends override this).
 
         Args:

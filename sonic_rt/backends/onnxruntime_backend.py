@@ -34,7 +34,8 @@ def default_providers(device: torch.device) -> list[str]:
         if "CUDAExecutionProvider" not in available:
             raise BackendUnavailableError(
                 f"onnxruntime {ort.__version__} here has no CUDAExecutionProvider (available: {', '.join(available)});"
-                " install onnxruntime-gpu instead of onnxruntime (pip install 'sonic_rt[gpu]'), or run on device='cpu'")
+                " install onnxruntime-gpu instead of onnxruntime (pip install 'sonic_rt[gpu]'), or run on device='cpu'"
+            )
         return ["CUDAExecutionProvider"]
     raise BackendUnavailableError(f"the onnxruntime backend does not run on device {device}")
 
@@ -48,8 +49,14 @@ def _provider_options(name: str, device: torch.device) -> tuple[str, dict[str, s
 class OnnxRuntimeGraph(Graph):
     """One ``InferenceSession`` over an exported graph."""
 
-    def __init__(self, spec: GraphSpec, path: Path, device: torch.device, providers: Sequence[str] | None = None,
-                 threads: int | None = None):
+    def __init__(
+        self,
+        spec: GraphSpec,
+        path: Path,
+        device: torch.device,
+        providers: Sequence[str] | None = None,
+        threads: int | None = None,
+    ):
         super().__init__(spec, device)
         providers = list(providers) if providers else default_providers(self.device)
         options = ort.SessionOptions()
@@ -58,14 +65,17 @@ class OnnxRuntimeGraph(Graph):
         if threads:
             options.intra_op_num_threads = threads
         try:
-            self.session = ort.InferenceSession(str(path), options,
-                                                providers=[_provider_options(p, self.device) for p in providers])
+            self.session = ort.InferenceSession(
+                str(path), options, providers=[_provider_options(p, self.device) for p in providers]
+            )
         except Exception as exc:  # onnxruntime raises its own exception types
             raise EngineError(f"onnxruntime cannot load the graph ({type(exc).__name__}: {exc})", path) from None
         missing = [p for p in providers if p not in self.session.get_providers()]
         if missing:
-            raise BackendUnavailableError(f"onnxruntime did not enable {', '.join(missing)} for {path.name} "
-                                          f"(enabled: {', '.join(self.session.get_providers())})")
+            raise BackendUnavailableError(
+                f"onnxruntime did not enable {', '.join(missing)} for {path.name} "
+                f"(enabled: {', '.join(self.session.get_providers())})"
+            )
         self.providers = self.session.get_providers()
 
     def run(self, inputs: list[torch.Tensor], values: Mapping[str, int]) -> list[torch.Tensor]:
@@ -106,8 +116,9 @@ class OnnxRuntimeBackend(Backend):
         return torch.device("cuda" if cuda else "cpu")
 
     @classmethod
-    def load_graph(cls, spec: GraphSpec, path: Path, device: torch.device,
-                   providers: Sequence[str] | None = None) -> OnnxRuntimeGraph:
+    def load_graph(
+        cls, spec: GraphSpec, path: Path, device: torch.device, providers: Sequence[str] | None = None
+    ) -> OnnxRuntimeGraph:
         """One session over ``path`` (threads from ``SONIC_RT_ORT_THREADS``, else onnxruntime's default)."""
         threads = int(os.environ.get("SONIC_RT_ORT_THREADS", "0")) or None
         return OnnxRuntimeGraph(spec, path, device, providers, threads)

@@ -43,8 +43,10 @@ _DTYPES = tensorrt_dtype_names(trt)
 
 def _require_cuda() -> None:
     if not torch.cuda.is_available():
-        raise BackendUnavailableError("the tensorrt backend needs a CUDA GPU, and torch sees none here "
-                                      "(torch.cuda.is_available() is False); use the torch or onnxruntime backend")
+        raise BackendUnavailableError(
+            "the tensorrt backend needs a CUDA GPU, and torch sees none here "
+            "(torch.cuda.is_available() is False); use the torch or onnxruntime backend"
+        )
 
 
 class _Slot:
@@ -85,8 +87,11 @@ class TensorRTGraph(Graph):
             self.runtime = trt.Runtime(LOGGER)
             self.engine = self.runtime.deserialize_cuda_engine(plan)
         if self.engine is None:
-            raise EngineError(f"TensorRT {trt.__version__} cannot deserialize this plan: built for another TensorRT "
-                              f"version or GPU? {REBUILD}", self.path)
+            raise EngineError(
+                f"TensorRT {trt.__version__} cannot deserialize this plan: built for another TensorRT "
+                f"version or GPU? {REBUILD}",
+                self.path,
+            )
         self._check_engine()
         self._slots: dict[int, _Slot] = {}
         self._lock = threading.Lock()
@@ -98,19 +103,28 @@ class TensorRTGraph(Graph):
         inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outputs = [n for n in names if n not in inputs]
         if sorted(inputs) != sorted(self.spec.input_names) or sorted(outputs) != sorted(self.spec.output_names):
-            raise EngineError(f"the engine's inputs ({', '.join(inputs)}) and outputs ({', '.join(outputs)}) are not "
-                              f"graph {self.spec.name!r}'s ({', '.join(self.spec.input_names)} -> "
-                              f"{', '.join(self.spec.output_names)}); {REBUILD}", self.path)
+            raise EngineError(
+                f"the engine's inputs ({', '.join(inputs)}) and outputs ({', '.join(outputs)}) are not "
+                f"graph {self.spec.name!r}'s ({', '.join(self.spec.input_names)} -> "
+                f"{', '.join(self.spec.output_names)}); {REBUILD}",
+                self.path,
+            )
         for tensor in self.spec.inputs + self.spec.outputs:
             trt_dtype = engine.get_tensor_dtype(tensor.name)
             if _DTYPES.get(trt_dtype) != tensor.dtype:
-                raise EngineError(f"{tensor.name} is {trt_dtype} in the engine but {tensor.dtype} in graph "
-                                  f"{self.spec.name!r} (built for another precision?); {REBUILD}", self.path)
+                raise EngineError(
+                    f"{tensor.name} is {trt_dtype} in the engine but {tensor.dtype} in graph "
+                    f"{self.spec.name!r} (built for another precision?); {REBUILD}",
+                    self.path,
+                )
         for name, want in self.spec.profile().items():
             got = tuple(tuple(dims) for dims in engine.get_tensor_profile_shape(name, 0))
             if got != want:
-                raise EngineError(f"{name}: the engine was built for (min, opt, max) shapes {got}, graph "
-                                  f"{self.spec.name!r} needs {want}; {REBUILD}", self.path)
+                raise EngineError(
+                    f"{name}: the engine was built for (min, opt, max) shapes {got}, graph "
+                    f"{self.spec.name!r} needs {want}; {REBUILD}",
+                    self.path,
+                )
 
     # -- per-stream state ------------------------------------------------------------------------------
     def _slot(self, stream_handle: int) -> _Slot:
@@ -122,10 +136,13 @@ class TensorRTGraph(Graph):
                 if slot is None:
                     context = self.engine.create_execution_context()
                     if context is None:
-                        raise EngineError("TensorRT could not create an execution context (out of GPU memory?)",
-                                          self.path)
-                    buffers = {t.name: torch.empty(self.spec.max_shape(t), dtype=t.torch_dtype, device=self.device)
-                               for t in self.spec.outputs}
+                        raise EngineError(
+                            "TensorRT could not create an execution context (out of GPU memory?)", self.path
+                        )
+                    buffers = {
+                        t.name: torch.empty(self.spec.max_shape(t), dtype=t.torch_dtype, device=self.device)
+                        for t in self.spec.outputs
+                    }
                     slot = self._slots[stream_handle] = _Slot(context, buffers)
         return slot
 
@@ -148,9 +165,11 @@ class TensorRTGraph(Graph):
             for tensor in self.spec.outputs:
                 got = tuple(context.get_tensor_shape(tensor.name))
                 if got != shapes[tensor.name]:
-                    raise EngineError(f"output {tensor.name} has shape {list(got)} in the engine but "
-                                      f"{list(shapes[tensor.name])} by graph {self.spec.name!r}'s spec; {REBUILD}",
-                                      self.path)
+                    raise EngineError(
+                        f"output {tensor.name} has shape {list(got)} in the engine but "
+                        f"{list(shapes[tensor.name])} by graph {self.spec.name!r}'s spec; {REBUILD}",
+                        self.path,
+                    )
                 context.set_tensor_address(tensor.name, slot.buffers[tensor.name].data_ptr())
             if not context.execute_async_v3(stream):
                 raise EngineError(f"TensorRT failed to enqueue graph {self.spec.name!r} (see its log above)", self.path)
@@ -158,7 +177,7 @@ class TensorRTGraph(Graph):
             for tensor in self.spec.outputs:
                 shape = shapes[tensor.name]
                 # the engine writes a dense [shape] tensor at the start of the [max shape] buffer
-                region = slot.buffers[tensor.name].view(-1)[:math.prod(shape)].view(shape)
+                region = slot.buffers[tensor.name].view(-1)[: math.prod(shape)].view(shape)
                 outputs.append(region.clone())  # ordered on this stream: the next run cannot overwrite it first
             return outputs
 
@@ -195,8 +214,9 @@ class TensorRTBackend(Backend):
         return {"name": torch.cuda.get_device_name(device), "compute_capability": f"{major}.{minor}"}
 
     @classmethod
-    def load_graph(cls, spec: GraphSpec, path: Path, device: torch.device,
-                   providers: Sequence[str] | None = None) -> TensorRTGraph:
+    def load_graph(
+        cls, spec: GraphSpec, path: Path, device: torch.device, providers: Sequence[str] | None = None
+    ) -> TensorRTGraph:
         """Load ``path`` as graph ``spec`` on ``device``; ``providers`` is ignored (onnxruntime only)."""
         _require_cuda()
         if torch.device(device).type != "cuda":

@@ -56,8 +56,10 @@ class TorchBackend(Backend):
         """Graphs over ``models`` in their own dtypes: UNet/VAE/CLIP in ``models.dtype``; Whisper, the
         adapters and RIFE in fp32 (official)."""
         config = PipelineConfig.from_models(models)
-        specs = graph_specs(config, ShapeOptions(), Precision.from_torch(models.dtype),
-                            fp32_graphs=FP32_GRAPHS | {"whisper_encoder"})
+        specs = graph_specs(
+            config, ShapeOptions(), Precision.from_torch(models.dtype), fp32_graphs=FP32_GRAPHS | {"whisper_encoder"}
+        )
         modules = graph_modules(models)
-        return Graphs.from_mapping(cls, config, {name: TorchGraph(spec, modules[name], models.device)
-                                                 for name, spec in specs.items()})
+        return Graphs.from_mapping(
+            cls, config, {name: TorchGraph(spec, modules[name], models.device) for name, spec in specs.items()}
+        )

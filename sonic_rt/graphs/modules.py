@@ -37,11 +37,19 @@ from .spec import DimRange, GraphSpec, Precision, TensorSpec
 if TYPE_CHECKING:
     from ..loading import SonicModels
 
-GRAPH_NAMES = ("whisper_encoder", "image_encoder", "vae_encoder", "audio2token", "audio2bucket", "unet",
-               "vae_decoder", "rife")
+GRAPH_NAMES = (
+    "whisper_encoder",
+    "image_encoder",
+    "vae_encoder",
+    "audio2token",
+    "audio2bucket",
+    "unet",
+    "vae_decoder",
+    "rife",
+)
 FP32_GRAPHS = frozenset({"audio2token", "audio2bucket", "rife"})  # official: always fp32
-DECODE_CHUNK_SIZE = 8   # official `decode_chunk_size`: the temporal VAE mixes frames within a chunk
-ADAPTER_FRAMES = 64     # frames per audio-adapter call (memory only; results do not depend on it)
+DECODE_CHUNK_SIZE = 8  # official `decode_chunk_size`: the temporal VAE mixes frames within a chunk
+ADAPTER_FRAMES = 64  # frames per audio-adapter call (memory only; results do not depend on it)
 
 
 @dataclass(frozen=True)
@@ -52,44 +60,54 @@ class PipelineConfig:
     config keys they come from (``unet/config.json``, ``vae/config.json``, CLIP/Whisper ``config.json``).
     """
 
-    latent_channels: int          # unet out_channels (4)
-    unet_in_channels: int         # unet in_channels (8 = noisy + image latents)
-    cross_attention_dim: int      # unet cross_attention_dim (1024)
-    audio_context_tokens: int     # audio2token tokens per frame (32)
+    latent_channels: int  # unet out_channels (4)
+    unet_in_channels: int  # unet in_channels (8 = noisy + image latents)
+    cross_attention_dim: int  # unet cross_attention_dim (1024)
+    audio_context_tokens: int  # audio2token tokens per frame (32)
     attention_levels: tuple[int, ...]  # UNet levels holding audio attention
-    vae_scale_factor: int         # 2 ** (len(vae block_out_channels) - 1) (8)
-    vae_scaling_factor: float     # vae scaling_factor (0.18215)
-    clip_image_size: int          # CLIP vision image_size (224)
-    clip_embed_dim: int           # CLIP projection_dim (1024)
-    whisper_mel_bins: int         # num_mel_bins (80)
-    whisper_positions: int        # max_source_positions (1500); input frames are twice that
-    whisper_states: int           # encoder_layers + 1 hidden states
-    whisper_d_model: int          # d_model (384)
-    token_window: int             # audio2token window (10)
-    bucket_window: int            # audio2bucket window (50)
-    num_buckets: int              # 2
-    audio_scale: float = 1.0      # official ip_audio_scale
+    vae_scale_factor: int  # 2 ** (len(vae block_out_channels) - 1) (8)
+    vae_scaling_factor: float  # vae scaling_factor (0.18215)
+    clip_image_size: int  # CLIP vision image_size (224)
+    clip_embed_dim: int  # CLIP projection_dim (1024)
+    whisper_mel_bins: int  # num_mel_bins (80)
+    whisper_positions: int  # max_source_positions (1500); input frames are twice that
+    whisper_states: int  # encoder_layers + 1 hidden states
+    whisper_d_model: int  # d_model (384)
+    token_window: int  # audio2token window (10)
+    bucket_window: int  # audio2bucket window (50)
+    num_buckets: int  # 2
+    audio_scale: float = 1.0  # official ip_audio_scale
 
     @classmethod
-    def from_models(cls, models: "SonicModels") -> "PipelineConfig":
+    def from_models(cls, models: SonicModels) -> PipelineConfig:
         from ..loading import AUDIO2BUCKET_WINDOW, AUDIO2TOKEN_WINDOW, NUM_BUCKETS
 
         unet, whisper = models.unet, models.whisper_encoder.config
-        return cls(latent_channels=unet.config.out_channels, unet_in_channels=unet.config.in_channels,
-                   cross_attention_dim=unet.config.cross_attention_dim,
-                   audio_context_tokens=models.audio2token.context_tokens, attention_levels=unet.attention_levels,
-                   vae_scale_factor=models.vae_scale_factor, vae_scaling_factor=float(models.vae.config.scaling_factor),
-                   clip_image_size=models.image_encoder.config.image_size,
-                   clip_embed_dim=models.image_encoder.config.projection_dim, whisper_mel_bins=whisper.num_mel_bins,
-                   whisper_positions=whisper.max_source_positions, whisper_states=whisper.encoder_layers + 1,
-                   whisper_d_model=whisper.d_model, token_window=AUDIO2TOKEN_WINDOW,
-                   bucket_window=AUDIO2BUCKET_WINDOW, num_buckets=NUM_BUCKETS, audio_scale=unet.audio_scale)
+        return cls(
+            latent_channels=unet.config.out_channels,
+            unet_in_channels=unet.config.in_channels,
+            cross_attention_dim=unet.config.cross_attention_dim,
+            audio_context_tokens=models.audio2token.context_tokens,
+            attention_levels=unet.attention_levels,
+            vae_scale_factor=models.vae_scale_factor,
+            vae_scaling_factor=float(models.vae.config.scaling_factor),
+            clip_image_size=models.image_encoder.config.image_size,
+            clip_embed_dim=models.image_encoder.config.projection_dim,
+            whisper_mel_bins=whisper.num_mel_bins,
+            whisper_positions=whisper.max_source_positions,
+            whisper_states=whisper.encoder_layers + 1,
+            whisper_d_model=whisper.d_model,
+            token_window=AUDIO2TOKEN_WINDOW,
+            bucket_window=AUDIO2BUCKET_WINDOW,
+            num_buckets=NUM_BUCKETS,
+            audio_scale=unet.audio_scale,
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "attention_levels": list(self.attention_levels)}
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> "PipelineConfig":
+    def from_json(cls, data: Mapping[str, Any]) -> PipelineConfig:
         return cls(**{**data, "attention_levels": tuple(data["attention_levels"])})
 
     @property
@@ -120,23 +138,28 @@ class ShapeOptions:
                 raise ValueError(f"resolution {value} is not a multiple of 64 (the face crop is resized to one)")
 
     def to_json(self) -> dict[str, Any]:
-        return {"frames": self.frames, "resolution": list(asdict(self.resolution).values()),
-                "windows": list(asdict(self.windows).values())}
+        return {
+            "frames": self.frames,
+            "resolution": list(asdict(self.resolution).values()),
+            "windows": list(asdict(self.windows).values()),
+        }
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> "ShapeOptions":
+    def from_json(cls, data: Mapping[str, Any]) -> ShapeOptions:
         return cls(data["frames"], DimRange(*data["resolution"]), DimRange(*data["windows"]))
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Specs
 # ---------------------------------------------------------------------------------------------------------
-def graph_specs(config: PipelineConfig, shapes: ShapeOptions, precision: Precision,
-                fp32_graphs: frozenset[str] = FP32_GRAPHS) -> dict[str, GraphSpec]:
+def graph_specs(
+    config: PipelineConfig, shapes: ShapeOptions, precision: Precision, fp32_graphs: frozenset[str] = FP32_GRAPHS
+) -> dict[str, GraphSpec]:
     """The :class:`GraphSpec` of every graph for a model (``config``), shape ranges and precision.
 
     Graphs in ``fp32_graphs`` keep fp32 tensors whatever ``precision`` is.
     """
+
     def dtype(graph: str) -> str:
         return "float32" if graph in fp32_graphs else precision.dtype
 
@@ -146,54 +169,99 @@ def graph_specs(config: PipelineConfig, shapes: ShapeOptions, precision: Precisi
     frames = DimRange(1, shapes.frames, shapes.frames)
     specs: dict[str, GraphSpec] = {}
 
-    def add(name: str, inputs: list[tuple], outputs: list[tuple], dims: dict[str, DimRange],
-            derived: dict[str, tuple[str, int, int]] | None = None) -> None:
+    def add(
+        name: str,
+        inputs: list[tuple],
+        outputs: list[tuple],
+        dims: dict[str, DimRange],
+        derived: dict[str, tuple[str, int, int]] | None = None,
+    ) -> None:
         t = dtype(name)
         specs[name] = GraphSpec(
-            name, tuple(TensorSpec(n, tuple(d), t if dt is None else dt, *rest) for n, d, dt, *rest in inputs),
-            tuple(TensorSpec(n, tuple(d), t if dt is None else dt) for n, d, dt in outputs), dims, derived or {})
+            name,
+            tuple(TensorSpec(n, tuple(d), t if dt is None else dt, *rest) for n, d, dt, *rest in inputs),
+            tuple(TensorSpec(n, tuple(d), t if dt is None else dt) for n, d, dt in outputs),
+            dims,
+            derived or {},
+        )
 
-    add("whisper_encoder", [("input_features", (1, config.whisper_mel_bins, 2 * config.whisper_positions), None,
-                             (-1.0, 1.0))],
-        [("hidden_states", (1, config.whisper_positions, config.whisper_states, config.whisper_d_model), None)], {})
+    add(
+        "whisper_encoder",
+        [("input_features", (1, config.whisper_mel_bins, 2 * config.whisper_positions), None, (-1.0, 1.0))],
+        [("hidden_states", (1, config.whisper_positions, config.whisper_states, config.whisper_d_model), None)],
+        {},
+    )
     size = config.clip_image_size
-    add("image_encoder", [("pixel_values", (1, 3, size, size), None, (-2.0, 2.0))],
-        [("image_embeds", (1, config.clip_embed_dim), None)], {})
-    add("vae_encoder", [("image", (1, 3, "height", "width"), None, (-1.0, 1.0))],
+    add(
+        "image_encoder",
+        [("pixel_values", (1, 3, size, size), None, (-2.0, 2.0))],
+        [("image_embeds", (1, config.clip_embed_dim), None)],
+        {},
+    )
+    add(
+        "vae_encoder",
+        [("image", (1, 3, "height", "width"), None, (-1.0, 1.0))],
         [("latents", (1, config.latent_channels, "latent_height", "latent_width"), None)],
         {"height": pixels, "width": pixels, "latent_height": latent, "latent_width": latent},
-        {"latent_height": ("height", 1, f), "latent_width": ("width", 1, f)})
+        {"latent_height": ("height", 1, f), "latent_width": ("width", 1, f)},
+    )
     adapter = DimRange(1, ADAPTER_FRAMES, ADAPTER_FRAMES)
-    add("audio2token", [("windows", (1, "frames", config.token_window, config.whisper_states, config.whisper_d_model),
-                         None)],
-        [("tokens", (1, "frames", config.audio_context_tokens, config.cross_attention_dim), None)], {"frames": adapter})
-    add("audio2bucket", [("windows", (1, "frames", config.bucket_window, 1, config.whisper_d_model), None),
-                         ("clip_embeds", (1, config.clip_embed_dim), None)],
-        [("buckets", (1, "frames", config.num_buckets, 1), None)], {"frames": adapter})
+    add(
+        "audio2token",
+        [("windows", (1, "frames", config.token_window, config.whisper_states, config.whisper_d_model), None)],
+        [("tokens", (1, "frames", config.audio_context_tokens, config.cross_attention_dim), None)],
+        {"frames": adapter},
+    )
+    add(
+        "audio2bucket",
+        [
+            ("windows", (1, "frames", config.bucket_window, 1, config.whisper_d_model), None),
+            ("clip_embeds", (1, config.clip_embed_dim), None),
+        ],
+        [("buckets", (1, "frames", config.num_buckets, 1), None)],
+        {"frames": adapter},
+    )
 
     unet_dims = {"batch": shapes.windows.scaled(3), "frames": frames, "height": latent, "width": latent}
     masks, unet_derived = [], {}
     for level in range(config.num_face_masks):
-        step = 2 ** level
+        step = 2**level
         unet_dims[f"height_{level}"] = DimRange(*(math.ceil(v / step) for v in (latent.min, latent.opt, latent.max)))
         unet_dims[f"width_{level}"] = unet_dims[f"height_{level}"]
         unet_derived[f"height_{level}"] = ("height", 1, step)
         unet_derived[f"width_{level}"] = ("width", 1, step)
         masks.append((f"face_mask_{level}", (1, 1, f"height_{level}", f"width_{level}"), None, (0.0, 1.0)))
-    add("unet", [("sample", ("batch", "frames", config.unet_in_channels, "height", "width"), None),
-                 ("timestep", (1,), "float32", (-1.5, 1.6)),
-                 ("clip_embeds", ("batch", 1, config.cross_attention_dim), None),
-                 ("audio_tokens", ("batch", "frames", config.audio_context_tokens, config.cross_attention_dim), None),
-                 ("added_time_ids", ("batch", 3), "float32", (8.0, 40.0)), *masks],
-        [("v", ("batch", "frames", config.latent_channels, "height", "width"), None)], unet_dims, unet_derived)
+    add(
+        "unet",
+        [
+            ("sample", ("batch", "frames", config.unet_in_channels, "height", "width"), None),
+            ("timestep", (1,), "float32", (-1.5, 1.6)),
+            ("clip_embeds", ("batch", 1, config.cross_attention_dim), None),
+            ("audio_tokens", ("batch", "frames", config.audio_context_tokens, config.cross_attention_dim), None),
+            ("added_time_ids", ("batch", 3), "float32", (8.0, 40.0)),
+            *masks,
+        ],
+        [("v", ("batch", "frames", config.latent_channels, "height", "width"), None)],
+        unet_dims,
+        unet_derived,
+    )
     chunk = DimRange(1, DECODE_CHUNK_SIZE, DECODE_CHUNK_SIZE)
-    add("vae_decoder", [("latents", ("frames", config.latent_channels, "latent_height", "latent_width"), None)],
+    add(
+        "vae_decoder",
+        [("latents", ("frames", config.latent_channels, "latent_height", "latent_width"), None)],
         [("frames", ("frames", 3, "height", "width"), None)],
         {"frames": chunk, "latent_height": latent, "latent_width": latent, "height": pixels, "width": pixels},
-        {"height": ("latent_height", f, 1), "width": ("latent_width", f, 1)})
-    add("rife", [("img0", ("pairs", 3, "height", "width"), None, (0.0, 1.0)),
-                 ("img1", ("pairs", 3, "height", "width"), None, (0.0, 1.0))],
-        [("middle", ("pairs", 3, "height", "width"), None)], {"pairs": chunk, "height": pixels, "width": pixels})
+        {"height": ("latent_height", f, 1), "width": ("latent_width", f, 1)},
+    )
+    add(
+        "rife",
+        [
+            ("img0", ("pairs", 3, "height", "width"), None, (0.0, 1.0)),
+            ("img1", ("pairs", 3, "height", "width"), None, (0.0, 1.0)),
+        ],
+        [("middle", ("pairs", 3, "height", "width"), None)],
+        {"pairs": chunk, "height": pixels, "width": pixels},
+    )
     return specs
 
 
@@ -271,10 +339,16 @@ class RifeGraph(nn.Module):
         return self.rife(img0, img1)
 
 
-def graph_modules(models: "SonicModels") -> dict[str, nn.Module]:
+def graph_modules(models: SonicModels) -> dict[str, nn.Module]:
     """The eight graph modules over loaded models (weights shared, nothing copied). The UNet graph is the
     :class:`SonicUNet` itself (its forward already has the graph signature)."""
-    return {"whisper_encoder": WhisperEncoderGraph(models.whisper_encoder),
-            "image_encoder": ImageEncoderGraph(models.image_encoder), "vae_encoder": VaeEncoderGraph(models.vae),
-            "audio2token": Audio2TokenGraph(models.audio2token), "audio2bucket": Audio2BucketGraph(models.audio2bucket),
-            "unet": models.unet, "vae_decoder": VaeDecoderGraph(models.vae), "rife": RifeGraph(models.rife)}
+    return {
+        "whisper_encoder": WhisperEncoderGraph(models.whisper_encoder),
+        "image_encoder": ImageEncoderGraph(models.image_encoder),
+        "vae_encoder": VaeEncoderGraph(models.vae),
+        "audio2token": Audio2TokenGraph(models.audio2token),
+        "audio2bucket": Audio2BucketGraph(models.audio2bucket),
+        "unet": models.unet,
+        "vae_decoder": VaeDecoderGraph(models.vae),
+        "rife": RifeGraph(models.rife),
+    }

@@ -25,10 +25,8 @@ import torch
 
 from ..errors import InputError
 
-
 # Element types by name (``TensorSpec.dtype``; the names ONNX and TensorRT tensors are checked against).
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-                "int64": torch.int64}
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64}
 # torch dtype -> numpy dtype, for host buffers and onnxruntime bindings (numpy has no bfloat16).
 NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
 
@@ -63,7 +61,7 @@ class Precision(enum.Enum):
             raise ValueError(f"numpy has no {self.dtype} dtype") from None
 
     @classmethod
-    def from_torch(cls, dtype: torch.dtype) -> "Precision":
+    def from_torch(cls, dtype: torch.dtype) -> Precision:
         """The precision of a torch float dtype.
 
         Raises:
@@ -75,7 +73,7 @@ class Precision(enum.Enum):
         raise InputError(f"unsupported dtype {dtype}; use one of {', '.join(_names())}")
 
     @classmethod
-    def parse(cls, value: "str | torch.dtype | Precision | None") -> "Precision | None":
+    def parse(cls, value: str | torch.dtype | Precision | None) -> Precision | None:
         """A precision from its name (``"fp16"`` or ``"float16"``, ``"bf16"`` / ``"bfloat16"``, ``"fp32"`` /
         ``"float32"``), a torch dtype or a ``Precision``; None stays None (the caller's default applies).
 
@@ -99,8 +97,14 @@ _ELEMENT_TYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 def tensorrt_dtype_names(trt) -> dict[Any, str]:
     """TensorRT's ``DataType`` -> element type name (``TensorSpec.dtype``), for the ``tensorrt`` module given:
     the engine builder and the TensorRT backend check their tensors against the spec with it."""
-    return {trt.DataType.FLOAT: "float32", trt.DataType.HALF: "float16", trt.DataType.BF16: "bfloat16",
-            trt.DataType.INT64: "int64", trt.DataType.INT32: "int32", trt.DataType.BOOL: "bool"}
+    return {
+        trt.DataType.FLOAT: "float32",
+        trt.DataType.HALF: "float16",
+        trt.DataType.BF16: "bfloat16",
+        trt.DataType.INT64: "int64",
+        trt.DataType.INT32: "int32",
+        trt.DataType.BOOL: "bool",
+    }
 
 
 def _names() -> list[str]:
@@ -122,14 +126,14 @@ class DimRange:
             raise ValueError(f"a dim range needs 1 <= min <= opt <= max, got {self.min}, {self.opt}, {self.max}")
 
     @classmethod
-    def fixed(cls, value: int) -> "DimRange":
+    def fixed(cls, value: int) -> DimRange:
         return cls(value, value, value)
 
     @property
     def is_fixed(self) -> bool:
         return self.min == self.max
 
-    def scaled(self, factor: int) -> "DimRange":
+    def scaled(self, factor: int) -> DimRange:
         return DimRange(self.min * factor, self.opt * factor, self.max * factor)
 
     def __str__(self) -> str:
@@ -226,8 +230,9 @@ class GraphSpec:
         """TensorRT optimisation profile: input name -> (min, opt, max) shapes."""
         return {t.name: (self.shape(t, "min"), self.shape(t, "opt"), self.shape(t, "max")) for t in self.inputs}
 
-    def sample_inputs(self, point: Point = "opt", *, seed: int = 0,
-                      device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
+    def sample_inputs(
+        self, point: Point = "opt", *, seed: int = 0, device: torch.device | str = "cpu"
+    ) -> tuple[torch.Tensor, ...]:
         """Random inputs at ``point``, in call order (seeded CPU generator, then moved to ``device``)."""
         gen = torch.Generator().manual_seed(seed)
         tensors = []
@@ -249,33 +254,41 @@ class GraphSpec:
                 range (when ``check_ranges``; engines with optimisation profiles accept nothing else).
         """
         if len(tensors) != len(self.inputs):
-            raise InputError(f"graph {self.name!r} takes {len(self.inputs)} inputs ({', '.join(self.input_names)}), "
-                             f"got {len(tensors)}")
+            raise InputError(
+                f"graph {self.name!r} takes {len(self.inputs)} inputs ({', '.join(self.input_names)}), "
+                f"got {len(tensors)}"
+            )
         values: dict[str, int] = {}
         for spec, tensor in zip(self.inputs, tensors):
             if tensor.dim() != len(spec.dims):
-                raise InputError(f"{self.name}.{spec.name}: expected {len(spec.dims)} dims {list(spec.dims)}, got "
-                                 f"shape {list(tensor.shape)}")
+                raise InputError(
+                    f"{self.name}.{spec.name}: expected {len(spec.dims)} dims {list(spec.dims)}, got "
+                    f"shape {list(tensor.shape)}"
+                )
             for axis, (dim, size) in enumerate(zip(spec.dims, tensor.shape)):
                 if isinstance(dim, int):
                     if size != dim:
                         raise InputError(f"{self.name}.{spec.name}: dim {axis} must be {dim}, got {size}")
                 elif values.setdefault(dim, size) != size:
-                    raise InputError(f"{self.name}.{spec.name}: dim {dim!r} is {size} here but {values[dim]} in "
-                                     "another input")
+                    raise InputError(
+                        f"{self.name}.{spec.name}: dim {dim!r} is {size} here but {values[dim]} in another input"
+                    )
         for dim, (source, mul, div) in self.derived.items():
             if source in values:
                 want = -(-values[source] * mul // div)
                 if values.setdefault(dim, want) != want:
-                    raise InputError(f"{self.name}: {dim} must be ceil({source} * {mul} / {div}) = {want}, got "
-                                     f"{values[dim]}")
+                    raise InputError(
+                        f"{self.name}: {dim} must be ceil({source} * {mul} / {div}) = {want}, got {values[dim]}"
+                    )
         if check_ranges:
             for dim, size in values.items():
                 rng = self.dims[dim]
                 if not rng.min <= size <= rng.max:
-                    raise InputError(f"{self.name}: {dim} = {size} is outside the range this engine was built for "
-                                     f"({rng.min}..{rng.max}); rebuild it with a wider range "
-                                     "(python -m export.build_engines --help)")
+                    raise InputError(
+                        f"{self.name}: {dim} = {size} is outside the range this engine was built for "
+                        f"({rng.min}..{rng.max}); rebuild it with a wider range "
+                        "(python -m export.build_engines --help)"
+                    )
         return values
 
     def output_shapes(self, values: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
@@ -293,17 +306,24 @@ class GraphSpec:
                 out["sample_range"] = list(t.sample_range)
             return out
 
-        return {"name": self.name, "inputs": [tensor(t) for t in self.inputs],
-                "outputs": [tensor(t) for t in self.outputs],
-                "dims": {k: [r.min, r.opt, r.max] for k, r in self.dims.items()},
-                "derived": {k: list(v) for k, v in self.derived.items()}}
+        return {
+            "name": self.name,
+            "inputs": [tensor(t) for t in self.inputs],
+            "outputs": [tensor(t) for t in self.outputs],
+            "dims": {k: [r.min, r.opt, r.max] for k, r in self.dims.items()},
+            "derived": {k: list(v) for k, v in self.derived.items()},
+        }
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> "GraphSpec":
+    def from_json(cls, data: Mapping[str, Any]) -> GraphSpec:
         def tensor(t: Mapping[str, Any]) -> TensorSpec:
             rng = t.get("sample_range")
             return TensorSpec(t["name"], tuple(t["dims"]), t["dtype"], tuple(rng) if rng is not None else None)
 
-        return cls(data["name"], tuple(tensor(t) for t in data["inputs"]), tuple(tensor(t) for t in data["outputs"]),
-                   {k: DimRange(*v) for k, v in data["dims"].items()},
-                   {k: tuple(v) for k, v in data.get("derived", {}).items()})
+        return cls(
+            data["name"],
+            tuple(tensor(t) for t in data["inputs"]),
+            tuple(tensor(t) for t in data["outputs"]),
+            {k: DimRange(*v) for k, v in data["dims"].items()},
+            {k: tuple(v) for k, v in data.get("derived", {}).items()},
+        )

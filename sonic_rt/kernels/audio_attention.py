@@ -41,7 +41,6 @@ import math
 import os
 
 import torch
-
 import triton
 import triton.language as tl
 
@@ -61,15 +60,36 @@ def interpreting() -> bool:
 
 @triton.jit
 def _audio_attention_kernel(
-    Q, K, V, ClipV, Mask, Out,
-    stride_qn, stride_ql, stride_qc,
-    stride_kn, stride_kt, stride_kc,
-    stride_vn, stride_vt, stride_vc,
-    stride_cn, stride_cc,
-    stride_on, stride_ol, stride_oc,
-    L, T, sm_scale, audio_scale,
-    HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
-    HAS_MASK: tl.constexpr, IEEE: tl.constexpr,
+    Q,
+    K,
+    V,
+    ClipV,
+    Mask,
+    Out,
+    stride_qn,
+    stride_ql,
+    stride_qc,
+    stride_kn,
+    stride_kt,
+    stride_kc,
+    stride_vn,
+    stride_vt,
+    stride_vc,
+    stride_cn,
+    stride_cc,
+    stride_on,
+    stride_ol,
+    stride_oc,
+    L,
+    T,
+    sm_scale,
+    audio_scale,
+    HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     pid_nh = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -91,12 +111,21 @@ def _audio_attention_kernel(
         mask = tl.full((BLOCK_M,), 1.0, tl.float32)
         active = True
     if active:
-        q = tl.load(Q + n * stride_qn + offs_m[:, None] * stride_ql + cols[None, :] * stride_qc,
-                    mask=rows_ok[:, None], other=0.0)
-        k = tl.load(K + n * stride_kn + offs_t[:, None] * stride_kt + cols[None, :] * stride_kc,
-                    mask=tokens_ok[:, None], other=0.0)
-        v = tl.load(V + n * stride_vn + offs_t[:, None] * stride_vt + cols[None, :] * stride_vc,
-                    mask=tokens_ok[:, None], other=0.0)
+        q = tl.load(
+            Q + n * stride_qn + offs_m[:, None] * stride_ql + cols[None, :] * stride_qc,
+            mask=rows_ok[:, None],
+            other=0.0,
+        )
+        k = tl.load(
+            K + n * stride_kn + offs_t[:, None] * stride_kt + cols[None, :] * stride_kc,
+            mask=tokens_ok[:, None],
+            other=0.0,
+        )
+        v = tl.load(
+            V + n * stride_vn + offs_t[:, None] * stride_vt + cols[None, :] * stride_vc,
+            mask=tokens_ok[:, None],
+            other=0.0,
+        )
         if IEEE:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
@@ -109,20 +138,27 @@ def _audio_attention_kernel(
         else:
             o = tl.dot(p.to(v.dtype), v)
         out += (audio_scale * mask / denom)[:, None] * o
-    tl.store(Out + n * stride_on + offs_m[:, None] * stride_ol + cols[None, :] * stride_oc,
-             out.to(Out.dtype.element_ty), mask=rows_ok[:, None])
+    tl.store(
+        Out + n * stride_on + offs_m[:, None] * stride_ol + cols[None, :] * stride_oc,
+        out.to(Out.dtype.element_ty),
+        mask=rows_ok[:, None],
+    )
 
 
-def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, clip_v: torch.Tensor, heads: int,
-           mask: torch.Tensor | None) -> int:
+def _check(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, clip_v: torch.Tensor, heads: int, mask: torch.Tensor | None
+) -> int:
     """Validate the inputs; returns the head dim. Raises :class:`KernelUnsupported`."""
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3 or clip_v.dim() != 2:
-        raise KernelUnsupported(f"expected q [N, L, C], k/v [N, T, C], clip_v [N, C]; got {list(q.shape)}, "
-                                f"{list(k.shape)}, {list(v.shape)}, {list(clip_v.shape)}")
+        raise KernelUnsupported(
+            f"expected q [N, L, C], k/v [N, T, C], clip_v [N, C]; got {list(q.shape)}, "
+            f"{list(k.shape)}, {list(v.shape)}, {list(clip_v.shape)}"
+        )
     n, _, c = q.shape
     if k.shape != v.shape or k.shape[0] != n or k.shape[2] != c or tuple(clip_v.shape) != (n, c):
-        raise KernelUnsupported(f"inconsistent shapes q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)}, "
-                                f"clip_v {list(clip_v.shape)}")
+        raise KernelUnsupported(
+            f"inconsistent shapes q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)}, clip_v {list(clip_v.shape)}"
+        )
     if c % heads:
         raise KernelUnsupported(f"channels {c} are not divisible by {heads} heads")
     head_dim = c // heads
@@ -132,8 +168,9 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, clip_v: torch.Tens
         raise KernelUnsupported(f"{k.shape[1]} audio tokens: the kernel takes 1..{MAX_TOKENS}")
     tensors = [q, k, v, clip_v] + ([mask] if mask is not None else [])
     if q.dtype not in SUPPORTED_DTYPES or any(t.dtype != q.dtype for t in (k, v, clip_v)):
-        raise KernelUnsupported(f"dtypes must be one of fp16/bf16/fp32 and equal, got "
-                                f"{[str(t.dtype) for t in (q, k, v, clip_v)]}")
+        raise KernelUnsupported(
+            f"dtypes must be one of fp16/bf16/fp32 and equal, got {[str(t.dtype) for t in (q, k, v, clip_v)]}"
+        )
     devices = {t.device for t in tensors}
     if len(devices) != 1:
         raise KernelUnsupported(f"tensors are on several devices: {sorted(map(str, devices))}")
@@ -156,17 +193,43 @@ def _launch(q, k, v, clip_v, mask, heads: int, scale: float, block_m: int | None
     mask_arg = mask.contiguous() if mask is not None else q  # unused pointer when HAS_MASK is False
     grid = (n * heads, triton.cdiv(length, block_m))
     _audio_attention_kernel[grid](
-        q, k, v, clip_v, mask_arg, out,
-        *q.stride(), *k.stride(), *v.stride(), *clip_v.stride(), *out.stride(),
-        length, k.shape[1], 1.0 / math.sqrt(head_dim), float(scale),
-        HEADS=heads, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_T=block_t, HAS_MASK=mask is not None,
-        IEEE=q.dtype == torch.float32, num_warps=4 if block_m <= 64 else 8)
+        q,
+        k,
+        v,
+        clip_v,
+        mask_arg,
+        out,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *clip_v.stride(),
+        *out.stride(),
+        length,
+        k.shape[1],
+        1.0 / math.sqrt(head_dim),
+        float(scale),
+        HEADS=heads,
+        HEAD_DIM=head_dim,
+        BLOCK_M=block_m,
+        BLOCK_T=block_t,
+        HAS_MASK=mask is not None,
+        IEEE=q.dtype == torch.float32,
+        num_warps=4 if block_m <= 64 else 8,
+    )
     return out
 
 
-def spatial_audio_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, clip_v: torch.Tensor,
-                            mask: torch.Tensor, heads: int, scale: float = 1.0, *,
-                            block_m: int | None = None) -> torch.Tensor:
+def spatial_audio_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    clip_v: torch.Tensor,
+    mask: torch.Tensor,
+    heads: int,
+    scale: float = 1.0,
+    *,
+    block_m: int | None = None,
+) -> torch.Tensor:
     """Spatial audio attention of one layer, fused (see the module datasheet).
 
     Args:
@@ -186,8 +249,16 @@ def spatial_audio_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
     return _launch(q, k, v, clip_v, mask, heads, scale, block_m)
 
 
-def temporal_audio_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, clip_v: torch.Tensor,
-                             heads: int, scale: float = 1.0, *, block_m: int | None = None) -> torch.Tensor:
+def temporal_audio_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    clip_v: torch.Tensor,
+    heads: int,
+    scale: float = 1.0,
+    *,
+    block_m: int | None = None,
+) -> torch.Tensor:
     """Temporal audio attention of one layer, fused, K/V shared by every position of a batch row.
 
     Args:
@@ -205,8 +276,15 @@ def temporal_audio_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return _launch(q, k, v, clip_v, None, heads, scale, block_m)
 
 
-def audio_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, clip_v: torch.Tensor,
-                              mask: torch.Tensor | None, heads: int, scale: float = 1.0) -> torch.Tensor:
+def audio_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    clip_v: torch.Tensor,
+    mask: torch.Tensor | None,
+    heads: int,
+    scale: float = 1.0,
+) -> torch.Tensor:
     """The plain PyTorch definition (in the inputs' dtype): ``clip_v + scale * mask * softmax(q k^T/sqrt(d)) v``.
 
     Shapes as in :func:`spatial_audio_attention` (``mask`` None for the temporal layers).

@@ -29,8 +29,9 @@ class AudioProjModel(nn.Module):
         context_tokens: tokens per frame (official: 32).
     """
 
-    def __init__(self, seq_len: int, blocks: int, channels: int, intermediate_dim: int,
-                 output_dim: int, context_tokens: int):
+    def __init__(
+        self, seq_len: int, blocks: int, channels: int, intermediate_dim: int, output_dim: int, context_tokens: int
+    ):
         super().__init__()
         self.context_tokens = context_tokens
         self.output_dim = output_dim
@@ -67,8 +68,16 @@ class Audio2bucketModel(nn.Module):
         context_tokens: official 2 (the two motion buckets).
     """
 
-    def __init__(self, seq_len: int, blocks: int, channels: int, clip_channels: int,
-                 intermediate_dim: int, output_dim: int, context_tokens: int):
+    def __init__(
+        self,
+        seq_len: int,
+        blocks: int,
+        channels: int,
+        clip_channels: int,
+        intermediate_dim: int,
+        output_dim: int,
+        context_tokens: int,
+    ):
         super().__init__()
         self.context_tokens = context_tokens
         self.output_dim = output_dim

@@ -32,10 +32,12 @@ class IFBlock(nn.Module):
         self.convblock1 = nn.Sequential(_conv(c, c), _conv(c, c))
         self.convblock2 = nn.Sequential(_conv(c, c), _conv(c, c))
         self.convblock3 = nn.Sequential(_conv(c, c), _conv(c, c))
-        self.conv1 = nn.Sequential(nn.ConvTranspose2d(c, c // 2, 4, 2, 1), nn.PReLU(c // 2),
-                                   nn.ConvTranspose2d(c // 2, 4, 4, 2, 1))
-        self.conv2 = nn.Sequential(nn.ConvTranspose2d(c, c // 2, 4, 2, 1), nn.PReLU(c // 2),
-                                   nn.ConvTranspose2d(c // 2, 1, 4, 2, 1))
+        self.conv1 = nn.Sequential(
+            nn.ConvTranspose2d(c, c // 2, 4, 2, 1), nn.PReLU(c // 2), nn.ConvTranspose2d(c // 2, 4, 4, 2, 1)
+        )
+        self.conv2 = nn.Sequential(
+            nn.ConvTranspose2d(c, c // 2, 4, 2, 1), nn.PReLU(c // 2), nn.ConvTranspose2d(c // 2, 1, 4, 2, 1)
+        )
 
     def forward(self, x: torch.Tensor, flow: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         x = F.interpolate(x, scale_factor=1.0 / scale, mode="bilinear", align_corners=False)
@@ -57,8 +59,9 @@ def backward_warp(image: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
     ys = torch.linspace(-1.0, 1.0, h, device=flow.device, dtype=flow.dtype).view(1, 1, h, 1).expand(b, -1, -1, w)
     grid = torch.cat([xs, ys], 1)
     flow = torch.cat([flow[:, 0:1] / ((image.shape[3] - 1.0) / 2.0), flow[:, 1:2] / ((image.shape[2] - 1.0) / 2.0)], 1)
-    return F.grid_sample(image, (grid + flow).permute(0, 2, 3, 1), mode="bilinear", padding_mode="border",
-                         align_corners=True)
+    return F.grid_sample(
+        image, (grid + flow).permute(0, 2, 3, 1), mode="bilinear", padding_mode="border", align_corners=True
+    )
 
 
 class IFNet(nn.Module):

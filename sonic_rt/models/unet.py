@@ -65,8 +65,8 @@ class AudioAttention(enum.Enum):
     """Implementation of Sonic's audio attention (same function, different cost)."""
 
     REFERENCE = "reference"  # the official structure
-    SDPA = "sdpa"            # exact simplifications, torch SDPA
-    TRITON = "triton"        # exact simplifications, fused Triton kernels (sonic_rt/kernels/)
+    SDPA = "sdpa"  # exact simplifications, torch SDPA
+    TRITON = "triton"  # exact simplifications, fused Triton kernels (sonic_rt/kernels/)
 
 
 class AudioConditioning(threading.local):
@@ -88,7 +88,7 @@ class AudioConditioning(threading.local):
     scale: float = 1.0
     attention: AudioAttention = AudioAttention.REFERENCE
 
-    def __deepcopy__(self, memo) -> "AudioConditioning":
+    def __deepcopy__(self, memo) -> AudioConditioning:
         return AudioConditioning()  # per-call state only: a copied UNet gets its own, empty
 
 
@@ -129,8 +129,14 @@ class SpatialAudioAttnProcessor(_AudioAttnProcessor):
     hidden_states ``[B*F, H_l*W_l, C]``; encoder_hidden_states (CLIP) ``[B*F, 1, D]``.
     """
 
-    def forward(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         cond = self.conditioning
         query = attn.to_q(hidden_states)
         if cond.attention is AudioAttention.TRITON:
@@ -138,8 +144,15 @@ class SpatialAudioAttnProcessor(_AudioAttnProcessor):
 
             audio = cond.audio_tokens.flatten(0, 1)  # [B*F, T, D]
             mask = cond.face_masks[self.level].reshape(-1)  # [H_l*W_l]
-            out = spatial_audio_attention(query, self.to_k_ip[0](audio), self.to_v_ip[0](audio),
-                                          attn.to_v(encoder_hidden_states)[:, 0], mask, attn.heads, cond.scale)
+            out = spatial_audio_attention(
+                query,
+                self.to_k_ip[0](audio),
+                self.to_v_ip[0](audio),
+                attn.to_v(encoder_hidden_states)[:, 0],
+                mask,
+                attn.heads,
+                cond.scale,
+            )
             return self._finish(attn, out)
         if cond.attention is AudioAttention.REFERENCE:
             out = _attention(attn, query, attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states))
@@ -156,8 +169,9 @@ class SpatialAudioAttnProcessor(_AudioAttnProcessor):
         out = out + cond.scale * (audio_out * mask)
         return self._finish(attn, out)
 
-    def _masked_only(self, attn: Attention, query: torch.Tensor, clip_v: torch.Tensor,
-                     cond: AudioConditioning) -> torch.Tensor:
+    def _masked_only(
+        self, attn: Attention, query: torch.Tensor, clip_v: torch.Tensor, cond: AudioConditioning
+    ) -> torch.Tensor:
         """The SDPA path computing the audio attention only at positions whose face mask is non-zero.
 
         Where the mask is exactly 0 the audio term ``scale * (attn * 0)`` adds exactly 0, so those positions are
@@ -192,8 +206,14 @@ class TemporalAudioAttnProcessor(_AudioAttnProcessor):
     both ordered batch-major (row ``b * H_l*W_l + p``), as diffusers builds them.
     """
 
-    def forward(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         cond = self.conditioning
         audio = cond.audio_tokens  # [B, F, T, D]
         batch = audio.shape[0]
@@ -213,8 +233,14 @@ class TemporalAudioAttnProcessor(_AudioAttnProcessor):
         if cond.attention is AudioAttention.TRITON:
             from ..kernels.audio_attention import temporal_audio_attention
 
-            out = temporal_audio_attention(q, self.to_k_ip[0](audio_mean), self.to_v_ip[0](audio_mean),
-                                           attn.to_v(clip)[:, 0], attn.heads, cond.scale)
+            out = temporal_audio_attention(
+                q,
+                self.to_k_ip[0](audio_mean),
+                self.to_v_ip[0](audio_mean),
+                attn.to_v(clip)[:, 0],
+                attn.heads,
+                cond.scale,
+            )
             return self._finish(attn, out.reshape(query.shape))
         audio_out = _attention(attn, q, self.to_k_ip[0](audio_mean), self.to_v_ip[0](audio_mean))
         out = attn.to_v(clip) + cond.scale * audio_out  # [B, HW*F, C]
@@ -266,8 +292,9 @@ def attention_level(name: str, num_levels: int) -> int:
     return index if match.group(1) == "down" else num_levels - 1 - index
 
 
-def level_face_masks(face_mask: torch.Tensor, latent_size: tuple[int, int], levels: Sequence[int]
-                     ) -> list[torch.Tensor]:
+def level_face_masks(
+    face_mask: torch.Tensor, latent_size: tuple[int, int], levels: Sequence[int]
+) -> list[torch.Tensor]:
     """The face mask of every UNet level, exactly as the official processors downsample it per layer.
 
     Args:
@@ -284,7 +311,7 @@ def level_face_masks(face_mask: torch.Tensor, latent_size: tuple[int, int], leve
     h, w = latent_size
     masks = []
     for level in range(max(levels) + 1):
-        h_l, w_l = math.ceil(h / 2 ** level), math.ceil(w / 2 ** level)
+        h_l, w_l = math.ceil(h / 2**level), math.ceil(w / 2**level)
         flat = IPAdapterMaskProcessor.downsample(face_mask[:, 0], 1, h_l * w_l, 1)  # [1, h_l*w_l, 1]
         masks.append(flat.reshape(1, 1, h_l, w_l))
     return masks
@@ -299,8 +326,12 @@ class SonicUNet(nn.Module):
         attention: which audio-attention implementation runs (:class:`AudioAttention`).
     """
 
-    def __init__(self, unet: UNetSpatioTemporalConditionModel, audio_scale: float = 1.0,
-                 attention: AudioAttention = AudioAttention.REFERENCE):
+    def __init__(
+        self,
+        unet: UNetSpatioTemporalConditionModel,
+        audio_scale: float = 1.0,
+        attention: AudioAttention = AudioAttention.REFERENCE,
+    ):
         super().__init__()
         self.unet = unet
         self.conditioning = AudioConditioning()
@@ -313,7 +344,9 @@ class SonicUNet(nn.Module):
             if isinstance(module, Attention) and name.endswith(".attn2"):
                 level = attention_level(name, num_levels)
                 levels.add(level)
-                cls = TemporalAudioAttnProcessor if ".temporal_transformer_blocks." in name else SpatialAudioAttnProcessor
+                cls = (
+                    TemporalAudioAttnProcessor if ".temporal_transformer_blocks." in name else SpatialAudioAttnProcessor
+                )
                 module.set_processor(cls(module.to_q.out_features, cross_dim, self.conditioning, level))
             elif type(module) is GEGLU:
                 module.__class__ = SplitGEGLU  # same parameters; diffusers' forward in the REFERENCE structure
@@ -321,8 +354,9 @@ class SonicUNet(nn.Module):
         self.attention_levels: tuple[int, ...] = tuple(sorted(levels))
 
     @classmethod
-    def from_config(cls, config: dict[str, Any], audio_scale: float = 1.0,
-                    attention: AudioAttention = AudioAttention.REFERENCE) -> "SonicUNet":
+    def from_config(
+        cls, config: dict[str, Any], audio_scale: float = 1.0, attention: AudioAttention = AudioAttention.REFERENCE
+    ) -> SonicUNet:
         """Build with random weights from an SVD ``unet/config.json`` dict (use ``torch.device('meta')``
         as a context to build without allocating)."""
         return cls(UNetSpatioTemporalConditionModel.from_config(config), audio_scale, attention)
@@ -334,17 +368,27 @@ class SonicUNet(nn.Module):
     @property
     def head_dims(self) -> set[int]:
         """Head dims of the audio attention layers (64 at every level of SVD-xt)."""
-        return {m.to_q.out_features // m.heads for n, m in self.unet.named_modules()
-                if isinstance(m, Attention) and n.endswith(".attn2")}
+        return {
+            m.to_q.out_features // m.heads
+            for n, m in self.unet.named_modules()
+            if isinstance(m, Attention) and n.endswith(".attn2")
+        }
 
     @property
     def num_face_masks(self) -> int:
         """How many per-level masks :meth:`forward` takes (levels 0..max attention level)."""
         return max(self.attention_levels) + 1
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, clip_embeds: torch.Tensor,
-                audio_tokens: torch.Tensor, added_time_ids: torch.Tensor, *face_masks: torch.Tensor,
-                face_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        clip_embeds: torch.Tensor,
+        audio_tokens: torch.Tensor,
+        added_time_ids: torch.Tensor,
+        *face_masks: torch.Tensor,
+        face_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Predict v for one window (or a batch of windows).
 
         Args:
@@ -374,7 +418,8 @@ class SonicUNet(nn.Module):
         cond.scale = self.audio_scale
         cond.attention = AudioAttention.REFERENCE if face_mask is not None else self.attention
         try:
-            return self.unet(sample, timestep, encoder_hidden_states=clip_embeds, added_time_ids=added_time_ids,
-                             return_dict=False)[0]
+            return self.unet(
+                sample, timestep, encoder_hidden_states=clip_embeds, added_time_ids=added_time_ids, return_dict=False
+            )[0]
         finally:
             cond.audio_tokens = cond.face_masks = cond.face_mask = None

@@ -83,9 +83,11 @@ class Components:
         """
         batch = self.graphs.unet.spec.dims["batch"]
         if self.graphs.backend.is_exported and not batch.min <= 3 * windows_per_call <= batch.max:
-            raise InputError(f"the engines in {self.source} take {batch.min // 3}..{batch.max // 3} windows per UNet "
-                             f"call, {windows_per_call} were asked for; rebuild them with --windows "
-                             f"1:{windows_per_call}:{windows_per_call} (python -m export.build_engines)")
+            raise InputError(
+                f"the engines in {self.source} take {batch.min // 3}..{batch.max // 3} windows per UNet "
+                f"call, {windows_per_call} were asked for; rebuild them with --windows "
+                f"1:{windows_per_call}:{windows_per_call} (python -m export.build_engines)"
+            )
 
     def check_shapes(self, width: int, height: int, frames_per_window: int) -> None:
         """Engines with optimisation profiles (TensorRT) accept only the shapes they were built for: say so
@@ -106,15 +108,23 @@ class Components:
             if not rng.min <= value <= rng.max:
                 unit = "frames" if dim == "frames" else "pixels"
                 scale = 1 if dim == "frames" else factor
-                raise InputError(f"the engines in {self.source} take a {dim} of {rng.min * scale}..{rng.max * scale} "
-                                 f"{unit}, this video needs {value * scale}; rebuild them with a wider range "
-                                 "(python -m export.build_engines --resolution/--frames)")
+                raise InputError(
+                    f"the engines in {self.source} take a {dim} of {rng.min * scale}..{rng.max * scale} "
+                    f"{unit}, this video needs {value * scale}; rebuild them with a wider range "
+                    "(python -m export.build_engines --resolution/--frames)"
+                )
 
 
-def load_components(model_dir: str | os.PathLike, device: str | torch.device | None = None,
-                    dtype: str | torch.dtype | None = None, *, trust_pickle: bool = False,
-                    providers: list[str] | None = None, attention: str | None = None,
-                    compile: bool = False) -> Components:
+def load_components(
+    model_dir: str | os.PathLike,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    *,
+    trust_pickle: bool = False,
+    providers: list[str] | None = None,
+    attention: str | None = None,
+    compile: bool = False,
+) -> Components:
     """Load a weights directory (torch backend) or an engine directory (the backend its manifest names).
 
     Args: as :class:`sonic_rt.Runtime`.
@@ -124,11 +134,15 @@ def load_components(model_dir: str | os.PathLike, device: str | torch.device | N
     """
     if is_engine_dir(model_dir):
         if attention not in (None, "auto"):
-            raise InputError(f"attention={attention!r} applies to the torch backend; {model_dir} holds exported "
-                             "engines, which keep standard ops")
+            raise InputError(
+                f"attention={attention!r} applies to the torch backend; {model_dir} holds exported "
+                "engines, which keep standard ops"
+            )
         if compile:
-            raise InputError(f"compile=True applies to the torch backend; {model_dir} holds exported engines, "
-                             "which their own runtime optimises")
+            raise InputError(
+                f"compile=True applies to the torch backend; {model_dir} holds exported engines, "
+                "which their own runtime optimises"
+            )
         return _load_engines(model_dir, device, dtype, providers)
     return _load_weights(model_dir, device, dtype, trust_pickle, attention, compile)
 
@@ -136,11 +150,16 @@ def load_components(model_dir: str | os.PathLike, device: str | torch.device | N
 def _load_engines(model_dir, device, dtype, providers) -> Components:
     requested = Precision.parse(dtype)
     precision = requested.value if requested is not None else None
-    engine = open_engine_dir(model_dir, default_device(device) if device is not None else None, precision,
-                             providers)
-    return Components(graphs=engine.graphs, device=engine.graphs.unet.device,
-                      feature_extractor=engine.feature_extractor(), noise_schedule_config=engine.scheduler_config,
-                      face_detector=load_face_detector(engine.root), source=engine.root, demo=engine.demo)
+    engine = open_engine_dir(model_dir, default_device(device) if device is not None else None, precision, providers)
+    return Components(
+        graphs=engine.graphs,
+        device=engine.graphs.unet.device,
+        feature_extractor=engine.feature_extractor(),
+        noise_schedule_config=engine.scheduler_config,
+        face_detector=load_face_detector(engine.root),
+        source=engine.root,
+        demo=engine.demo,
+    )
 
 
 def _load_weights(model_dir, device, dtype, trust_pickle, attention, compile) -> Components:
@@ -157,9 +176,15 @@ def _load_weights(model_dir, device, dtype, trust_pickle, attention, compile) ->
     if compile:
         graphs.unet.compile("UNet")  # says why and stays eager where compiling cannot work
     demo = json.loads(paths.demo_marker.read_text()) if paths.demo_marker else None
-    return Components(graphs=graphs, device=device, feature_extractor=models.feature_extractor,
-                      noise_schedule_config=models.scheduler_config, face_detector=load_face_detector(paths.root),
-                      source=paths.root, demo=demo)
+    return Components(
+        graphs=graphs,
+        device=device,
+        feature_extractor=models.feature_extractor,
+        noise_schedule_config=models.scheduler_config,
+        face_detector=load_face_detector(paths.root),
+        source=paths.root,
+        demo=demo,
+    )
 
 
 def default_device(device: str | torch.device | None) -> torch.device:
@@ -172,8 +197,9 @@ def default_device(device: str | torch.device | None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("device 'cuda' requested but no CUDA GPU is available (this torch build: "
-                         f"{torch.__version__})")
+        raise InputError(
+            f"device 'cuda' requested but no CUDA GPU is available (this torch build: {torch.__version__})"
+        )
     return device
 
 
@@ -186,8 +212,12 @@ def default_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     """
     precision = Precision.parse(dtype) or (Precision.FP16 if device.type == "cuda" else Precision.FP32)
     if precision is Precision.BF16 and device.type == "cpu" and not cpu_has_native_bf16():
-        print("sonic_rt: this CPU has no native bf16 instructions (avx512_bf16 or AMX): bf16 will be slower than "
-              "fp32 here", file=sys.stderr, flush=True)
+        print(
+            "sonic_rt: this CPU has no native bf16 instructions (avx512_bf16 or AMX): bf16 will be slower than "
+            "fp32 here",
+            file=sys.stderr,
+            flush=True,
+        )
     return precision.torch_dtype
 
 

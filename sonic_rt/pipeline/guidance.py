@@ -62,9 +62,21 @@ class GuidedDenoiser:
             or None to call the UNet once per group.
     """
 
-    def __init__(self, unet, *, image_latents: torch.Tensor, clip_embeds: torch.Tensor, cond_tokens: torch.Tensor,
-                 uncond_tokens: torch.Tensor, buckets: torch.Tensor, face_masks: list[torch.Tensor], fps: float,
-                 image_guidance_scale: float, audio_guidance_scale: float, memory: MemoryFallback | None = None):
+    def __init__(
+        self,
+        unet,
+        *,
+        image_latents: torch.Tensor,
+        clip_embeds: torch.Tensor,
+        cond_tokens: torch.Tensor,
+        uncond_tokens: torch.Tensor,
+        buckets: torch.Tensor,
+        face_masks: list[torch.Tensor],
+        fps: float,
+        image_guidance_scale: float,
+        audio_guidance_scale: float,
+        memory: MemoryFallback | None = None,
+    ):
         dtype, device = image_latents.dtype, image_latents.device
         self.unet, self.dtype, self.memory = unet, dtype, memory
         self.scales = (image_guidance_scale, audio_guidance_scale)
@@ -87,8 +99,9 @@ class GuidedDenoiser:
         # per-window mean buckets; official builds added_time_ids in the working dtype (fp16 rounds them)
         ids = torch.stack([torch.cat([self.fps_id, self.buckets[0, w.index].mean(dim=0)]) for w in windows])
         time_ids = ids.to(self.dtype).float().repeat(3, 1)  # [3n, 3]
-        return UNetRows(sample, windows[0].timestep.reshape(1).float(), self.clip_rows.repeat_interleave(n, dim=0),
-                        audio, time_ids)
+        return UNetRows(
+            sample, windows[0].timestep.reshape(1).float(), self.clip_rows.repeat_interleave(n, dim=0), audio, time_ids
+        )
 
     def guided_v(self, x: torch.Tensor, windows: list[Window]) -> torch.Tensor:
         """One UNet call on the 3g rows of ``windows``, combined: [g, T, 4, h, w] in the UNet's dtype."""

@@ -55,8 +55,9 @@ class PreparedInputs:
         return f"at {width}x{height}; lower --min-resolution or free device memory"
 
 
-def check_inputs(components: Components, image, audio, out, options: AnimateOptions,
-                 latents: torch.Tensor | None = None) -> PreparedInputs:
+def check_inputs(
+    components: Components, image, audio, out, options: AnimateOptions, latents: torch.Tensor | None = None
+) -> PreparedInputs:
     """Check every input of :meth:`sonic_rt.Runtime.animate` and prepare the reference (face crop, mask).
 
     Checks, in order: the sampling options, ``dynamic_scale``, the output path, the image, the audio (at
@@ -72,8 +73,9 @@ def check_inputs(components: Components, image, audio, out, options: AnimateOpti
         ImageError, AudioError, FaceNotFoundError, OutputPathError, InputError: the first bad input.
     """
     try:
-        config = SamplingConfig(steps=options.steps, frames_per_window=options.frames_per_window,
-                                shift_offset=options.shift_offset)
+        config = SamplingConfig(
+            steps=options.steps, frames_per_window=options.frames_per_window, shift_offset=options.shift_offset
+        )
     except ValueError as exc:
         raise InputError(str(exc)) from None
     dynamic_scale = options.dynamic_scale
@@ -85,21 +87,29 @@ def check_inputs(components: Components, image, audio, out, options: AnimateOpti
     samples, audio_source = load_audio(audio)
     num_frames = num_generated_frames(len(samples))
     if num_frames < 1:
-        raise AudioError(f"audio is {len(samples) / SAMPLE_RATE:.3f} s long, shorter than one generated "
-                         "frame (80 ms)", audio_source)
+        raise AudioError(
+            f"audio is {len(samples) / SAMPLE_RATE:.3f} s long, shorter than one generated frame (80 ms)", audio_source
+        )
     face_box = FaceBox.from_user(options.face_box) if options.face_box is not None else None
-    reference = prepare_reference(pil_image, components.face_detector, face_box=face_box, crop=options.crop,
-                                  min_resolution=options.min_resolution or components.default_min_resolution,
-                                  source=image_source)
+    reference = prepare_reference(
+        pil_image,
+        components.face_detector,
+        face_box=face_box,
+        crop=options.crop,
+        min_resolution=options.min_resolution or components.default_min_resolution,
+        source=image_source,
+    )
     width, height = reference.size
     components.check_shapes(width, height, config.frames_per_window)
     cfg = components.graphs.config
     latent_shape = (1, num_frames, cfg.latent_channels, height // cfg.vae_scale_factor, width // cfg.vae_scale_factor)
     if latents is not None and tuple(latents.shape) != latent_shape:
-        raise InputError(f"latents must have shape {list(latent_shape)} for this image and audio, "
-                         f"got {list(latents.shape)}")
-    return PreparedInputs(config, out_path, samples, len(samples) // SAMPLES_PER_AUDIO_FRAME, num_frames, reference,
-                          latent_shape)
+        raise InputError(
+            f"latents must have shape {list(latent_shape)} for this image and audio, got {list(latents.shape)}"
+        )
+    return PreparedInputs(
+        config, out_path, samples, len(samples) // SAMPLES_PER_AUDIO_FRAME, num_frames, reference, latent_shape
+    )
 
 
 def load_audio(audio) -> tuple[np.ndarray, str | None]:
@@ -116,8 +126,9 @@ def load_audio(audio) -> tuple[np.ndarray, str | None]:
         return media.load_audio(audio, SAMPLE_RATE), os.fspath(audio)
     array = np.asarray(audio)
     if array.ndim != 1 or not np.issubdtype(array.dtype, np.floating):
-        raise AudioError(f"an audio array must be 1-D float mono at {SAMPLE_RATE} Hz, got shape "
-                         f"{array.shape} dtype {array.dtype}")
+        raise AudioError(
+            f"an audio array must be 1-D float mono at {SAMPLE_RATE} Hz, got shape {array.shape} dtype {array.dtype}"
+        )
     if not np.isfinite(array).all():
         raise AudioError("the audio array contains NaN or infinite samples")
     return array.astype(np.float32), None

@@ -26,11 +26,13 @@ def is_out_of_memory(exc: BaseException) -> bool:
         return True
     text = str(exc).lower()
     return isinstance(exc, RuntimeError) and any(
-        s in text for s in ("out of memory", "failed to allocate memory", "can't allocate memory"))
+        s in text for s in ("out of memory", "failed to allocate memory", "can't allocate memory")
+    )
 
 
 def notifier(events: Callable[[str, dict], None] | None) -> Notify:
     """``say(message, info)``: print ``sonic_rt: message`` on stderr and send ``("memory", info)`` to ``events``."""
+
     def say(message: str, info: dict) -> None:
         print(f"sonic_rt: {message}", file=sys.stderr, flush=True)
         if events is not None:
@@ -77,8 +79,10 @@ class MemoryFallback:
                 failed, limit = limit, limit // 2
                 self.limit = limit
                 effect = "same result" if self.exact else "frames at the chunk edges differ slightly"
-                self.say(f"out of memory with {failed} {self.what}; retrying with {limit} ({effect})",
-                         {"what": self.what, "failed": failed, "retry": limit})
+                self.say(
+                    f"out of memory with {failed} {self.what}; retrying with {limit} ({effect})",
+                    {"what": self.what, "failed": failed, "retry": limit},
+                )
 
 
 __all__ = ["MemoryFallback", "is_out_of_memory", "notifier", "Notify"]

@@ -16,12 +16,20 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-DEFAULT_SEED = 72589          # official config `seed`
+DEFAULT_SEED = 72589  # official config `seed`
 DEFAULT_MIN_RESOLUTION = 512  # official `image_size` / `min_resolution`
 
 
-def option(default: Any, help: str, *, unit: str | None = None, source: str | None = None,
-           flag: str | None = "", flag_help: str | None = None, metavar: str | None = None) -> Any:
+def option(
+    default: Any,
+    help: str,
+    *,
+    unit: str | None = None,
+    source: str | None = None,
+    flag: str | None = "",
+    flag_help: str | None = None,
+    metavar: str | None = None,
+) -> Any:
     """A field of :class:`AnimateOptions` with its description in the metadata.
 
     Args:
@@ -34,9 +42,17 @@ def option(default: Any, help: str, *, unit: str | None = None, source: str | No
         flag_help: the CLI help of a switch that sets the opposite of the default (None: ``help``).
         metavar: the CLI metavar (e.g. ``X,Y,W,H``).
     """
-    return dataclasses.field(default=default, metadata={"help": help, "unit": unit, "source": source,
-                                                         "flag": flag, "flag_help": flag_help or help,
-                                                         "metavar": metavar})
+    return dataclasses.field(
+        default=default,
+        metadata={
+            "help": help,
+            "unit": unit,
+            "source": source,
+            "flag": flag,
+            "flag_help": flag_help or help,
+            "metavar": metavar,
+        },
+    )
 
 
 @dataclass(frozen=True)
@@ -92,35 +108,59 @@ class AnimateOptions:
 
     steps: int = option(25, "denoising steps", unit="steps", source="num_inference_steps")
     seed: int = option(DEFAULT_SEED, "seed of the initial noise (official default)", source="seed")
-    dynamic_scale: float = option(1.0, "motion strength (gradio range 0.5-2.0)", unit="x",
-                                  source="motion_bucket_scale (gradio dynamic_scale)")
+    dynamic_scale: float = option(
+        1.0, "motion strength (gradio range 0.5-2.0)", unit="x", source="motion_bucket_scale (gradio dynamic_scale)"
+    )
     shift_offset: int = option(7, "window shift per step", unit="frames", source="shift_offset")
-    frames_per_window: int = option(25, "window length, frames at 12.5 fps", unit="frames",
-                                    source="n_sample_frames")
+    frames_per_window: int = option(25, "window length, frames at 12.5 fps", unit="frames", source="n_sample_frames")
     min_resolution: int | None = option(
-        None, "short side of the video (default 512; 128 for the demo checkpoint)", unit="pixels",
-        source="image_size / min_resolution (512)")
-    interpolate: bool = option(True, "RIFE x2 to 25 fps (2N-1 frames); off: N frames at 12.5 fps",
-                               source="use_interframe", flag="--no-interpolate",
-                               flag_help="skip RIFE: N frames at 12.5 fps")
+        None,
+        "short side of the video (default 512; 128 for the demo checkpoint)",
+        unit="pixels",
+        source="image_size / min_resolution (512)",
+    )
+    interpolate: bool = option(
+        True,
+        "RIFE x2 to 25 fps (2N-1 frames); off: N frames at 12.5 fps",
+        source="use_interframe",
+        flag="--no-interpolate",
+        flag_help="skip RIFE: N frames at 12.5 fps",
+    )
     face_box: tuple[float, float, float, float] | str | None = option(
-        None, "face box in image pixels (skips detection)", unit="pixels", metavar="X,Y,W,H")
-    crop: bool = option(True, "square crop around the face; off: the whole image", source="gradio crop",
-                        flag="--no-crop", flag_help="use the whole image instead of a square face crop")
+        None, "face box in image pixels (skips detection)", unit="pixels", metavar="X,Y,W,H"
+    )
+    crop: bool = option(
+        True,
+        "square crop around the face; off: the whole image",
+        source="gradio crop",
+        flag="--no-crop",
+        flag_help="use the whole image instead of a square face crop",
+    )
     progress: bool = option(True, "progress bars on stderr", flag="--quiet", flag_help="no progress bars")
     return_frames: bool = option(False, "also return the decoded frames before interpolation", flag=None)
 
     @classmethod
     def describe(cls) -> tuple[OptionInfo, ...]:
         """Every option with its type, default, help, unit, source and CLI flag, in field order."""
-        return tuple(OptionInfo(name=f.name, type=str(f.type), default=f.default, help=f.metadata["help"],
-                                unit=f.metadata["unit"], source=f.metadata["source"], flag=cli_flag(f),
-                                flag_help=f.metadata["flag_help"], metavar=f.metadata["metavar"])
-                     for f in dataclasses.fields(cls))
+        return tuple(
+            OptionInfo(
+                name=f.name,
+                type=str(f.type),
+                default=f.default,
+                help=f.metadata["help"],
+                unit=f.metadata["unit"],
+                source=f.metadata["source"],
+                flag=cli_flag(f),
+                flag_help=f.metadata["flag_help"],
+                metavar=f.metadata["metavar"],
+            )
+            for f in dataclasses.fields(cls)
+        )
 
     @classmethod
-    def resolve(cls, options: AnimateOptions | None = None, overrides: Mapping[str, Any] | None = None,
-                what: str = "animate()") -> AnimateOptions:
+    def resolve(
+        cls, options: AnimateOptions | None = None, overrides: Mapping[str, Any] | None = None, what: str = "animate()"
+    ) -> AnimateOptions:
         """``options`` (default: the defaults) with ``overrides`` applied.
 
         Raises:

@@ -23,7 +23,7 @@ from ..backends import Graphs
 from .memory import MemoryFallback, Notify
 from .timing import StageTimer
 
-OUTPUT_FPS = Fraction(25)     # after RIFE x2; Fraction(25, 2) without interpolation
+OUTPUT_FPS = Fraction(25)  # after RIFE x2; Fraction(25, 2) without interpolation
 
 
 def output_fps(interpolate: bool) -> Fraction:
@@ -73,18 +73,29 @@ class StreamingOutput:
         seconds: time spent in :meth:`push` (taken out of the ``denoise`` stage by the caller).
     """
 
-    def __init__(self, graphs: Graphs, timer: StageTimer, interpolate: bool, writer, keep: list | None,
-                 events: Callable[[str, dict], None] | None, say: Notify, where: str):
+    def __init__(
+        self,
+        graphs: Graphs,
+        timer: StageTimer,
+        interpolate: bool,
+        writer,
+        keep: list | None,
+        events: Callable[[str, dict], None] | None,
+        say: Notify,
+        where: str,
+    ):
         self.graphs, self.timer, self.interpolate = graphs, timer, interpolate
         self.writer, self.keep, self.events = writer, keep, events
         # on out-of-memory: fewer frames per VAE call (changes frames near chunk edges), fewer RIFE pairs (exact)
-        self.decode_memory = MemoryFallback("frames per VAE decode call", False,
-                                            f"out of memory decoding one frame {where}", say)
-        self.rife_memory = MemoryFallback("frame pairs per RIFE call", True,
-                                          f"out of memory interpolating one frame pair {where}", say)
+        self.decode_memory = MemoryFallback(
+            "frames per VAE decode call", False, f"out of memory decoding one frame {where}", say
+        )
+        self.rife_memory = MemoryFallback(
+            "frame pairs per RIFE call", True, f"out of memory interpolating one frame pair {where}", say
+        )
         self.chunk_size = graphs.vae_decoder.spec.dims["frames"].max  # official decode_chunk_size (8)
-        self.next_frame = 0       # first frame not decoded yet
-        self.previous = None      # last decoded frame of the previous chunk (for RIFE)
+        self.next_frame = 0  # first frame not decoded yet
+        self.previous = None  # last decoded frame of the previous chunk (for RIFE)
         self.num_out = 0
         self.seconds = 0.0
 
@@ -100,9 +111,9 @@ class StreamingOutput:
         ready = ready.cpu()
         while self.next_frame < num_frames:
             end = min(self.next_frame + self.chunk_size, num_frames)
-            if not bool(ready[self.next_frame:end].all()):
+            if not bool(ready[self.next_frame : end].all()):
                 break
-            self._chunk(latents[0, self.next_frame:end])
+            self._chunk(latents[0, self.next_frame : end])
             self.next_frame = end
         self.seconds += time.perf_counter() - started
 
@@ -138,8 +149,7 @@ class StreamingOutput:
         g = self.graphs
         with self.timer.stage("interpolate"):
             seq = frames if self.previous is None else torch.cat([self.previous, frames])
-            middles = self.rife_memory.run(
-                len(seq) - 1, lambda part: g.rife(seq[:-1][part], seq[1:][part])).clamp(0, 1)
+            middles = self.rife_memory.run(len(seq) - 1, lambda part: g.rife(seq[:-1][part], seq[1:][part])).clamp(0, 1)
             out = torch.stack([middles, seq[1:]], dim=1).flatten(0, 1)
             if self.previous is None:
                 out = torch.cat([frames[:1], out])

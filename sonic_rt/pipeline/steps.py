@@ -109,33 +109,60 @@ def encode_reference(c: Components, reference: Reference) -> ReferenceLatents:
     return ReferenceLatents(clip_embeds, image_latents, image_latents * c.graphs.config.vae_scaling_factor)
 
 
-def encode_audio(c: Components, features: AudioFeatures, audio_frames: int, clip_embeds: torch.Tensor,
-                 dynamic_scale: float) -> AudioConditioning:
+def encode_audio(
+    c: Components, features: AudioFeatures, audio_frames: int, clip_embeds: torch.Tensor, dynamic_scale: float
+) -> AudioConditioning:
     """Step 4: audio tokens (audio2token) and motion buckets (audio2bucket, with the CLIP embedding) of every
     frame, batched over frames; ``audio_frames`` = S // 640."""
-    cond, uncond, buckets = _audio.encode_audio(features.hidden, features.last, audio_frames, clip_embeds,
-                                                c.graphs.audio2token, c.graphs.audio2bucket,
-                                                dynamic_scale=dynamic_scale)
+    cond, uncond, buckets = _audio.encode_audio(
+        features.hidden,
+        features.last,
+        audio_frames,
+        clip_embeds,
+        c.graphs.audio2token,
+        c.graphs.audio2bucket,
+        dynamic_scale=dynamic_scale,
+    )
     return AudioConditioning(cond, uncond, buckets)
 
 
-def guided_denoiser(c: Components, inputs: PreparedInputs, reference: ReferenceLatents, audio: AudioConditioning,
-                    say: Notify) -> GuidedDenoiser:
+def guided_denoiser(
+    c: Components, inputs: PreparedInputs, reference: ReferenceLatents, audio: AudioConditioning, say: Notify
+) -> GuidedDenoiser:
     """Step 5: the guided UNet of this video: its CFG rows, the face mask of every UNet level (once per
     resolution; official: per layer and call), and the out-of-memory policy (fewer windows per call)."""
     config = inputs.config
-    face_masks = [mask.to(c.device, c.dtype) for mask in level_face_masks(
-        inputs.reference.face_mask, inputs.latent_shape[-2:], c.graphs.config.attention_levels)]
-    memory = MemoryFallback("windows per UNet call", True, "out of memory in a UNet call of one window "
-                            f"(3 x {config.frames_per_window} frames) {inputs.memory_hint()}, or run in fp16", say)
-    return GuidedDenoiser(c.graphs.unet, image_latents=reference.image_latents, clip_embeds=reference.clip_embeds,
-                          cond_tokens=audio.cond_tokens, uncond_tokens=audio.uncond_tokens, buckets=audio.buckets,
-                          face_masks=face_masks, fps=config.fps, image_guidance_scale=config.image_guidance_scale,
-                          audio_guidance_scale=config.audio_guidance_scale, memory=memory)
+    face_masks = [
+        mask.to(c.device, c.dtype)
+        for mask in level_face_masks(
+            inputs.reference.face_mask, inputs.latent_shape[-2:], c.graphs.config.attention_levels
+        )
+    ]
+    memory = MemoryFallback(
+        "windows per UNet call",
+        True,
+        "out of memory in a UNet call of one window "
+        f"(3 x {config.frames_per_window} frames) {inputs.memory_hint()}, or run in fp16",
+        say,
+    )
+    return GuidedDenoiser(
+        c.graphs.unet,
+        image_latents=reference.image_latents,
+        clip_embeds=reference.clip_embeds,
+        cond_tokens=audio.cond_tokens,
+        uncond_tokens=audio.uncond_tokens,
+        buckets=audio.buckets,
+        face_masks=face_masks,
+        fps=config.fps,
+        image_guidance_scale=config.image_guidance_scale,
+        audio_guidance_scale=config.audio_guidance_scale,
+        memory=memory,
+    )
 
 
-def prepare_latents(c: Components, inputs: PreparedInputs, reference: ReferenceLatents, seed: int,
-                    latents: torch.Tensor | None = None) -> InitialLatents:
+def prepare_latents(
+    c: Components, inputs: PreparedInputs, reference: ReferenceLatents, seed: int, latents: torch.Tensor | None = None
+) -> InitialLatents:
     """Step 6: the noise schedule and the initial latents, ``ref_latents + noise * sigma_max``.
 
     Args:
@@ -152,8 +179,17 @@ def prepare_latents(c: Components, inputs: PreparedInputs, reference: ReferenceL
     return InitialLatents(init, sigmas, timesteps, seed)
 
 
-def open_output(stack: ExitStack, c: Components, inputs: PreparedInputs, options: AnimateOptions, audio,
-                timer: StageTimer, events: Events | None, say: Notify, write: bool) -> StreamingOutput:
+def open_output(
+    stack: ExitStack,
+    c: Components,
+    inputs: PreparedInputs,
+    options: AnimateOptions,
+    audio,
+    timer: StageTimer,
+    events: Events | None,
+    say: Notify,
+    write: bool,
+) -> StreamingOutput:
     """Step 7a: the streamed output of this video; its mp4 writer (when ``write`` and there is an output path)
     is entered on ``stack``, so the file appears atomically when the stack closes without error.
 
@@ -164,16 +200,32 @@ def open_output(stack: ExitStack, c: Components, inputs: PreparedInputs, options
     width, height = inputs.size
     writer = None
     if inputs.out_path is not None and write:
-        writer = stack.enter_context(media.VideoWriter(
-            inputs.out_path, fps=output_fps(options.interpolate), width=width, height=height,
-            audio=audio_for_mux(audio, inputs.samples, stack)))
+        writer = stack.enter_context(
+            media.VideoWriter(
+                inputs.out_path,
+                fps=output_fps(options.interpolate),
+                width=width,
+                height=height,
+                audio=audio_for_mux(audio, inputs.samples, stack),
+            )
+        )
     keep = [] if (options.return_frames or inputs.out_path is None) else None
     return StreamingOutput(c.graphs, timer, options.interpolate, writer, keep, events, say, inputs.memory_hint())
 
 
-def denoise(c: Components, scheduler: WindowScheduler, init: InitialLatents, inputs: PreparedInputs,
-            denoiser: GuidedDenoiser, output: StreamingOutput, timer: StageTimer, *, progress: bool,
-            events: Events | None, write: bool) -> torch.Tensor:
+def denoise(
+    c: Components,
+    scheduler: WindowScheduler,
+    init: InitialLatents,
+    inputs: PreparedInputs,
+    denoiser: GuidedDenoiser,
+    output: StreamingOutput,
+    timer: StageTimer,
+    *,
+    progress: bool,
+    events: Events | None,
+    write: bool,
+) -> torch.Tensor:
     """Step 7b: the shift-fusion loop (:func:`sonic_rt.sampling.sample`) with a progress bar; during the last
     step finished chunks go to ``output`` (when ``write``). The time not spent in ``output`` is the
     ``denoise`` stage.
@@ -185,21 +237,42 @@ def denoise(c: Components, scheduler: WindowScheduler, init: InitialLatents, inp
 
     config = inputs.config
     windows_per_step = len(window_starts(inputs.num_frames, config.frames_per_window, 0, config.shift_offset))
-    with tqdm(total=config.steps * windows_per_step, desc="denoising", unit="window", disable=not progress,
-              dynamic_ncols=True) as bar:
+    with tqdm(
+        total=config.steps * windows_per_step, desc="denoising", unit="window", disable=not progress, dynamic_ncols=True
+    ) as bar:
+
         def on_window(window: Window) -> None:
             bar.update()
             if events is not None:
                 events("window", {"step": window.step, "index": window.index.tolist()})
 
         started = time.perf_counter()
-        final = sample(init.latents, init.sigmas, init.timesteps, config, denoiser, on_window=on_window,
-                       scheduler=scheduler, on_final_frames=output.push if write else None)
+        final = sample(
+            init.latents,
+            init.sigmas,
+            init.timesteps,
+            config,
+            denoiser,
+            on_window=on_window,
+            scheduler=scheduler,
+            on_final_frames=output.push if write else None,
+        )
         if c.device.type == "cuda":
             torch.cuda.synchronize(c.device)  # stage boundary, as StageTimer.stage does
         timer.add("denoise", time.perf_counter() - started - output.seconds)
     return final
 
 
-__all__ = ["AudioFeatures", "ReferenceLatents", "AudioConditioning", "InitialLatents", "audio_features",
-           "encode_reference", "encode_audio", "guided_denoiser", "prepare_latents", "open_output", "denoise"]
+__all__ = [
+    "AudioFeatures",
+    "ReferenceLatents",
+    "AudioConditioning",
+    "InitialLatents",
+    "audio_features",
+    "encode_reference",
+    "encode_audio",
+    "guided_denoiser",
+    "prepare_latents",
+    "open_output",
+    "denoise",
+]

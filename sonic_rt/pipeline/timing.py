@@ -12,8 +12,17 @@ import torch
 
 # Stages of AnimateResult.timings, in pipeline order: input checks + face crop; Whisper; CLIP + VAE encoder;
 # audio2token + audio2bucket; the UNet steps; VAE decode; RIFE; mp4 encode; wall time of the whole call.
-STAGES = ("preprocess", "audio_features", "image_encode", "audio_adapters", "denoise", "decode", "interpolate",
-          "encode", "total")
+STAGES = (
+    "preprocess",
+    "audio_features",
+    "image_encode",
+    "audio_adapters",
+    "denoise",
+    "decode",
+    "interpolate",
+    "encode",
+    "total",
+)
 
 
 class StageTimer:
@@ -36,9 +45,10 @@ class StageTimer:
         """Seconds per stage in :data:`STAGES` order (decode work done during the last step is counted as
         decode), then any other stage in the order it was first timed."""
         return {k: self.times[k] for k in STAGES if k in self.times} | {
-            k: v for k, v in self.times.items() if k not in STAGES}
+            k: v for k, v in self.times.items() if k not in STAGES
+        }
 
-    def stage(self, name: str) -> "_Stage":
+    def stage(self, name: str) -> _Stage:
         """A context manager that adds the time spent inside it to stage ``name``."""
         return _Stage(self, name)
 

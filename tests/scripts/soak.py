@@ -19,10 +19,19 @@ def main() -> None:
     loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MB (Linux reports KiB)
     started = time.perf_counter()
     result = runtime.animate(image, audio, out, steps=int(steps), min_resolution=int(resolution), progress=False)
-    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      "rss_after_load_mb": loaded, "seconds": time.perf_counter() - started,
-                      "num_frames": result.num_frames, "num_generated_frames": result.num_generated_frames,
-                      "fps": result.fps, "timings": result.timings}))
+    print(
+        json.dumps(
+            {
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "rss_after_load_mb": loaded,
+                "seconds": time.perf_counter() - started,
+                "num_frames": result.num_frames,
+                "num_generated_frames": result.num_generated_frames,
+                "fps": result.fps,
+                "timings": result.timings,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":
