@@ -27,11 +27,15 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from .face import Reference
+
+if TYPE_CHECKING:
+    from .paste_back import PasteGeometry
 from .pipeline import inputs as input_checks
 from .pipeline import steps
 from .pipeline.components import Components, load_components
@@ -58,7 +62,8 @@ class AnimateResult:
         fps: output frame rate (25.0 with interpolation, 12.5 without).
         num_frames: frames in the output video (2N-1 with interpolation, N without).
         num_generated_frames: N, frames generated at 12.5 fps (``samples // 640 // 2``).
-        width, height: output size in pixels.
+        width, height: output size in pixels (with ``paste_back``, the photo's even size, at most
+            ``max_output_side``).
         timings: seconds per stage, in pipeline order (:data:`STAGES`: ``preprocess``, ``audio_features``,
             ``image_encode``, ``audio_adapters``, ``denoise``, ``decode``, ``interpolate``, ``encode``, ``total``).
         frames: decoded frames before interpolation, uint8 [N, H, W, 3] RGB (when requested).
@@ -66,6 +71,8 @@ class AnimateResult:
         reference: the prepared reference (crop box, face box, detector used).
         notes: what the user should know about this run that is not an error, e.g. that the face was found by
             the OpenCV fallback detector because ``yoloface_v5m.pt`` is absent (also said once on stderr).
+        paste: with ``paste_back``, the :class:`sonic_rt.paste_back.PasteGeometry` used (crop box and face box in
+            the photo's pixels, output size, feather width); None otherwise.
     """
 
     path: Path | None
@@ -79,6 +86,7 @@ class AnimateResult:
     seed: int | None
     reference: Reference = field(repr=False)
     notes: tuple[str, ...] = ()
+    paste: PasteGeometry | None = None
 
 
 class Runtime:
@@ -257,7 +265,7 @@ class Runtime:
             if write:
                 output.finish(final)
         timer.add("total", time.perf_counter() - started)
-        width, height = inputs.size
+        width, height = output.paste.output_size if output.paste is not None else inputs.size
         return AnimateResult(
             path=inputs.out_path if write else None,
             fps=float(output_fps(options.interpolate)),
@@ -270,6 +278,7 @@ class Runtime:
             seed=init.seed,
             reference=inputs.reference,
             notes=self._notes(inputs.reference),
+            paste=output.paste.geometry if output.paste is not None else None,
         )
 
     def check_inputs(

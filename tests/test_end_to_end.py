@@ -261,3 +261,28 @@ def test_the_fallback_face_detector_is_said_once_and_reported(demo_dir, portrait
     assert second.notes == first.notes
     boxed = rt.animate(portrait, speech, None, face_box=(150, 60, 130, 160), **FAST)
     assert boxed.notes == ()
+
+
+def test_paste_back_writes_the_whole_photo_at_its_even_size_with_every_frame_and_the_audio(runtime, speech, tmp_path):
+    """A wide photo with the face off-centre: the mp4 is the photo at its own (even) size, 2N-1 frames at
+    25 fps with the input's audio; far from the crop box the frames are the photo; return_frames stays the
+    generated crop; the crop box used is reported."""
+    from PIL import Image
+    from skimage import data
+
+    photo = np.full((601, 1001, 3), 90, np.uint8)
+    photo[40:552, 60:572] = data.astronaut()  # face left of centre
+    photo[:, 900:] = (200, 30, 60)  # a band far from any crop box
+    path = tmp_path / "wide.png"
+    Image.fromarray(photo).save(path)
+    out = tmp_path / "wide.mp4"
+    result = runtime.animate(path, speech, out, paste_back=True, return_frames=True, **FAST)
+    frames, fps, audio_seconds = read_video(out)
+    assert (result.width, result.height) == (1000, 600) and frames.shape[1:] == (600, 1000, 3)
+    assert fps == 25 and len(frames) == result.num_frames == 2 * result.num_generated_frames - 1
+    assert abs(audio_seconds - probe_audio(speech).duration_s) <= 1024 / 16000 + 0.05
+    assert result.frames.shape[1:] == (128, 128, 3)  # the model's output, before compositing
+    x0, y0, x1, y1 = result.paste.crop_box
+    assert x1 < 900  # the crop box is around the face, left of the band
+    band = frames[:, 8:-8, 920:-8].astype(int)  # (H.264 blurs a few pixels at the band's edges)
+    assert np.abs(band - np.array([200, 30, 60])).max() <= 12  # lossy encode of the unchanged photo

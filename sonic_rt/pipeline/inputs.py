@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from .. import media
 from ..audio_features import SAMPLE_RATE, SAMPLES_PER_AUDIO_FRAME, num_generated_frames
@@ -34,6 +35,7 @@ class PreparedInputs:
         num_frames: N generated frames (12.5 fps), >= 1.
         reference: the prepared portrait (crop, face mask, ``ref_img`` [1, 3, H, W] in [-1, 1], CLIP pixels).
         latent_shape: ``(1, N, 4, H/8, W/8)``, the shape of the latents and of the initial noise.
+        image: the loaded photo (RGB, EXIF orientation applied), which ``paste_back`` composites into.
     """
 
     config: SamplingConfig
@@ -43,6 +45,7 @@ class PreparedInputs:
     num_frames: int
     reference: Reference
     latent_shape: tuple[int, int, int, int, int]
+    image: Image.Image | None = None
 
     @property
     def size(self) -> tuple[int, int]:
@@ -81,6 +84,8 @@ def check_inputs(
     dynamic_scale = options.dynamic_scale
     if not (isinstance(dynamic_scale, (int, float)) and math.isfinite(dynamic_scale) and dynamic_scale >= 0):
         raise InputError(f"dynamic_scale must be a finite number >= 0, got {dynamic_scale!r}")
+    if not (isinstance(options.max_output_side, int) and options.max_output_side >= 64):
+        raise InputError(f"max_output_side must be a whole number of pixels >= 64, got {options.max_output_side!r}")
     out_path = media.check_output_path(out) if out is not None else None
     image_source = os.fspath(image) if isinstance(image, (str, os.PathLike)) else None
     pil_image = media.load_image(image)
@@ -108,7 +113,14 @@ def check_inputs(
             f"latents must have shape {list(latent_shape)} for this image and audio, got {list(latents.shape)}"
         )
     return PreparedInputs(
-        config, out_path, samples, len(samples) // SAMPLES_PER_AUDIO_FRAME, num_frames, reference, latent_shape
+        config,
+        out_path,
+        samples,
+        len(samples) // SAMPLES_PER_AUDIO_FRAME,
+        num_frames,
+        reference,
+        latent_shape,
+        image=pil_image if options.paste_back else None,
     )
 
 

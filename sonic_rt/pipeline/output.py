@@ -67,6 +67,8 @@ class StreamingOutput:
         events: the ``events(kind, info)`` callback (``("frames", {"generated", "written"})`` per chunk), or None.
         say: where out-of-memory retry notices go (:func:`sonic_rt.pipeline.memory.notifier`).
         where: the end of out-of-memory messages (size, and the setting to lower).
+        paste: a :class:`sonic_rt.paste_back.PasteBack` that composites every output frame into the whole photo
+            before it is encoded (``keep`` still gets the generated frames), or None.
 
     Attributes:
         num_out: frames written (or that would be written) so far.
@@ -83,8 +85,9 @@ class StreamingOutput:
         events: Callable[[str, dict], None] | None,
         say: Notify,
         where: str,
+        paste=None,
     ):
-        self.graphs, self.timer, self.interpolate = graphs, timer, interpolate
+        self.graphs, self.timer, self.interpolate, self.paste = graphs, timer, interpolate, paste
         self.writer, self.keep, self.events = writer, keep, events
         # on out-of-memory: fewer frames per VAE call (changes frames near chunk edges), fewer RIFE pairs (exact)
         self.decode_memory = MemoryFallback(
@@ -132,8 +135,12 @@ class StreamingOutput:
             decoded = self.decode_memory.run(len(z), lambda part: g.vae_decoder(z[part]))  # [n, 3, H, W]
             frames = (decoded.float() * 0.5 + 0.5).clamp(0, 1)
         out = self._interpolate(frames) if self.interpolate else frames
-        generated, output = to_uint8(frames), to_uint8(out) if self.interpolate else None
-        output = generated if output is None else output
+        generated = to_uint8(frames) if (self.keep is not None or self.paste is None) else None
+        if self.paste is not None:
+            with timer.stage("encode"):  # compositing into the photo is counted with the encoding of the output
+                output = self.paste(out)  # uint8 [n', H0, W0, 3], the whole photo
+        else:
+            output = to_uint8(out) if self.interpolate else generated
         if self.keep is not None:
             self.keep.append(generated)
         if self.writer is not None:
@@ -141,7 +148,7 @@ class StreamingOutput:
                 self.writer.write(output)
         self.num_out += len(output)
         if self.events is not None:
-            self.events("frames", {"generated": self.next_frame + len(generated), "written": self.num_out})
+            self.events("frames", {"generated": self.next_frame + len(frames), "written": self.num_out})
 
     def _interpolate(self, frames: torch.Tensor) -> torch.Tensor:
         """[n, 3, H, W] decoded frames -> [m(prev,f0), f0, m(f0,f1), f1, ...] (no leading middle for the first

@@ -197,7 +197,18 @@ def open_output(
         audio: what the caller passed as audio (muxed as it is, or as a temporary WAV of an array).
         write: whether this process writes (rank 0 of a distributed job).
     """
-    width, height = inputs.size
+    paste = None
+    if options.paste_back:
+        from ..paste_back import PasteBack
+
+        paste = PasteBack.from_reference(
+            inputs.image,
+            inputs.reference,
+            device=c.device,
+            reuse_output=True,  # safe: the writer encodes each chunk before the next one is composited
+            max_output_side=options.max_output_side,
+        )
+    width, height = paste.output_size if paste is not None else inputs.size
     writer = None
     if inputs.out_path is not None and write:
         writer = stack.enter_context(
@@ -210,7 +221,9 @@ def open_output(
             )
         )
     keep = [] if (options.return_frames or inputs.out_path is None) else None
-    return StreamingOutput(c.graphs, timer, options.interpolate, writer, keep, events, say, inputs.memory_hint())
+    return StreamingOutput(
+        c.graphs, timer, options.interpolate, writer, keep, events, say, inputs.memory_hint(), paste=paste
+    )
 
 
 def denoise(
