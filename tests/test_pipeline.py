@@ -211,3 +211,15 @@ def test_dtype_names_come_from_precision_and_bf16_without_native_support_is_said
     monkeypatch.setattr(components, "cpu_has_native_bf16", lambda: True)
     components.default_dtype("bf16", cpu)
     assert capsys.readouterr().err == ""
+
+
+def test_the_readme_options_table_is_generated_from_animate_options():
+    """README.md shows markdown_table() verbatim: a new or changed option without a README update fails here."""
+    from pathlib import Path
+
+    from sonic_rt.pipeline.options import markdown_table
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert markdown_table() in readme, (
+        "regenerate: python -c 'from sonic_rt.pipeline.options import markdown_table; print(markdown_table())'"
+    )

@@ -90,7 +90,7 @@ class AnimateOptions:
     Attributes:
         steps: denoising steps (official ``num_inference_steps``, 25).
         seed: seed of the initial noise (official ``seed``, 72589); the same seed gives the official noise
-            (:func:`sonic_rt.sampling.initial_noise`). The official demo ignores its seed; this one is honoured.
+            (:func:`sonic_rt.sampling.initial_noise`). The official demo scripts never pass another seed on.
         dynamic_scale: motion bucket scale (official ``motion_bucket_scale`` = gradio ``dynamic_scale``, 1.0;
             gradio allows 0.5-2.0), a finite number >= 0.
         shift_offset: frames the window starts move per step (official ``shift_offset``, alpha = 7), >= 0.
@@ -102,6 +102,10 @@ class AnimateOptions:
         face_box: explicit face ``(x, y, w, h)`` in image pixels, ``"x,y,w,h"`` or a
             :class:`~sonic_rt.face.FaceBox`; skips detection.
         crop: square-crop around the face (official gradio behaviour) or use the whole image.
+        paste_back: every output frame is the original photo at its own size (even, at most
+            ``max_output_side``) with the generated crop resized back into its box under a feathered mask, colours
+            matched in the blend band (:mod:`sonic_rt.paste_back`); off: the generated frames as they are.
+        max_output_side: longest side of a ``paste_back`` video in pixels (1920); larger photos are scaled down.
         progress: show progress bars on stderr.
         return_frames: also return the decoded frames before interpolation (always when ``out`` is None).
     """
@@ -135,6 +139,12 @@ class AnimateOptions:
         source="gradio crop",
         flag="--no-crop",
         flag_help="use the whole image instead of a square face crop",
+    )
+    paste_back: bool = option(
+        False, "paste the animated crop back into the whole original photo, at its own size", flag="--paste-back"
+    )
+    max_output_side: int = option(
+        1920, "longest side of a --paste-back video (larger photos are scaled down)", unit="pixels"
     )
     progress: bool = option(True, "progress bars on stderr", flag="--quiet", flag_help="no progress bars")
     return_frames: bool = option(False, "also return the decoded frames before interpolation", flag=None)
@@ -176,10 +186,22 @@ class AnimateOptions:
         return dataclasses.replace(options, **overrides) if overrides else options
 
 
+def markdown_table() -> str:
+    """The options as a Markdown table (option, default, unit, CLI flag, official source, what it does): the
+    README's options table is this text, checked by a test, so it cannot drift from the dataclass."""
+    rows = ["| option | default | unit | CLI flag | official source | what |", "|---|---|---|---|---|---|"]
+    for o in AnimateOptions.describe():
+        flag = f"`{o.flag}`" if o.flag else "(API only)"
+        rows.append(
+            f"| `{o.name}` | `{o.default!r}` | {o.unit or ''} | {flag} | {o.source or '(sonic_rt)'} | {o.help} |"
+        )
+    return "\n".join(rows)
+
+
 def cli_flag(f: dataclasses.Field) -> str | None:
     """The command-line flag of field ``f`` (None when it has none)."""
     flag = f.metadata["flag"]
     return f"--{f.name.replace('_', '-')}" if flag == "" else flag
 
 
-__all__ = ["AnimateOptions", "OptionInfo", "DEFAULT_SEED", "DEFAULT_MIN_RESOLUTION", "option", "cli_flag"]
+__all__ = ["AnimateOptions", "OptionInfo", "DEFAULT_SEED", "DEFAULT_MIN_RESOLUTION", "option", "cli_flag", "markdown_table"]
