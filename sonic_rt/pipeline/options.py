@@ -204,4 +204,12 @@ def cli_flag(f: dataclasses.Field) -> str | None:
     return f"--{f.name.replace('_', '-')}" if flag == "" else flag
 
 
-__all__ = ["AnimateOptions", "OptionInfo", "DEFAULT_SEED", "DEFAULT_MIN_RESOLUTION", "option", "cli_flag", "markdown_table"]
+__all__ = [
+    "AnimateOptions",
+    "OptionInfo",
+    "DEFAULT_SEED",
+    "DEFAULT_MIN_RESOLUTION",
+    "option",
+    "cli_flag",
+    "markdown_table",
+]
