@@ -268,8 +268,6 @@ def build_app(
         ``(blocks, server, theme, css)``.
     """
     gr = _import_gradio()
-    from .errors import SonicError
-    from .pipeline.options import AnimateOptions
 
     server = Server(runtime, workdir, max_audio_seconds=max_audio_seconds, concurrency=concurrency)
     examples = write_examples(workdir / "examples")
@@ -312,58 +310,7 @@ def build_app(
             gr.Examples(examples=examples, inputs=[portrait, speech], label="Example (click, then Generate)")
 
         names = list(widgets)
-        defaults = AnimateOptions()
-
-        async def animate(image, audio, *values):
-            *values, progress = values  # gradio passes the Progress last (see the signature below)
-            if not image:
-                raise gr.Error("upload a portrait (or take one with the webcam)", print_exception=False)
-            if not audio:
-                raise gr.Error("upload or record some speech", print_exception=False)
-            chosen = {}
-            for name, value in zip(names, values):
-                if value is None and getattr(defaults, name) is not None:
-                    value = getattr(defaults, name)  # an emptied field keeps the default
-                if (
-                    isinstance(getattr(defaults, name), int)
-                    and not isinstance(getattr(defaults, name), bool)
-                    and value is not None
-                ):
-                    value = int(value)
-                chosen[name] = value
-            options = dataclasses.replace(defaults, **chosen)
-            stop = threading.Event()
-
-            def report(done, total, text):
-                progress((done, total), desc=text, unit="windows")
-
-            loop = asyncio.get_running_loop()
-            context = contextvars.copy_context()  # gr.Progress finds its job through context variables
-            future = loop.run_in_executor(
-                server.executor, context.run, server.run_job, image, audio, options, stop, report
-            )
-            try:
-                return await asyncio.shield(future)
-            except asyncio.CancelledError:
-                stop.set()  # the job raises Cancelled at its next window; wait for it to clean up
-                await asyncio.wait([future])
-                raise
-            except Cancelled:
-                raise gr.Error("cancelled", print_exception=False) from None
-            except SonicError as exc:
-                raise gr.Error(_one_line(exc), print_exception=False) from None
-
-        # The API's parameter names and defaults: the option names (gradio reads the signature).
-        params = [
-            inspect.Parameter("image", inspect.Parameter.POSITIONAL_OR_KEYWORD),
-            inspect.Parameter("audio", inspect.Parameter.POSITIONAL_OR_KEYWORD),
-        ]
-        params += [
-            inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=getattr(defaults, name))
-            for name in names
-        ]
-        params.append(inspect.Parameter("progress", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=gr.Progress()))
-        animate.__signature__ = inspect.Signature(params)
+        animate = _animate_handler(gr, server, names)
         job = generate.click(
             animate,
             inputs=[portrait, speech, *widgets.values()],
@@ -380,6 +327,66 @@ def build_app(
     theme = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
     css = ".sonic-demo-banner { background: #fde68a; border: 2px solid #b45309; padding: 0.5em 1em; }"
     return blocks, server, theme, css
+
+
+def _animate_handler(gr, server: Server, names: list[str]):
+    """The page's and API's job function: the portrait, the speech and the option values (in ``names`` order)
+    in, the mp4 path out; its signature names the API's parameters after the options, with their defaults.
+    Bad input becomes a one-line ``gr.Error``; a cancelled job stops at its next window and leaves nothing."""
+    from .errors import SonicError
+    from .pipeline.options import AnimateOptions
+
+    defaults = AnimateOptions()
+
+    async def animate(image, audio, *values):
+        *values, progress = values  # gradio passes the Progress last (see the signature below)
+        if not image:
+            raise gr.Error("upload a portrait (or take one with the webcam)", print_exception=False)
+        if not audio:
+            raise gr.Error("upload or record some speech", print_exception=False)
+        chosen = {}
+        for name, value in zip(names, values):
+            if value is None and getattr(defaults, name) is not None:
+                value = getattr(defaults, name)  # an emptied field keeps the default
+            if (
+                isinstance(getattr(defaults, name), int)
+                and not isinstance(getattr(defaults, name), bool)
+                and value is not None
+            ):
+                value = int(value)
+            chosen[name] = value
+        options = dataclasses.replace(defaults, **chosen)
+        stop = threading.Event()
+
+        def report(done, total, text):
+            progress((done, total), desc=text, unit="windows")
+
+        loop = asyncio.get_running_loop()
+        context = contextvars.copy_context()  # gr.Progress finds its job through context variables
+        future = loop.run_in_executor(server.executor, context.run, server.run_job, image, audio, options, stop, report)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            stop.set()  # the job raises Cancelled at its next window; wait for it to clean up
+            await asyncio.wait([future])
+            raise
+        except Cancelled:
+            raise gr.Error("cancelled", print_exception=False) from None
+        except SonicError as exc:
+            raise gr.Error(_one_line(exc), print_exception=False) from None
+
+    # The API's parameter names and defaults: the option names (gradio reads the signature).
+    params = [
+        inspect.Parameter("image", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+        inspect.Parameter("audio", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+    ]
+    params += [
+        inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=getattr(defaults, name))
+        for name in names
+    ]
+    params.append(inspect.Parameter("progress", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=gr.Progress()))
+    animate.__signature__ = inspect.Signature(params)
+    return animate
 
 
 def _portrait_preprocess(component):

@@ -152,6 +152,32 @@ class ShapeOptions:
 # ---------------------------------------------------------------------------------------------------------
 # Specs
 # ---------------------------------------------------------------------------------------------------------
+def _unet_io(
+    config: PipelineConfig, shapes: ShapeOptions, latent: DimRange, frames: DimRange
+) -> tuple[list[tuple], list[tuple], dict[str, DimRange], dict[str, tuple[str, int, int]]]:
+    """The UNet graph's inputs, outputs, dims and derived dims: the batch is 3 CFG rows per window, and one face
+    mask per level ``l`` on the level grid ``ceil(latent / 2**l)``."""
+    unet_dims = {"batch": shapes.windows.scaled(3), "frames": frames, "height": latent, "width": latent}
+    masks, unet_derived = [], {}
+    for level in range(config.num_face_masks):
+        step = 2**level
+        unet_dims[f"height_{level}"] = DimRange(*(math.ceil(v / step) for v in (latent.min, latent.opt, latent.max)))
+        unet_dims[f"width_{level}"] = unet_dims[f"height_{level}"]
+        unet_derived[f"height_{level}"] = ("height", 1, step)
+        unet_derived[f"width_{level}"] = ("width", 1, step)
+        masks.append((f"face_mask_{level}", (1, 1, f"height_{level}", f"width_{level}"), None, (0.0, 1.0)))
+    inputs = [
+        ("sample", ("batch", "frames", config.unet_in_channels, "height", "width"), None),
+        ("timestep", (1,), "float32", (-1.5, 1.6)),
+        ("clip_embeds", ("batch", 1, config.cross_attention_dim), None),
+        ("audio_tokens", ("batch", "frames", config.audio_context_tokens, config.cross_attention_dim), None),
+        ("added_time_ids", ("batch", 3), "float32", (8.0, 40.0)),
+        *masks,
+    ]
+    outputs = [("v", ("batch", "frames", config.latent_channels, "height", "width"), None)]
+    return inputs, outputs, unet_dims, unet_derived
+
+
 def graph_specs(
     config: PipelineConfig, shapes: ShapeOptions, precision: Precision, fp32_graphs: frozenset[str] = FP32_GRAPHS
 ) -> dict[str, GraphSpec]:
@@ -222,29 +248,7 @@ def graph_specs(
         {"frames": adapter},
     )
 
-    unet_dims = {"batch": shapes.windows.scaled(3), "frames": frames, "height": latent, "width": latent}
-    masks, unet_derived = [], {}
-    for level in range(config.num_face_masks):
-        step = 2**level
-        unet_dims[f"height_{level}"] = DimRange(*(math.ceil(v / step) for v in (latent.min, latent.opt, latent.max)))
-        unet_dims[f"width_{level}"] = unet_dims[f"height_{level}"]
-        unet_derived[f"height_{level}"] = ("height", 1, step)
-        unet_derived[f"width_{level}"] = ("width", 1, step)
-        masks.append((f"face_mask_{level}", (1, 1, f"height_{level}", f"width_{level}"), None, (0.0, 1.0)))
-    add(
-        "unet",
-        [
-            ("sample", ("batch", "frames", config.unet_in_channels, "height", "width"), None),
-            ("timestep", (1,), "float32", (-1.5, 1.6)),
-            ("clip_embeds", ("batch", 1, config.cross_attention_dim), None),
-            ("audio_tokens", ("batch", "frames", config.audio_context_tokens, config.cross_attention_dim), None),
-            ("added_time_ids", ("batch", 3), "float32", (8.0, 40.0)),
-            *masks,
-        ],
-        [("v", ("batch", "frames", config.latent_channels, "height", "width"), None)],
-        unet_dims,
-        unet_derived,
-    )
+    add("unet", *_unet_io(config, shapes, latent, frames))
     chunk = DimRange(1, DECODE_CHUNK_SIZE, DECODE_CHUNK_SIZE)
     add(
         "vae_decoder",
