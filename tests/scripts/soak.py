@@ -1,6 +1,6 @@
 """One animation in a fresh process, for the soak test: prints its peak RSS and what it wrote as JSON.
 
-usage: python tests/scripts/soak.py MODEL_DIR IMAGE AUDIO OUT.mp4 STEPS MIN_RESOLUTION
+usage: python tests/scripts/soak.py MODEL_DIR IMAGE AUDIO OUT.mp4 STEPS MIN_RESOLUTION [paste_back]
 """
 
 from __future__ import annotations
@@ -15,10 +15,13 @@ import sonic_rt
 
 def main() -> None:
     model, image, audio, out, steps, resolution = sys.argv[1:7]
+    paste_back = sys.argv[7:8] == ["paste_back"]
     runtime = sonic_rt.Runtime(model, device="cpu")
     loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MB (Linux reports KiB)
     started = time.perf_counter()
-    result = runtime.animate(image, audio, out, steps=int(steps), min_resolution=int(resolution), progress=False)
+    result = runtime.animate(
+        image, audio, out, steps=int(steps), min_resolution=int(resolution), progress=False, paste_back=paste_back
+    )
     print(
         json.dumps(
             {
@@ -28,6 +31,7 @@ def main() -> None:
                 "num_frames": result.num_frames,
                 "num_generated_frames": result.num_generated_frames,
                 "fps": result.fps,
+                "size": [result.width, result.height],
                 "timings": result.timings,
             }
         )
