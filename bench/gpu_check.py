@@ -16,13 +16,16 @@ pytest        ``pytest -m gpu`` on the test files that hold GPU tests (compiled 
 unet_fp16     ``python -m bench.unet_call --dtype fp16``: one full-size SVD-xt UNet call  ``unet_call-fp16.json``
               per attention implementation (reference / sdpa / triton)
 unet_bf16     the same in bf16                                                            ``unet_call-bf16.json``
+low_memory    ``python -m bench.low_memory --preset full --seconds 2 --steps 10``: the    ``low_memory.json``
+              default runtime and ``low_memory=True`` loaded one after the other: peak
+              CUDA memory (allocated, and in use on the device), seconds, frame difference
 throughput    ``python -m bench.throughput --preset full --seconds 2 --steps N            ``throughput.json``
               --backends eager,torch``: whole 512x512 videos, per-stage seconds, peak
               CUDA memory
 ============  ==========================================================================  =====================
 
 plus ``summary.json`` (every part's status, seconds, command and headline numbers) and ``log.txt`` (each
-part's stdout and stderr). Seven files: the device tool brings back at most eight.
+part's stdout and stderr). Eight files: the device tool brings back at most eight.
 
 Each part file: ``{"part", "command", "rc", "status" (ok / failed / timeout / skipped), "seconds",
 "timeout_s", "device", "versions", "result"}`` where ``result`` is the program's own JSON (pytest's is built
@@ -94,6 +97,7 @@ FILES = (
     "pytest.json",
     "unet_call-fp16.json",
     "unet_call-bf16.json",
+    "low_memory.json",
     "throughput.json",
     "summary.json",
     "log.txt",
@@ -172,7 +176,7 @@ def plan(args: argparse.Namespace, scratch: Path, cache: Path) -> list[Part]:
                 f"--junitxml={junit}",
                 *gpu_test_files(),
             ],
-            150,
+            130,
             "pytest.json",
             junit,
             needs=("torch", "pytest"),
@@ -187,12 +191,28 @@ def plan(args: argparse.Namespace, scratch: Path, cache: Path) -> list[Part]:
             Part(
                 f"unet_{dtype}",
                 [py, "-m", "bench.unet_call", "--dtype", dtype, *extra, "--out", str(out)],
-                90 if rehearse else 80,
+                90 if rehearse else 70,
                 f"unet_call-{dtype}.json",
                 out,
                 needs=("torch", "triton", "diffusers"),
             )
         )
+    out = scratch / "low_memory.json"
+    if rehearse:
+        shape = ["--preset", "demo", "--seconds", "0.5", "--steps", "1", "--device", "cpu", "--threads", "2"]
+    else:  # the first part to need the full checkpoint writes it into the cache (~5 GB), hence the cap
+        shape = ["--preset", "full", "--seconds", f"{THROUGHPUT_SECONDS:g}", "--steps", "10", "--device", "cuda"]
+    parts.append(
+        Part(
+            "low_memory",
+            [py, "-m", "bench.low_memory", *shape, "--cache", str(cache), "--out", str(out)]
+            + (["--model", str(args.model)] if args.model else []),
+            120,
+            "low_memory.json",
+            out,
+            needs=("torch", "diffusers", "transformers"),
+        )
+    )
     out = scratch / "throughput.json"
     if rehearse:
         shape = ["--preset", "demo", "--seconds", "0.5", "--steps", "1", "--device", "cpu", "--threads", "2"]
@@ -390,6 +410,14 @@ def headline(name: str, result: dict | None) -> str:
             )
             peak = max((v["peak_gib"] or 0) for v in impls.values())
             return ", ".join(cells) + extra + (f"; peak {peak:.1f} GiB" if peak else "")
+        if name == "low_memory":
+            runs = result["runs"]
+            peak = "cuda_peak_allocated_mb" if "cuda_peak_allocated_mb" in runs["default"] else "peak_rss_mb"
+            return (
+                f"{peak} default {runs['default'][peak]:.0f}, low_memory {runs['low_memory'][peak]:.0f} "
+                f"(x{result['peak_ratio']:.2f}); time x{result['time_ratio']:.2f}; frames max "
+                f"{result['frames_max_levels']} levels"
+            )
         if name == "throughput":
             cells = []
             for backend, runs in result["runs"].items():

@@ -62,6 +62,13 @@ def _add_animate(sub) -> None:
         "differ from eager ones by fp32 rounding (within 2 uint8 levels). Off by default",
     )
     p.add_argument(
+        "--low-memory",
+        action="store_true",
+        help="for 12 GB GPUs at 512x512: models other than the UNet wait in host memory, one window per UNet "
+        "call, the UNet's feed-forward in chunks, 4 frames per VAE decode call (frames near those chunk "
+        "edges differ slightly). Slower; off by default",
+    )
+    p.add_argument(
         "--windows-per-call",
         type=int,
         default=1,
@@ -232,6 +239,7 @@ def _animate(args) -> int:
         trust_pickle=args.trust_pickle,
         attention=args.attention,
         compile=args.compile,
+        low_memory=args.low_memory,
         scheduler=SchedulerConfig(windows_per_call=args.windows_per_call, lanes=args.lanes),
     )
     progress = options.progress and runtime.distributed.rank == 0  # rank 0 reports

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from .errors import InputError
 from .face import Reference
 
 if TYPE_CHECKING:
@@ -111,6 +112,11 @@ class Runtime:
             later process), then UNet calls are about 1.3x faster on CPU; CUDA graphs on CUDA. Off by default
             (see the README's performance section). Where no C++ compiler (CPU) or triton (CUDA) is present it
             says so and runs uncompiled.
+        low_memory: aim at 12 GB GPUs at 512x512 (:mod:`sonic_rt.pipeline.memory`): every model but the UNet
+            waits in host memory and is moved to the GPU only while it runs (torch backend), one window per
+            UNet call, the UNet's feed-forward in chunks of 5 frames (torch backend), 4 frames per VAE decode
+            call instead of 8 (frames near those chunk edges differ slightly). Off by default: it is slower
+            (weights cross PCIe for each decoded chunk) and a large GPU does not need it.
         scheduler: how the windows of a step run (:class:`~sonic_rt.scheduler.SchedulerConfig`: windows per
             UNet call, parallel lanes). Under ``torchrun`` (``WORLD_SIZE`` > 1) the windows are also sharded
             over the ranks (gloo on CPU, NCCL on CUDA); rank 0 decodes and writes. Results do not depend on
@@ -120,7 +126,7 @@ class Runtime:
         CheckpointError: a model file is missing or does not match (names the file and the keys).
         EngineError: an engine directory is corrupted or built for another GPU, TensorRT version or precision.
         BackendUnavailableError: the engine's backend library or device is missing here.
-        InputError: an unusable device or dtype.
+        InputError: an unusable device or dtype; ``low_memory`` with more than one window per UNet call.
 
     Attributes:
         components: what was loaded (:class:`~sonic_rt.pipeline.components.Components`); ``graphs``,
@@ -145,7 +151,13 @@ class Runtime:
         attention: str | None = None,
         scheduler: SchedulerConfig | None = None,
         compile: bool = False,
+        low_memory: bool = False,
     ):
+        if low_memory and scheduler is not None and scheduler.windows_per_call > 1:
+            raise InputError(
+                f"low_memory runs one window per UNet call; {scheduler.windows_per_call} windows per call were "
+                "asked for (leave windows_per_call at 1, or turn low_memory off)"
+            )
         self.components: Components = load_components(
             model_dir,
             device,
@@ -154,6 +166,7 @@ class Runtime:
             providers=providers,
             attention=attention,
             compile=compile,
+            low_memory=low_memory,
         )
         self.scheduling = scheduler or SchedulerConfig()
         self.components.check_batching(self.scheduling.windows_per_call)
@@ -178,6 +191,7 @@ class Runtime:
         lambda self: self.components.attention,
         doc='the audio-attention implementation ("reference", "sdpa", "triton"; "engine")',
     )
+    low_memory = property(lambda self: self.components.low_memory, doc="whether the low_memory plan is on")
     is_demo = property(lambda self: self.components.is_demo, doc="whether this is the random-weight demo")
     default_min_resolution = property(
         lambda self: self.components.default_min_resolution, doc="short side in pixels when min_resolution is None"

@@ -16,7 +16,7 @@ import pytest
 from bench import gpu_check
 
 REPO = Path(__file__).resolve().parents[1]
-PARTS = ["env", "pytest", "unet_fp16", "unet_bf16", "throughput"]
+PARTS = ["env", "pytest", "unet_fp16", "unet_bf16", "low_memory", "throughput"]
 
 
 @pytest.mark.slow
@@ -78,6 +78,10 @@ def test_rehearsal_runs_every_part_and_writes_every_file(demo_dir, tmp_path):
         assert result["benchmark"] == "unet_call" and result["settings"]["dtype"] == dtype
         impls = ["reference", "sdpa", "triton"] if dtype == "fp16" else ["reference", "sdpa"]  # interpreter bf16
         assert result["settings"]["tiny"] and list(result["implementations"]) == impls
+
+    low = records["low_memory"]["result"]
+    assert list(low["runs"]) == ["default", "low_memory"] and low["settings"]["steps"] == 1
+    assert all(r["frames"] == 6 and r["peak_rss_mb"] > 0 for r in low["runs"].values()) and low["peak_ratio"] > 0
 
     throughput = records["throughput"]["result"]
     assert list(throughput["runs"]) == ["eager", "torch"] and throughput["settings"]["steps"] == 1

@@ -374,6 +374,18 @@ class SonicUNet(nn.Module):
             if isinstance(m, Attention) and n.endswith(".attn2")
         }
 
+    def set_feed_forward_chunk(self, frames: int | None) -> None:
+        """Run every transformer block's feed-forward over chunks of ``frames`` frames (None: unchunked).
+
+        diffusers' forward chunking (``set_chunk_feed_forward``): spatial blocks chunk their ``[B*F, tokens, C]``
+        rows over dim 0 (whole frames), temporal blocks their ``[B*tokens, F, C]`` rows over dim 1 (frames), so
+        ``frames`` must divide the window length. The feed-forward acts on each token alone: chunking changes
+        which rows share a matmul, not the arithmetic of a row (bit-identical on CPU, by test).
+        """
+        for module in self.unet.modules():
+            if hasattr(module, "set_chunk_feed_forward"):
+                module.set_chunk_feed_forward(chunk_size=frames, dim=0)
+
     @property
     def num_face_masks(self) -> int:
         """How many per-level masks :meth:`forward` takes (levels 0..max attention level)."""

@@ -21,6 +21,7 @@ from ..errors import InputError
 from ..face import load_face_detector
 from ..graphs import Precision
 from ..manifest import is_engine_dir, open_engine_dir
+from .memory import OFFLOADED_GRAPHS, decode_frames, feed_forward_chunk
 from .options import DEFAULT_MIN_RESOLUTION
 
 
@@ -39,6 +40,9 @@ class Components:
         face_detector: YOLOv5-face when ``yoloface_v5m.pt`` is present, else the OpenCV Haar fallback.
         source: the loaded directory (absolute).
         demo: the demo checkpoint's marker (``random_weights``, ``min_resolution``), or None.
+        low_memory: the ``low_memory`` plan is on (:mod:`sonic_rt.pipeline.memory`): the graphs of
+            :data:`~sonic_rt.pipeline.memory.OFFLOADED_GRAPHS` wait in host memory (torch backend on CUDA),
+            the UNet's feed-forward runs in chunks, the VAE decodes fewer frames per call.
     """
 
     graphs: Graphs
@@ -48,6 +52,7 @@ class Components:
     face_detector: Any
     source: Path
     demo: dict[str, Any] | None
+    low_memory: bool = False
 
     @property
     def backend(self) -> str:
@@ -74,6 +79,20 @@ class Components:
     def default_min_resolution(self) -> int:
         """Short side in pixels when ``min_resolution`` is None: 512, or the demo checkpoint's own."""
         return int(self.demo["min_resolution"]) if self.is_demo else DEFAULT_MIN_RESOLUTION
+
+    @property
+    def decode_frames(self) -> int:
+        """Frames per VAE decode call (8, official ``decode_chunk_size``; 4 under ``low_memory``)."""
+        frames = self.graphs.vae_decoder.spec.dims["frames"]
+        return decode_frames(self.low_memory, frames.min, frames.max)
+
+    def prepare_unet(self, frames_per_window: int) -> None:
+        """Set the torch UNet's feed-forward chunking for windows of ``frames_per_window`` frames: chunks of
+        :func:`~sonic_rt.pipeline.memory.feed_forward_chunk` frames under ``low_memory``, none otherwise
+        (engines: nothing to set)."""
+        module = getattr(self.graphs.unet, "module", None)
+        if module is not None:
+            module.set_feed_forward_chunk(feed_forward_chunk(frames_per_window) if self.low_memory else None)
 
     def check_batching(self, windows_per_call: int) -> None:
         """The UNet graph must take a batch of 3 x ``windows_per_call`` (engines are built for a range).
@@ -124,6 +143,7 @@ def load_components(
     providers: list[str] | None = None,
     attention: str | None = None,
     compile: bool = False,
+    low_memory: bool = False,
 ) -> Components:
     """Load a weights directory (torch backend) or an engine directory (the backend its manifest names).
 
@@ -143,11 +163,11 @@ def load_components(
                 f"compile=True applies to the torch backend; {model_dir} holds exported engines, "
                 "which their own runtime optimises"
             )
-        return _load_engines(model_dir, device, dtype, providers)
-    return _load_weights(model_dir, device, dtype, trust_pickle, attention, compile)
+        return _load_engines(model_dir, device, dtype, providers, low_memory)
+    return _load_weights(model_dir, device, dtype, trust_pickle, attention, compile, low_memory)
 
 
-def _load_engines(model_dir, device, dtype, providers) -> Components:
+def _load_engines(model_dir, device, dtype, providers, low_memory) -> Components:
     requested = Precision.parse(dtype)
     precision = requested.value if requested is not None else None
     engine = open_engine_dir(model_dir, default_device(device) if device is not None else None, precision, providers)
@@ -159,10 +179,11 @@ def _load_engines(model_dir, device, dtype, providers) -> Components:
         face_detector=load_face_detector(engine.root),
         source=engine.root,
         demo=engine.demo,
+        low_memory=low_memory,
     )
 
 
-def _load_weights(model_dir, device, dtype, trust_pickle, attention, compile) -> Components:
+def _load_weights(model_dir, device, dtype, trust_pickle, attention, compile, low_memory) -> Components:
     from ..attention import resolve_attention
     from ..backends.torch_backend import TorchBackend
     from ..checkpoint import resolve_model_dir
@@ -175,6 +196,9 @@ def _load_weights(model_dir, device, dtype, trust_pickle, attention, compile) ->
     graphs = TorchBackend.from_models(models)
     if compile:
         graphs.unet.compile("UNet")  # says why and stays eager where compiling cannot work
+    if low_memory:
+        for name in OFFLOADED_GRAPHS:
+            graphs.graphs[name].offload("cpu")  # a no-op on the CPU
     demo = json.loads(paths.demo_marker.read_text()) if paths.demo_marker else None
     return Components(
         graphs=graphs,
@@ -184,6 +208,7 @@ def _load_weights(model_dir, device, dtype, trust_pickle, attention, compile) ->
         face_detector=load_face_detector(paths.root),
         source=paths.root,
         demo=demo,
+        low_memory=low_memory,
     )
 
 

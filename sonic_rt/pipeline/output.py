@@ -69,6 +69,8 @@ class StreamingOutput:
         where: the end of out-of-memory messages (size, and the setting to lower).
         paste: a :class:`sonic_rt.paste_back.PasteBack` that composites every output frame into the whole photo
             before it is encoded (``keep`` still gets the generated frames), or None.
+        decode_frames: frames per VAE decode call (None: the graph's largest, official ``decode_chunk_size`` 8;
+            :attr:`Components.decode_frames <sonic_rt.pipeline.components.Components.decode_frames>`).
 
     Attributes:
         num_out: frames written (or that would be written) so far.
@@ -86,6 +88,7 @@ class StreamingOutput:
         say: Notify,
         where: str,
         paste=None,
+        decode_frames: int | None = None,
     ):
         self.graphs, self.timer, self.interpolate, self.paste = graphs, timer, interpolate, paste
         self.writer, self.keep, self.events = writer, keep, events
@@ -96,7 +99,7 @@ class StreamingOutput:
         self.rife_memory = MemoryFallback(
             "frame pairs per RIFE call", True, f"out of memory interpolating one frame pair {where}", say
         )
-        self.chunk_size = graphs.vae_decoder.spec.dims["frames"].max  # official decode_chunk_size (8)
+        self.chunk_size = decode_frames or graphs.vae_decoder.spec.dims["frames"].max  # official decode_chunk_size 8
         self.next_frame = 0  # first frame not decoded yet
         self.previous = None  # last decoded frame of the previous chunk (for RIFE)
         self.num_out = 0

@@ -130,8 +130,10 @@ def guided_denoiser(
     c: Components, inputs: PreparedInputs, reference: ReferenceLatents, audio: AudioConditioning, say: Notify
 ) -> GuidedDenoiser:
     """Step 5: the guided UNet of this video: its CFG rows, the face mask of every UNet level (once per
-    resolution; official: per layer and call), and the out-of-memory policy (fewer windows per call)."""
+    resolution; official: per layer and call), the out-of-memory policy (fewer windows per call) and, under
+    ``low_memory``, the UNet's feed-forward chunking for this window length."""
     config = inputs.config
+    c.prepare_unet(config.frames_per_window)  # low_memory: the feed-forward in chunks of frames
     face_masks = [
         mask.to(c.device, c.dtype)
         for mask in level_face_masks(
@@ -222,7 +224,16 @@ def open_output(
         )
     keep = [] if (options.return_frames or inputs.out_path is None) else None
     return StreamingOutput(
-        c.graphs, timer, options.interpolate, writer, keep, events, say, inputs.memory_hint(), paste=paste
+        c.graphs,
+        timer,
+        options.interpolate,
+        writer,
+        keep,
+        events,
+        say,
+        inputs.memory_hint(),
+        paste=paste,
+        decode_frames=c.decode_frames,
     )
 
 
