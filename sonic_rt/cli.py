@@ -12,6 +12,8 @@ import signal
 import sys
 from pathlib import Path
 
+from .pipeline.options import SCHEDULER_ORDERS
+
 DESCRIPTION = """Sonic talking-head runtime: one portrait + one speech recording -> lip-synced mp4.
 
   python -m sonic_rt animate --demo --image face.png --audio speech.wav --out out.mp4
@@ -81,6 +83,14 @@ def _add_animate(sub) -> None:
         default=1,
         help="windows of a step run in parallel on this many lanes (CUDA streams on GPU, threads on "
         "CPU). Under torchrun the windows are also sharded over the ranks; rank 0 writes",
+    )
+    p.add_argument(
+        "--order",
+        default=SCHEDULER_ORDERS[0],
+        choices=SCHEDULER_ORDERS,
+        help="order of the (step, window) work, same video either way: wavefront runs each window as soon as "
+        "its inputs are final, the first frames first, so writing starts after a fixed amount of work "
+        "whatever the length; steps runs step by step (the official order; always under torchrun)",
     )
     p.add_argument(
         "--trust-pickle",
@@ -240,7 +250,7 @@ def _animate(args) -> int:
         attention=args.attention,
         compile=args.compile,
         low_memory=args.low_memory,
-        scheduler=SchedulerConfig(windows_per_call=args.windows_per_call, lanes=args.lanes),
+        scheduler=SchedulerConfig(windows_per_call=args.windows_per_call, lanes=args.lanes, order=args.order),
     )
     progress = options.progress and runtime.distributed.rank == 0  # rank 0 reports
     result = runtime.animate(args.image, args.audio, args.out, options, progress=progress)

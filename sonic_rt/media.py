@@ -342,25 +342,26 @@ def load_audio(path: PathLike, sample_rate: int = 16000) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 
 
-def check_output_path(out: PathLike) -> Path:
-    """Check, before any heavy work, that an mp4 can be written at ``out``.
+def check_output_path(out: PathLike, suffix: str = ".mp4") -> Path:
+    """Check, before any heavy work, that a file ending in ``suffix`` can be written at ``out``.
 
     Args:
-        out: output file path; must end in ``.mp4``.
+        out: output file path; must end in ``suffix``.
+        suffix: ``.mp4`` (the video) or ``.m3u8`` (an HLS playlist, :class:`HlsWriter`).
 
     Returns:
         The resolved absolute path.
 
     Raises:
-        OutputPathError: the suffix is not ``.mp4``, ``out`` is an existing directory, or its parent
+        OutputPathError: the suffix is not ``suffix``, ``out`` is an existing directory, or its parent
             directory is missing, not a directory, or not writable.
     """
     p = Path(os.fspath(out)).expanduser()
-    if p.suffix.lower() != ".mp4":
-        raise OutputPathError("output file must end in .mp4", p)
+    if p.suffix.lower() != suffix:
+        raise OutputPathError(f"output file must end in {suffix}", p)
     p = p.resolve()
     if p.is_dir():
-        raise OutputPathError("is an existing directory; give a file name ending in .mp4", p)
+        raise OutputPathError(f"is an existing directory; give a file name ending in {suffix}", p)
     parent = p.parent
     if not parent.exists():
         raise OutputPathError(f"output directory {parent} does not exist; create it first", p)
@@ -566,6 +567,208 @@ class VideoWriter:
         self._container.mux(self._audio.encode(None))
 
     def __enter__(self) -> VideoWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+HLS_SEGMENT_SECONDS = 2  # target length of an HLS segment (a key frame starts each one)
+
+
+class HlsWriter:
+    """Write an HLS stream (H.264 + AAC in fMP4 segments) that a player can open while it is being written.
+
+    FFmpeg's HLS muxer (through PyAV) writes ``<stem>.m3u8`` (an ``EVENT`` playlist, so players keep polling it),
+    ``<stem>_init.mp4`` and ``<stem>_00000.m4s``, ... beside it; each segment and each rewrite of the playlist is
+    written under a temporary name and renamed (``hls_flags=temp_file``), so a reader never sees half a segment.
+    :meth:`close` adds ``#EXT-X-ENDLIST``. :meth:`abort` (or an exception inside a ``with`` block) removes the
+    playlist and every segment.
+
+    Video: libx264, yuv420p, ``crf``, ``tune=zerolatency`` (no look-ahead, so a segment is out as soon as its
+    frames are written), a key frame every :data:`HLS_SEGMENT_SECONDS` (segments of that length).
+    Audio (optional): ``samples`` (float32 mono) as AAC, interleaved: each :meth:`write` also muxes the audio up
+    to the end of the frames written so far, so every segment plays with its sound; :meth:`close` muxes the rest.
+
+    Args:
+        out: the playlist path, ending in ``.m3u8`` (checked with :func:`check_output_path`).
+        fps: frames per second; width, height: frame size in pixels, positive and even.
+        samples: float32 mono audio ``[S]`` at ``sample_rate`` Hz (16000: the runtime's audio), or None.
+        crf: x264 constant rate factor, 0 to 51.
+
+    Raises:
+        OutputPathError: ``out`` cannot be written, or a segment of that name already exists.
+        ValueError: bad ``fps``, ``width``, ``height`` or ``crf``.
+    """
+
+    def __init__(
+        self,
+        out: PathLike,
+        *,
+        fps: Fraction | float,
+        width: int,
+        height: int,
+        samples: np.ndarray | None = None,
+        sample_rate: int = 16000,
+        crf: int = 18,
+    ) -> None:
+        self._path = check_output_path(out, ".m3u8")
+        rate = Fraction(fps).limit_denominator(10000)
+        if rate <= 0:
+            raise ValueError(f"fps must be positive, got {fps}")
+        for name, v in (("width", width), ("height", height)):
+            if not isinstance(v, (int, np.integer)) or v <= 0 or v % 2:
+                raise ValueError(f"{name} must be a positive even integer for yuv420p, got {v!r}")
+        if not 0 <= int(crf) <= 51:
+            raise ValueError(f"crf must be in 0..51, got {crf}")
+        stem, folder = self._path.stem, self._path.parent
+        self._init = folder / f"{stem}_init.mp4"
+        self._pattern = folder / f"{stem}_%05d.m4s"
+        clash = [p for p in (self._path, self._init) if p.exists()] + sorted(folder.glob(f"{stem}_*.m4s"))
+        if clash:
+            raise OutputPathError(
+                f"an HLS stream of that name is already there ({clash[0].name}); remove it first", self._path
+            )
+        self._fps, self._frames, self._done = rate, 0, False
+        self._samples = None if samples is None else np.ascontiguousarray(samples, dtype=np.float32).reshape(-1)
+        self._sample_rate, self._audio_pos = int(sample_rate), 0
+        key_interval = str(max(1, round(HLS_SEGMENT_SECONDS * rate)))
+        self._container = av.open(
+            os.fspath(self._path),
+            mode="w",
+            format="hls",
+            options={
+                "hls_time": str(HLS_SEGMENT_SECONDS),
+                "hls_playlist_type": "event",
+                "hls_segment_type": "fmp4",
+                "hls_flags": "temp_file+independent_segments",
+                "hls_list_size": "0",
+                "hls_fmp4_init_filename": self._init.name,
+                "hls_segment_filename": os.fspath(self._pattern),
+            },
+        )
+        try:
+            v = self._container.add_stream(
+                "libx264",
+                rate=rate,
+                options={
+                    "crf": str(int(crf)),
+                    "tune": "zerolatency",  # no look-ahead: each frame's packet is out as soon as it is encoded
+                    "g": key_interval,
+                    "keyint_min": key_interval,
+                    "sc_threshold": "0",
+                },
+            )
+            v.width, v.height, v.pix_fmt = int(width), int(height), "yuv420p"
+            v.time_base = v.codec_context.time_base = 1 / rate
+            self._video, self._audio, self._resampler = v, None, None
+            if self._samples is not None:
+                a = self._container.add_stream("aac", rate=self._sample_rate, layout="mono")
+                a.time_base = Fraction(1, self._sample_rate)
+                self._audio = a
+                self._resampler = av.AudioResampler(
+                    format="fltp", layout="mono", rate=self._sample_rate, frame_size=_AAC_FRAME_SIZE
+                )
+        except BaseException:
+            self.abort()
+            raise
+
+    @property
+    def path(self) -> Path:
+        """The playlist (resolved)."""
+        return self._path
+
+    @property
+    def frames_written(self) -> int:
+        """Video frames passed to :meth:`write` so far."""
+        return self._frames
+
+    def files(self) -> list[Path]:
+        """The playlist, the init segment and the media segments written so far (those that exist)."""
+        folder = self._path.parent
+        found = [p for p in (self._path, self._init) if p.exists()]
+        return found + sorted(folder.glob(f"{self._path.stem}_*.m4s"))
+
+    def write(self, frames: np.ndarray) -> None:
+        """Encode frames (uint8 RGB ``[n, height, width, 3]`` or one ``[height, width, 3]``), then the audio up to
+        their end.
+
+        Raises:
+            ValueError: wrong dtype or shape, or the writer is closed.
+        """
+        if self._done or self._container is None:
+            raise ValueError("HlsWriter is already closed")
+        if frames.ndim == 3:
+            frames = frames[None]
+        expected = (self._video.height, self._video.width, 3)
+        if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1:] != expected:
+            raise ValueError(
+                f"frames must be uint8 [n, {expected[0]}, {expected[1]}, 3], got {frames.dtype} {frames.shape}"
+            )
+        for rgb in frames:
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+            frame.pts, frame.time_base = self._frames, self._video.codec_context.time_base
+            self._container.mux(self._video.encode(frame))
+            self._frames += 1
+        self._mux_audio_until(int(self._frames / self._fps * self._sample_rate))
+
+    def _mux_audio_until(self, end: int) -> None:
+        if self._audio is None:
+            return
+        end = min(end, len(self._samples))
+        if end > self._audio_pos:
+            chunk = av.AudioFrame.from_ndarray(self._samples[None, self._audio_pos : end], format="flt", layout="mono")
+            chunk.sample_rate = self._sample_rate
+            for out in self._resampler.resample(chunk):
+                out.pts = None  # the encoder numbers the samples
+                self._container.mux(self._audio.encode(out))
+            self._audio_pos = end
+
+    def close(self) -> None:
+        """Flush the encoders, mux the rest of the audio and end the playlist (``#EXT-X-ENDLIST``).
+
+        Raises:
+            ValueError: no frames were written (the partial stream is removed).
+        """
+        if self._done:
+            return
+        try:
+            if self._frames == 0:
+                raise ValueError(f"{self._path}: no video frames were written")
+            self._container.mux(self._video.encode(None))
+            if self._audio is not None:
+                self._mux_audio_until(len(self._samples))
+                for out in self._resampler.resample(None):
+                    self._container.mux(self._audio.encode(out))
+                self._container.mux(self._audio.encode(None))
+            self._container.close()
+            self._container = None
+            self._done = True
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        """Stop and remove the playlist and every segment written (temporary ones included)."""
+        self._done = True
+        if self._container is not None:
+            try:
+                self._container.close()
+            except Exception:
+                pass
+            self._container = None
+        folder, stem = self._path.parent, self._path.stem
+        leftovers = [*folder.glob(f"{stem}_*.m4s*"), *folder.glob(f"{stem}.m3u8*"), *folder.glob(f"{stem}_init.mp4*")]
+        for p in [self._path, self._init, *leftovers]:
+            try:
+                os.unlink(p)
+            except FileNotFoundError:
+                pass
+
+    def __enter__(self) -> HlsWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

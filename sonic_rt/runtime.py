@@ -221,8 +221,9 @@ class Runtime:
             latents: initial noise ``[1, N, 4, H/8, W/8]`` as diffusers pipelines accept it; None draws
                 it from ``seed`` (the official seeded noise, :func:`sonic_rt.sampling.initial_noise`).
             events: optional ``events(kind, info)`` callback: ``("window", {"step", "index"})`` after each
-                window, ``("frames", {"generated", "written"})`` after each chunk is written (during the last
-                step for finished chunks, so output starts before the last window ends), and
+                window, ``("frames", {"generated", "written", "video_seconds", "elapsed_seconds"})`` after each
+                chunk is written (as soon as its frames are final: in the default wavefront order after a fixed
+                amount of work whatever the length, see :mod:`sonic_rt.scheduler`), and
                 ``("memory", {"what", "failed", "retry"})`` when an out-of-memory error made the runtime retry
                 with fewer windows per UNet call, VAE frames or RIFE pairs per call (also said on stderr).
             **overrides: any option by name, over ``options``: ``steps`` (25), ``seed`` (72589),
@@ -263,7 +264,7 @@ class Runtime:
             denoiser = steps.guided_denoiser(c, inputs, reference, audio_cond, say)
         init = steps.prepare_latents(c, inputs, reference, options.seed, latents)  # 6. noise on the reference
         with ExitStack() as stack:  # 7. denoise; decode -> interpolate -> encode from the last step on
-            output = steps.open_output(stack, c, inputs, options, audio, timer, events, say, write)
+            output = steps.open_output(stack, c, inputs, options, audio, timer, events, say, write, started)
             final = steps.denoise(
                 c,
                 self._scheduler,

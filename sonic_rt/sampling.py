@@ -3,14 +3,30 @@
 Everything here is the algorithm of official ``SonicPipeline.__call__`` (docs/official_algorithm.md sections 3-5).
 :func:`sample` owns the math (which windows run at each step, the Euler step, the per-frame averaging); the
 model call is the ``denoise`` callable it is given (guided v-prediction for a group of windows), and how the
-windows of a step are grouped and executed (batches, lanes, ranks) is its ``scheduler``'s job
-(:class:`sonic_rt.scheduler.WindowScheduler`, sequential by default), which never changes the result.
+windows are grouped and executed (order, batches, lanes, ranks) is its ``scheduler``'s job
+(:class:`sonic_rt.scheduler.WindowScheduler`), which never changes the result.
+
+Two orders run the same arithmetic:
+
+- **steps**: every window of step 0, then every window of step 1, ... (the official order).
+- **wavefront**: the loop described as (step, window) :class:`Unit` s with their dependencies
+  (:class:`ShiftFusionWork`: a window of step s+1 needs the step-s windows that hold any of its frames,
+  circular wrap included). A unit runs as soon as its inputs are final, the ones the earliest output frames
+  need first, so the first frames are final after a cone of about 50 windows per step back, whatever the
+  video's length (:meth:`ShiftFusionWork.plan`).
+
+Both give the same latents bit for bit on the CPU in fp32: each unit's arithmetic is unchanged and a frame's
+mean over the windows holding it is accumulated from zero, with at most two windows per frame when N >= T
+(the windows of a step tile the circle, overlapping only where the last one wraps onto the first), so the order
+of the two additions does not matter; with N < T one window holds every frame. The wavefront keeps, per frame,
+its latents at its current step and the sum being built for the next one: two latent tensors in all, as the step
+order keeps.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
@@ -151,6 +167,116 @@ class Window:
     sigma_next: torch.Tensor
 
 
+@dataclass(frozen=True, order=True)
+class Unit:
+    """One window of one step: the unit of work of the wavefront order.
+
+    Attributes:
+        step: denoising step index s (0..steps-1).
+        position: the window's place j in its step (0..W-1, ``W = ceil(N / T)``), as in :func:`window_starts`.
+    """
+
+    step: int
+    position: int
+
+
+class ShiftFusionWork:
+    """The whole shift-fusion loop as (step, window) units with their dependencies (time-aware position shift
+    fusion, paper section 3.4; official ``SonicPipeline.__call__``).
+
+    Unit (s, j) reads the step-s latents of frames ``window_indices(N, T, s, alpha)[j]`` and adds its stepped copy
+    of them to their step-(s+1) sums. A frame's step-(s+1) latents are final once every step-s window that holds it
+    is done (:meth:`owners`), so unit (s+1, j) depends on the step-s windows holding any of its frames
+    (:meth:`dependencies`): one to three windows when ``shift_offset`` < T, the wrap-around included.
+
+    Args:
+        num_frames: N, frames at 12.5 fps; steps: denoising steps; frames_per_window: T; shift_offset: alpha.
+
+    Attributes:
+        windows: W, windows per step.
+        indices: ``indices[s][j]``: the frames of unit (s, j) (a list of T ints, a frame repeated when N < T).
+    """
+
+    def __init__(self, num_frames: int, steps: int, frames_per_window: int, shift_offset: int):
+        self.num_frames, self.steps = num_frames, steps
+        self.indices = [window_indices(num_frames, frames_per_window, s, shift_offset) for s in range(steps)]
+        self.windows = len(self.indices[0])
+        # owners[s][f]: the positions of the step-s windows holding frame f, ascending (one or two; one when N < T)
+        self._owners: list[list[tuple[int, ...]]] = []
+        for rows in self.indices:
+            holders: list[list[int]] = [[] for _ in range(num_frames)]
+            for j, row in enumerate(rows):
+                for f in dict.fromkeys(row):
+                    holders[f].append(j)
+            self._owners.append([tuple(h) for h in holders])
+
+    def units(self) -> list[Unit]:
+        """Every unit, step by step (the official order)."""
+        return [Unit(s, j) for s in range(self.steps) for j in range(self.windows)]
+
+    def frames(self, unit: Unit) -> list[int]:
+        """The frames unit ``unit`` reads and writes ([T] ints, in window order)."""
+        return self.indices[unit.step][unit.position]
+
+    def owners(self, step: int, frame: int) -> tuple[int, ...]:
+        """Positions of the step-``step`` windows that hold ``frame``."""
+        return self._owners[step][frame]
+
+    def dependencies(self, unit: Unit) -> list[Unit]:
+        """The step-(s-1) units whose results unit (s, j) reads (none at step 0), ascending."""
+        if unit.step == 0:
+            return []
+        prev = unit.step - 1
+        return [Unit(prev, j) for j in sorted({j for f in self.frames(unit) for j in self._owners[prev][f]})]
+
+    def frame_groups(self, unit: Unit) -> list[tuple[tuple[int, ...], list[int]]]:
+        """The frames of ``unit`` grouped by the set of step-s windows holding them: ``[(owners, frames)]``. A group
+        becomes final (its step-(s+1) latents complete) when the last of its owners is done."""
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for f in dict.fromkeys(self.frames(unit)):
+            groups.setdefault(self._owners[unit.step][f], []).append(f)
+        return list(groups.items())
+
+    def output_key(self, unit: Unit) -> int:
+        """The first output frame a last-step unit finalises (its smallest frame)."""
+        return min(self.frames(unit))
+
+    def plan(self) -> list[Unit]:
+        """Every unit in wavefront priority order: the last-step units in the order of the output frames they
+        finalise (:meth:`output_key`), each preceded by whatever of its dependency cone is not planned yet
+        (depth first, dependencies in window order). Running the units in this order is valid (each after its
+        dependencies), and the first output frames are final after their cone alone: two or three windows at the
+        last step and about two more per step back (alpha < T), some 650 units at the official 25 steps whatever N
+        is (:meth:`cone_size`)."""
+        planned: set[Unit] = set()
+        order: list[Unit] = []
+
+        def visit(unit: Unit) -> None:
+            if unit in planned:
+                return
+            for dep in self.dependencies(unit):
+                visit(dep)
+            planned.add(unit)
+            order.append(unit)
+
+        last = self.steps - 1
+        for unit in sorted((Unit(last, j) for j in range(self.windows)), key=lambda u: (self.output_key(u), u)):
+            visit(unit)
+        return order
+
+    def cone_size(self, frames: Sequence[int]) -> int:
+        """Units needed before ``frames`` are final: the last-step windows holding them and all their dependencies."""
+        last = self.steps - 1
+        todo = [Unit(last, j) for j in sorted({j for f in frames for j in self._owners[last][f]})]
+        seen: set[Unit] = set()
+        while todo:
+            unit = todo.pop()
+            if unit not in seen:
+                seen.add(unit)
+                todo.extend(self.dependencies(unit))
+        return len(seen)
+
+
 def sample(
     latents: torch.Tensor,
     sigmas: torch.Tensor,
@@ -169,11 +295,13 @@ def sample(
         denoise: ``denoise(x, windows) -> v``: the guided v-prediction [g, T, C, h, w] (CFG already combined)
             for the latents ``x`` [g, T, C, h, w] of g windows (``latents[0, window.index]`` stacked).
         on_window: called after each window (progress).
-        scheduler: how the windows of a step are executed (batching, lanes, ranks); default sequential,
-            one window per call. It never changes which windows run or how they are averaged.
-        on_final_frames: during the last step, called as windows finish with ``(latents, ready)``:
-            ``latents`` [1, N, C, h, w] holds final values where ``ready`` [N] (bool) is True. Lets the
-            caller decode finished frames while the last windows still run (single process only).
+        scheduler: how the windows are executed: the order (steps, or the wavefront: see the module
+            docstring), batching, lanes, ranks; default step by step, sequential, one window per call. It never
+            changes which windows run or how they are averaged.
+        on_final_frames: called as frames become final with ``(latents, ready)``: ``latents`` [1, N, C, h, w]
+            holds final values where ``ready`` [N] (bool, CPU) is True. Lets the caller decode finished frames
+            while other windows still run: during the last step in step order, from early on in the wavefront
+            order (single process only).
 
     Returns:
         [1, N, C, h, w]: after every step each frame is the mean of its stepped copies over the windows
@@ -182,6 +310,8 @@ def sample(
     from .scheduler import WindowScheduler
 
     scheduler = scheduler or WindowScheduler(device=latents.device)
+    if scheduler.runs_wavefront:
+        return _sample_wavefront(latents, sigmas, timesteps, config, denoise, on_window, scheduler, on_final_frames)
     num_frames = latents.shape[1]
     device = latents.device
     steps = len(timesteps)
@@ -220,6 +350,78 @@ def sample(
                 on_final_frames(acc / count, ready)
         latents = scheduler.all_reduce_(acc) / count
     return latents
+
+
+def _sample_wavefront(
+    latents: torch.Tensor,
+    sigmas: torch.Tensor,
+    timesteps: torch.Tensor,
+    config: SamplingConfig,
+    denoise: Callable[[torch.Tensor, list[Window]], torch.Tensor],
+    on_window: Callable[[Window], None] | None,
+    scheduler: WindowScheduler,
+    on_final_frames: Callable[[torch.Tensor, torch.Tensor], None] | None,
+) -> torch.Tensor:
+    """:func:`sample` in wavefront order (module docstring): the units of :meth:`ShiftFusionWork.plan`, run by
+    ``scheduler.run_units`` as their inputs become final. Per frame: ``x`` holds its latents at the step it is at,
+    ``acc`` the sum being built for the next step; when the last window holding a frame at step s is done, the
+    frame's step-(s+1) latents are ``acc / count_s`` (as the step order divides the whole tensor) and its sum
+    restarts from zero."""
+    num_frames, device, steps = latents.shape[1], latents.device, len(timesteps)
+    frames_per_window, last = config.frames_per_window, steps - 1
+    work = ShiftFusionWork(num_frames, steps, frames_per_window, config.shift_offset)
+    device_timesteps = timesteps.to(device, non_blocking=True)
+    step_index = [
+        step_window_indices(num_frames, frames_per_window, s, config.shift_offset, device) for s in range(steps)
+    ]
+    windows = {
+        u: Window(u.step, step_index[u.step][u.position], device_timesteps[u.step], sigmas[u.step], sigmas[u.step + 1])
+        for u in work.units()
+    }
+    counts = []  # count_s [1, N, 1, 1, 1]: windows holding each frame at step s (a repeated frame counts twice)
+    for s in range(steps):
+        count = torch.zeros(1, num_frames, 1, 1, 1, dtype=latents.dtype, device=device)
+        for j in range(work.windows):
+            count.index_add_(1, step_index[s][j], count.new_ones(1, frames_per_window, 1, 1, 1))
+        counts.append(count)
+    # each unit's frames grouped by their owners, as views of one index tensor copied to the device once
+    groups = {u: work.frame_groups(u) for u in work.units()}
+    flat_cpu = torch.tensor([f for u in work.units() for _, frames in groups[u] for f in frames], dtype=torch.long)
+    flat, offset, finalise = flat_cpu.to(device), 0, {}
+    for u in work.units():
+        finalise[u] = []
+        for owners, frames in groups[u]:
+            part = slice(offset, offset + len(frames))
+            finalise[u].append(([Unit(u.step, j) for j in owners], flat[part], flat_cpu[part]))
+            offset += len(frames)
+    x, acc = latents.clone(), torch.zeros_like(latents)
+    final = torch.zeros(num_frames, dtype=torch.bool)
+    done: set[Unit] = set()
+
+    def run_group(group: list[Unit]) -> torch.Tensor:
+        ws = [windows[u] for u in group]
+        xs = torch.cat([x.index_select(1, w.index) for w in ws])  # [g, T, C, h, w]: final at this step
+        return euler_v_step(denoise(xs, ws), xs, ws[0].sigma, ws[0].sigma_next).to(x.dtype)
+
+    def on_done(group: list[Unit], stepped: torch.Tensor) -> None:
+        newly_final = False
+        for k, u in enumerate(group):
+            acc.index_add_(1, windows[u].index, stepped[k : k + 1])
+            done.add(u)
+            for owners, index, frames in finalise[u]:
+                if all(o in done for o in owners):  # the last window holding these frames at this step
+                    x.index_copy_(1, index, acc.index_select(1, index) / counts[u.step].index_select(1, index))
+                    acc.index_fill_(1, index, 0)
+                    if u.step == last:
+                        final[frames] = True
+                        newly_final = True
+            if on_window is not None:
+                on_window(windows[u])
+        if newly_final and on_final_frames is not None:
+            on_final_frames(x, final)
+
+    scheduler.run_units(work.plan(), work.dependencies, lambda u: u.step, run_group, on_done)
+    return x
 
 
 def scale_model_input(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,17 @@
-"""Window scheduler: how the shift-fusion windows of one denoising step are executed.
+"""Window scheduler: in what order, and how, the shift-fusion windows are executed.
 
 The sampler (:func:`sonic_rt.sampling.sample`) owns the algorithm: which windows a step has, the Euler step
-and the per-frame average. This module owns concurrency only. For one step it
+and the per-frame average. This module owns order and concurrency only.
+
+**Order** (:attr:`SchedulerConfig.order`): ``"wavefront"`` (the default) runs (step, window) units as soon as
+their inputs are final, in the sampler's priority order (the earliest output frames first), so the first
+frames are written after a fixed amount of work whatever the video's length (:meth:`WindowScheduler.run_units`:
+ready units of one step are batched into UNet calls of up to ``windows_per_call`` windows and spread over the
+lanes). ``"steps"`` runs every window of a step before the next step. Under ``torchrun`` (several ranks) the
+order is always ``"steps"``: the ranks shard each step's windows and all-reduce once per step, which a
+wavefront would turn into many small exchanges.
+
+For one step in step order it
 
 1. groups the windows into UNet calls of up to ``windows_per_call`` windows (batch = 3 x windows),
 2. shards the groups over the ranks of a ``torch.distributed`` job (group j runs on rank j mod world),
@@ -23,15 +33,19 @@ partial result is used.
 
 from __future__ import annotations
 
+import heapq
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Hashable, Sequence
 
 import torch
 
 from .errors import InputError
+from .pipeline.options import SCHEDULER_ORDERS
+
+ORDERS = SCHEDULER_ORDERS
 
 
 @dataclass(frozen=True)
@@ -41,14 +55,19 @@ class SchedulerConfig:
     Attributes:
         windows_per_call: windows batched into one UNet call (UNet batch = 3 x this).
         lanes: parallel lanes: worker threads on CPU, CUDA streams on GPU.
+        order: ``"wavefront"`` (units as soon as their inputs are final, earliest output first) or ``"steps"``
+            (step by step, the official order); same latents either way. Ranks always run ``"steps"``.
     """
 
     windows_per_call: int = 1
     lanes: int = 1
+    order: str = SCHEDULER_ORDERS[0]
 
     def __post_init__(self):
         if self.windows_per_call < 1 or self.lanes < 1:
             raise InputError(f"windows_per_call and lanes must be >= 1, got {self.windows_per_call}, {self.lanes}")
+        if self.order not in ORDERS:
+            raise InputError(f"order must be one of {', '.join(ORDERS)}, got {self.order!r}")
 
 
 @dataclass(frozen=True)
@@ -132,6 +151,107 @@ class WindowScheduler:
             else None
         )
         self._local = threading.local()
+
+    @property
+    def runs_wavefront(self) -> bool:
+        """Whether :func:`~sonic_rt.sampling.sample` runs in wavefront order: asked for, and a single process."""
+        return self.config.order == "wavefront" and not self.distributed.enabled
+
+    def run_units(
+        self,
+        plan: Sequence[Hashable],
+        dependencies: Callable[[Any], Sequence[Hashable]],
+        batch_key: Callable[[Any], Hashable],
+        run_group: Callable[[list], torch.Tensor],
+        on_done: Callable[[list, torch.Tensor], None],
+    ) -> None:
+        """Run every unit of ``plan`` once, each after all of its ``dependencies``; the wavefront order.
+
+        Among the ready units the one earliest in ``plan`` goes first; up to ``windows_per_call - 1`` more ready
+        units with the same ``batch_key`` (the same step: one UNet call has one timestep) join its group, earliest
+        first. Up to ``lanes`` groups run at once (``run_group(units) -> result``: worker threads on CPU, one CUDA
+        stream per lane on GPU, joined on the main stream with an event); ``on_done(units, result)`` runs on the
+        calling thread, one group at a time, and may make more units ready. The first failure is raised after the
+        running groups finish; no later group starts.
+
+        Args:
+            plan: every unit, in priority order (a valid order: each unit after its dependencies).
+            dependencies: ``dependencies(unit)``: the units it waits for (all in ``plan``).
+            batch_key: units with equal keys may share a call.
+            run_group, on_done: as above.
+        """
+        priority = {u: i for i, u in enumerate(plan)}
+        waiting = {u: len(dependencies(u)) for u in plan}
+        dependents: dict[Hashable, list] = {u: [] for u in plan}
+        for u in plan:
+            for d in dependencies(u):
+                dependents[d].append(u)
+        ready: dict[Hashable, list[int]] = {}  # batch key -> heap of plan positions
+
+        def make_ready(u) -> None:
+            heapq.heappush(ready.setdefault(batch_key(u), []), priority[u])
+
+        def next_group() -> list | None:
+            heaps = [h for h in ready.values() if h]
+            if not heaps:
+                return None
+            heap = min(heaps, key=lambda h: h[0])
+            return [plan[heapq.heappop(heap)] for _ in range(min(self.config.windows_per_call, len(heap)))]
+
+        def finish(group: list, result: torch.Tensor) -> None:
+            on_done(group, result)
+            for u in group:
+                for d in dependents[u]:
+                    waiting[d] -= 1
+                    if waiting[d] == 0:
+                        make_ready(d)
+
+        for u in plan:
+            if waiting[u] == 0:
+                make_ready(u)
+        if self._pool is None:
+            while (group := next_group()) is not None:
+                finish(group, run_group(group))
+        else:
+            self._run_units_on_lanes(next_group, run_group, finish)
+        if any(waiting.values()):
+            raise RuntimeError("run_units: some units never became ready (their dependencies are not in the plan)")
+
+    def _run_units_on_lanes(self, next_group, run_group, finish) -> None:
+        """The lanes loop of :meth:`run_units`: keep up to ``lanes`` groups running, finish them as they end."""
+        main = torch.cuda.current_stream(self.device) if self._streams is not None else None
+        free = list(range(self.config.lanes))
+        running: dict = {}  # future -> (group, lane)
+
+        def on_lane(lane: int, group: list):
+            if main is None:
+                return run_group(group), None
+            stream = self._streams[lane]
+            stream.wait_stream(main)  # inputs were written on the main stream
+            with torch.cuda.stream(stream):
+                out = run_group(group)
+                done = torch.cuda.Event()
+                done.record(stream)
+            return out, done
+
+        try:
+            while True:
+                while free and (group := next_group()) is not None:
+                    lane = free.pop()
+                    running[self._pool.submit(on_lane, lane, group)] = (group, lane)
+                if not running:
+                    return
+                finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                for future in finished:
+                    group, lane = running.pop(future)
+                    free.append(lane)
+                    out, done = future.result()
+                    if done is not None:
+                        main.wait_event(done)  # join on the device, not on the host
+                        out.record_stream(main)
+                    finish(group, out)
+        finally:
+            _gather_quietly(list(running))
 
     def groups(self, num_windows: int) -> list[list[int]]:
         """Window positions per UNet call: consecutive runs of ``windows_per_call``."""

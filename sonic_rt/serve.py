@@ -196,7 +196,8 @@ class Server:
 
     def run_job(self, image, audio, options, cancel: threading.Event, report) -> str:
         """One job on a worker thread: returns the mp4's path. ``report(done, total, text)`` gets the
-        progress; ``cancel`` stops the job at the next window (no file is left)."""
+        progress (windows done; the text says the step, the seconds of video written so far and the ETA);
+        ``cancel`` stops the job at the next window (no file is left)."""
         from .audio_features import num_generated_frames
         from .sampling import window_starts
 
@@ -210,17 +211,20 @@ class Server:
         job = self.results / uuid.uuid4().hex
         job.mkdir()
         out = job / "sonic.mp4"
-        done, started = 0, time.perf_counter()
+        done, started, written = 0, time.perf_counter(), 0.0
 
         def events(kind: str, info: dict) -> None:
-            nonlocal done
+            nonlocal done, written
             if cancel.is_set():
                 raise Cancelled("cancelled")
+            if kind == "frames":  # a chunk is in the video (the wavefront writes from early on)
+                written = info["video_seconds"]
             if kind == "window":
                 done += 1
                 elapsed = time.perf_counter() - started
                 eta = elapsed / done * max(total - done, 0)
-                report(min(done, total), total, f"step {info['step'] + 1}/{options.steps}, ETA {eta:.0f} s")
+                video = f", {written:.1f} s of video written" if written else ""
+                report(min(done, total), total, f"step {info['step'] + 1}/{options.steps}{video}, ETA {eta:.0f} s")
 
         with self._lock:
             self.running += 1

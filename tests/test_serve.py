@@ -22,6 +22,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("gradio", reason="gradio is not installed (pip install -e '.[ui]')")
@@ -64,6 +65,29 @@ def test_audio_longer_than_the_limit_is_refused(tmp_path, speech):
     with pytest.raises(InputError, match="accepts up to 1 s"):
         server.check_audio(str(speech))
     server.executor.shutdown()
+
+
+def test_progress_says_how_much_video_is_written_while_windows_still_run(runtime, tmp_path, portrait, long_speech):
+    """The job's progress text counts the seconds of video already in the file (the wavefront writes the first
+    chunks before the last windows run)."""
+    import threading
+
+    from sonic_rt import AnimateOptions, media
+    from sonic_rt.serve import Server
+
+    samples = media.load_audio(long_speech, 16000)
+    speech = media.write_wav(tmp_path / "12s.wav", np.resize(samples, 12 * 16000), 16000)  # N = 150, 6 windows
+    server = Server(runtime, tmp_path, max_audio_seconds=60.0, concurrency=1)
+    reports = []
+    try:
+        path = server.run_job(
+            str(portrait), str(speech), AnimateOptions(steps=2), threading.Event(), lambda *r: reports.append(r)
+        )
+    finally:
+        server.executor.shutdown()
+    assert Path(path).is_file()
+    texts = [text for done, total, text in reports if done < total]
+    assert any("s of video written" in text for text in texts), texts
 
 
 def _free_port() -> int:

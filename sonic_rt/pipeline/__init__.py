@@ -10,7 +10,7 @@ module             holds
                    ``guided_denoiser``, ``prepare_latents``, ``open_output``, ``denoise``
 ``guidance``       :class:`GuidedDenoiser`: CFG rows [uncond, drop_audio, cond] in, guided v out
 ``output``         :class:`StreamingOutput`: decode -> interpolate -> encode in VAE chunks
-``memory``         :class:`MemoryFallback`: the out-of-memory policy (halve the batch and retry)
+``memory``         the ``low_memory`` plan; :class:`MemoryFallback`, the out-of-memory policy (halve and retry)
 ``timing``         :data:`STAGES` and :class:`StageTimer`
 =================  =========================================================================================
 

@@ -36,6 +36,7 @@ class PreparedInputs:
         reference: the prepared portrait (crop, face mask, ``ref_img`` [1, 3, H, W] in [-1, 1], CLIP pixels).
         latent_shape: ``(1, N, 4, H/8, W/8)``, the shape of the latents and of the initial noise.
         image: the loaded photo (RGB, EXIF orientation applied), which ``paste_back`` composites into.
+        hls_path: the checked ``.m3u8`` path of the ``hls`` option, or None.
     """
 
     config: SamplingConfig
@@ -46,6 +47,7 @@ class PreparedInputs:
     reference: Reference
     latent_shape: tuple[int, int, int, int, int]
     image: Image.Image | None = None
+    hls_path: Path | None = None
 
     @property
     def size(self) -> tuple[int, int]:
@@ -87,6 +89,7 @@ def check_inputs(
     if not (isinstance(options.max_output_side, int) and options.max_output_side >= 64):
         raise InputError(f"max_output_side must be a whole number of pixels >= 64, got {options.max_output_side!r}")
     out_path = media.check_output_path(out) if out is not None else None
+    hls_path = media.check_output_path(options.hls, ".m3u8") if options.hls is not None else None
     image_source = os.fspath(image) if isinstance(image, (str, os.PathLike)) else None
     pil_image = media.load_image(image)
     samples, audio_source = load_audio(audio)
@@ -121,6 +124,7 @@ def check_inputs(
         reference,
         latent_shape,
         image=pil_image if options.paste_back else None,
+        hls_path=hls_path,
     )
 
 

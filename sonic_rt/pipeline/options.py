@@ -18,6 +18,9 @@ from typing import Any, Mapping
 
 DEFAULT_SEED = 72589  # official config `seed`
 DEFAULT_MIN_RESOLUTION = 512  # official `image_size` / `min_resolution`
+# the window scheduler's orders (sonic_rt.scheduler.SchedulerConfig.order), the default first; here, torch-free,
+# so that the CLI's --help can list them without importing torch
+SCHEDULER_ORDERS = ("wavefront", "steps")
 
 
 def option(
@@ -106,6 +109,9 @@ class AnimateOptions:
             ``max_output_side``) with the generated crop resized back into its box under a feathered mask, colours
             matched in the blend band (:mod:`sonic_rt.paste_back`); off: the generated frames as they are.
         max_output_side: longest side of a ``paste_back`` video in pixels (1920); larger photos are scaled down.
+        hls: also write the video as an HLS stream at this ``.m3u8`` path (:class:`sonic_rt.media.HlsWriter`:
+            2-second fMP4 segments with their audio, written as the frames are final), which a player or the
+            web page can play while the rest is still being generated; removed if the run fails.
         progress: show progress bars on stderr.
         return_frames: also return the decoded frames before interpolation (always when ``out`` is None).
     """
@@ -145,6 +151,11 @@ class AnimateOptions:
     )
     max_output_side: int = option(
         1920, "longest side of a --paste-back video (larger photos are scaled down)", unit="pixels"
+    )
+    hls: str | None = option(
+        None,
+        "also stream to this HLS playlist: 2 s segments a player can open while the video is generated",
+        metavar="PLAYLIST.m3u8",
     )
     progress: bool = option(True, "progress bars on stderr", flag="--quiet", flag_help="no progress bars")
     return_frames: bool = option(False, "also return the decoded frames before interpolation", flag=None)
@@ -209,6 +220,7 @@ __all__ = [
     "OptionInfo",
     "DEFAULT_SEED",
     "DEFAULT_MIN_RESOLUTION",
+    "SCHEDULER_ORDERS",
     "option",
     "cli_flag",
     "markdown_table",

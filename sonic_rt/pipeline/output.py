@@ -1,7 +1,9 @@
 """Streamed output: decode -> interpolate -> encode in VAE chunks, as soon as a chunk's frames are final.
 
 Memory does not grow with the video's length beyond the latents: each chunk of 8 frames is decoded, RIFE
-fills the middles, and the frames go to the mp4 writer (and, when asked, to the returned frames).
+fills the middles, and the frames go to the writers (the mp4, an HLS stream) and, when asked, to the returned
+frames. In the wavefront order (:mod:`sonic_rt.scheduler`) the first chunk is final after a fixed amount of
+work, so the video grows from early on, whatever its length.
 """
 
 from __future__ import annotations
@@ -62,13 +64,17 @@ class StreamingOutput:
         graphs: the pipeline's graphs (``vae_decoder``, ``rife``).
         timer: where ``decode``, ``interpolate`` and ``encode`` time goes.
         interpolate: RIFE x2 or not.
-        writer: a :class:`sonic_rt.media.VideoWriter`, or None to write nothing.
+        writers: where the output frames go: a :class:`sonic_rt.media.VideoWriter` (the mp4) and/or a
+            :class:`sonic_rt.media.HlsWriter`; empty to write nothing.
         keep: a list the generated uint8 frames [n, H, W, 3] of each chunk are appended to, or None.
-        events: the ``events(kind, info)`` callback (``("frames", {"generated", "written"})`` per chunk), or None.
+        events: the ``events(kind, info)`` callback, or None: ``("frames", {"generated", "written",
+            "video_seconds", "elapsed_seconds"})`` per written chunk (frames generated and written so far, the
+            written video's length in seconds, seconds since ``started``).
         say: where out-of-memory retry notices go (:func:`sonic_rt.pipeline.memory.notifier`).
         where: the end of out-of-memory messages (size, and the setting to lower).
         paste: a :class:`sonic_rt.paste_back.PasteBack` that composites every output frame into the whole photo
             before it is encoded (``keep`` still gets the generated frames), or None.
+        started: the ``time.perf_counter()`` the run started at (None: when this object was made).
         decode_frames: frames per VAE decode call (None: the graph's largest, official ``decode_chunk_size`` 8;
             :attr:`Components.decode_frames <sonic_rt.pipeline.components.Components.decode_frames>`).
 
@@ -82,16 +88,18 @@ class StreamingOutput:
         graphs: Graphs,
         timer: StageTimer,
         interpolate: bool,
-        writer,
+        writers,
         keep: list | None,
         events: Callable[[str, dict], None] | None,
         say: Notify,
         where: str,
         paste=None,
         decode_frames: int | None = None,
+        started: float | None = None,
     ):
         self.graphs, self.timer, self.interpolate, self.paste = graphs, timer, interpolate, paste
-        self.writer, self.keep, self.events = writer, keep, events
+        self.writers, self.keep, self.events = list(writers or []), keep, events
+        self.fps, self.started = output_fps(interpolate), started if started is not None else time.perf_counter()
         # on out-of-memory: fewer frames per VAE call (changes frames near chunk edges), fewer RIFE pairs (exact)
         self.decode_memory = MemoryFallback(
             "frames per VAE decode call", False, f"out of memory decoding one frame {where}", say
@@ -146,12 +154,21 @@ class StreamingOutput:
             output = to_uint8(out) if self.interpolate else generated
         if self.keep is not None:
             self.keep.append(generated)
-        if self.writer is not None:
+        if self.writers:
             with timer.stage("encode"):
-                self.writer.write(output)
+                for writer in self.writers:
+                    writer.write(output)
         self.num_out += len(output)
         if self.events is not None:
-            self.events("frames", {"generated": self.next_frame + len(frames), "written": self.num_out})
+            self.events(
+                "frames",
+                {
+                    "generated": self.next_frame + len(frames),
+                    "written": self.num_out,
+                    "video_seconds": self.num_out / float(self.fps),
+                    "elapsed_seconds": time.perf_counter() - self.started,
+                },
+            )
 
     def _interpolate(self, frames: torch.Tensor) -> torch.Tensor:
         """[n, 3, H, W] decoded frames -> [m(prev,f0), f0, m(f0,f1), f1, ...] (no leading middle for the first

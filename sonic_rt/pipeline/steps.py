@@ -191,13 +191,16 @@ def open_output(
     events: Events | None,
     say: Notify,
     write: bool,
+    started: float | None = None,
 ) -> StreamingOutput:
     """Step 7a: the streamed output of this video; its mp4 writer (when ``write`` and there is an output path)
-    is entered on ``stack``, so the file appears atomically when the stack closes without error.
+    and its HLS writer (the ``hls`` option) are entered on ``stack``, so the mp4 appears atomically when the
+    stack closes without error, and a failed run removes the HLS stream.
 
     Args:
         audio: what the caller passed as audio (muxed as it is, or as a temporary WAV of an array).
         write: whether this process writes (rank 0 of a distributed job).
+        started: when the run started (``time.perf_counter()``), for the ``frames`` events' elapsed seconds.
     """
     paste = None
     if options.paste_back:
@@ -211,15 +214,19 @@ def open_output(
             max_output_side=options.max_output_side,
         )
     width, height = paste.output_size if paste is not None else inputs.size
-    writer = None
+    fps = output_fps(options.interpolate)
+    writers = []
     if inputs.out_path is not None and write:
-        writer = stack.enter_context(
-            media.VideoWriter(
-                inputs.out_path,
-                fps=output_fps(options.interpolate),
-                width=width,
-                height=height,
-                audio=audio_for_mux(audio, inputs.samples, stack),
+        audio_file = audio_for_mux(audio, inputs.samples, stack)
+        writers.append(
+            stack.enter_context(
+                media.VideoWriter(inputs.out_path, fps=fps, width=width, height=height, audio=audio_file)
+            )
+        )
+    if inputs.hls_path is not None and write:
+        writers.append(
+            stack.enter_context(
+                media.HlsWriter(inputs.hls_path, fps=fps, width=width, height=height, samples=inputs.samples)
             )
         )
     keep = [] if (options.return_frames or inputs.out_path is None) else None
@@ -227,13 +234,14 @@ def open_output(
         c.graphs,
         timer,
         options.interpolate,
-        writer,
+        writers,
         keep,
         events,
         say,
         inputs.memory_hint(),
         paste=paste,
         decode_frames=c.decode_frames,
+        started=started,
     )
 
 
