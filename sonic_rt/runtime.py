@@ -11,8 +11,9 @@ The pipeline is a short list of steps (:meth:`Runtime.animate`), each its own un
    (:class:`~sonic_rt.pipeline.guidance.GuidedDenoiser`),
 6. :func:`~sonic_rt.pipeline.steps.prepare_latents`: the official seeded noise on the reference latents,
 7. :func:`~sonic_rt.pipeline.steps.denoise` with :class:`~sonic_rt.pipeline.output.StreamingOutput`: the
-   shift-fusion loop, decode -> interpolate -> encode streamed in VAE chunks (memory does not grow with
-   video length beyond the latents).
+   shift-fusion loop (in wavefront order by default: the first frames are final early), decode -> interpolate
+   -> encode streamed in VAE chunks as soon as their frames are final (memory does not grow with video length
+   beyond the latents).
 
 Stage timing is :mod:`sonic_rt.pipeline.timing` (:data:`STAGES`), the out-of-memory policy
 :mod:`sonic_rt.pipeline.memory`, the options :mod:`sonic_rt.pipeline.options` (:class:`AnimateOptions`).
@@ -117,8 +118,9 @@ class Runtime:
             UNet call, the UNet's feed-forward in chunks of 5 frames (torch backend), 4 frames per VAE decode
             call instead of 8 (frames near those chunk edges differ slightly). Off by default: it is slower
             (weights cross PCIe for each decoded chunk) and a large GPU does not need it.
-        scheduler: how the windows of a step run (:class:`~sonic_rt.scheduler.SchedulerConfig`: windows per
-            UNet call, parallel lanes). Under ``torchrun`` (``WORLD_SIZE`` > 1) the windows are also sharded
+        scheduler: how the windows run (:class:`~sonic_rt.scheduler.SchedulerConfig`: windows per UNet call,
+            parallel lanes, and the order: ``"wavefront"`` by default, which writes the first frames after a
+            fixed amount of work whatever the length, docs/wavefront.md; or ``"steps"``). Under ``torchrun`` (``WORLD_SIZE`` > 1) the windows are also sharded
             over the ranks (gloo on CPU, NCCL on CUDA); rank 0 decodes and writes. Results do not depend on
             lanes or ranks (see :mod:`sonic_rt.scheduler` for batching).
 

@@ -387,7 +387,7 @@ def _sample_wavefront(
     # each unit's frames grouped by their owners, as views of one index tensor copied to the device once
     groups = {u: work.frame_groups(u) for u in work.units()}
     flat_cpu = torch.tensor([f for u in work.units() for _, frames in groups[u] for f in frames], dtype=torch.long)
-    flat, offset, finalise = flat_cpu.to(device), 0, {}
+    flat, offset, finalise = flat_cpu.to(device, non_blocking=True), 0, {}  # no host sync (flat_cpu lives on)
     for u in work.units():
         finalise[u] = []
         for owners, frames in groups[u]:

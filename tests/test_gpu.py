@@ -71,6 +71,19 @@ def test_stream_lanes_and_batching_give_the_sequential_frames(
     assert diff <= FP16_LEVELS
 
 
+def test_on_cuda_the_wavefront_gives_the_step_order_frames(demo_dir, portrait, audio, sequential_frames):
+    """The default (wavefront) order against the step order on the device, fp16: same windows, same calls; the
+    frames agree within the fp16 tolerance (bit for bit is only promised on the CPU in fp32)."""
+    import sonic_rt
+    from sonic_rt.scheduler import SchedulerConfig
+
+    rt = sonic_rt.Runtime(demo_dir, device="cuda", dtype="fp16", scheduler=SchedulerConfig(order="steps"))
+    got = rt.animate(portrait, audio, None, **FAST).frames
+    diff = levels(got, sequential_frames)
+    print(f"wavefront vs steps on cuda: max {diff} uint8 levels")
+    assert diff <= FP16_LEVELS
+
+
 def test_a_real_device_out_of_memory_error_retries_with_fewer_windows(
     demo_dir, portrait, audio, sequential_frames, monkeypatch, capsys
 ):
@@ -162,11 +175,14 @@ def test_low_memory_keeps_only_the_unet_on_the_device_and_lowers_the_peak(
     assert levels(low_frames, default_frames) <= FP16_LEVELS
 
 
-def test_no_host_sync_inside_the_sampler():
-    """``sample()`` with a device-only denoise under ``torch.cuda.set_sync_debug_mode("error")``: building the
-    window indices and timesteps, the Euler step and the per-frame averaging never block the host."""
+@pytest.mark.parametrize("order", ["wavefront", "steps"])
+def test_no_host_sync_inside_the_sampler(order):
+    """``sample()`` with a device-only denoise under ``torch.cuda.set_sync_debug_mode("error")``, in both orders:
+    building the window indices, timesteps and (wavefront) the frame groups, the Euler step and the per-frame
+    averaging never block the host; both orders give the same latents."""
     from sonic_rt.architectures import SVD_XT_SCHEDULER_CONFIG
     from sonic_rt.sampling import SamplingConfig, karras_schedule, sample
+    from sonic_rt.scheduler import SchedulerConfig, WindowScheduler
 
     sigmas, timesteps = karras_schedule(SVD_XT_SCHEDULER_CONFIG, 3)
     latents = torch.randn(1, 40, 4, 8, 8, device="cuda", dtype=torch.float16)
@@ -175,11 +191,13 @@ def test_no_host_sync_inside_the_sampler():
     def denoise(x, windows):  # [g, T, C, h, w] -> the same shape, device ops only
         return x * 0.5 + windows[0].timestep
 
-    want = sample(latents, sigmas, timesteps, config, denoise)  # warm-up (lazy CUDA init may sync)
+    steps_order = WindowScheduler(SchedulerConfig(order="steps"), "cuda")
+    want = sample(latents, sigmas, timesteps, config, denoise, scheduler=steps_order)  # warm-up (lazy CUDA init)
     torch.cuda.synchronize()
+    scheduler = WindowScheduler(SchedulerConfig(order=order), "cuda")
     torch.cuda.set_sync_debug_mode("error")
     try:
-        got = sample(latents, sigmas, timesteps, config, denoise)
+        got = sample(latents, sigmas, timesteps, config, denoise, scheduler=scheduler)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.equal(got, want)

@@ -258,9 +258,10 @@ def denoise(
     events: Events | None,
     write: bool,
 ) -> torch.Tensor:
-    """Step 7b: the shift-fusion loop (:func:`sonic_rt.sampling.sample`) with a progress bar; during the last
-    step finished chunks go to ``output`` (when ``write``). The time not spent in ``output`` is the
-    ``denoise`` stage.
+    """Step 7b: the shift-fusion loop (:func:`sonic_rt.sampling.sample`) with a progress bar (windows, and the
+    seconds of video written); finished chunks go to ``output`` (when ``write``) as soon as their frames are
+    final: from early on in the wavefront order, during the last step in the step order. The time not spent in
+    ``output`` is the ``denoise`` stage.
 
     Returns:
         the final latents [1, N, 4, h, w], working dtype.
@@ -278,6 +279,12 @@ def denoise(
             if events is not None:
                 events("window", {"step": window.step, "index": window.index.tolist()})
 
+        def on_final(latents: torch.Tensor, ready: torch.Tensor) -> None:
+            written = output.num_out
+            output.push(latents, ready)
+            if output.num_out > written:
+                bar.set_postfix_str(f"{output.num_out / float(output.fps):.1f} s of video written", refresh=False)
+
         started = time.perf_counter()
         final = sample(
             init.latents,
@@ -287,7 +294,7 @@ def denoise(
             denoiser,
             on_window=on_window,
             scheduler=scheduler,
-            on_final_frames=output.push if write else None,
+            on_final_frames=on_final if write else None,
         )
         if c.device.type == "cuda":
             torch.cuda.synchronize(c.device)  # stage boundary, as StageTimer.stage does
