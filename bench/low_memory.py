@@ -16,8 +16,8 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
-import threading
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -30,34 +30,17 @@ from bench.presets import DEFAULT_CACHE, SIZES, ensure_inputs, ensure_model, spe
 from bench.throughput import PeakRss
 
 MB = 1024 * 1024
-SAMPLE_S = 0.005
 
 
-class PeakDeviceUse:
+class PeakDeviceUse(PeakRss):
     """Samples the device memory in use (``total - free`` from ``torch.cuda.mem_get_info``) in a thread."""
 
     def __init__(self, device: torch.device):
-        self.device, self.peak = device, 0
+        self.device = device
 
-    def _used(self) -> int:
+    def read(self) -> int:
         free, total = torch.cuda.mem_get_info(self.device)
         return total - free
-
-    def __enter__(self) -> PeakDeviceUse:
-        self.peak = self._used()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(SAMPLE_S):
-            self.peak = max(self.peak, self._used())
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._used())
 
 
 def measure(model_dir: Path, low_memory: bool, image: Path, audio: Path, args) -> tuple[dict[str, Any], np.ndarray]:
@@ -71,7 +54,7 @@ def measure(model_dir: Path, low_memory: bool, image: Path, audio: Path, args) -
         torch.cuda.reset_peak_memory_stats(device)
     with PeakRss() as rss:
         peak_use = PeakDeviceUse(device) if device.type == "cuda" else None
-        with peak_use or _nothing():
+        with peak_use or contextlib.nullcontext():
             rt = sonic_rt.Runtime(model_dir, device=device, low_memory=low_memory)
             settings = dict(min_resolution=args.resolution, progress=False)
             rt.animate(image, audio, None, steps=1, **settings)  # warm-up
@@ -95,14 +78,6 @@ def measure(model_dir: Path, low_memory: bool, image: Path, audio: Path, args) -
     rt.close()
     del rt, result
     return entry, frames
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -133,9 +133,13 @@ class PeakRss:
     Attributes (after the block): ``before`` and ``peak`` in bytes.
     """
 
+    def read(self) -> int:
+        """The sampled quantity in bytes (here the RSS; subclasses sample something else)."""
+        return rss_bytes()
+
     def __enter__(self) -> PeakRss:
         _release_memory()
-        self.before = self.peak = rss_bytes()
+        self.before = self.peak = self.read()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -143,12 +147,12 @@ class PeakRss:
 
     def _sample(self) -> None:
         while not self._stop.wait(RSS_INTERVAL_S):
-            self.peak = max(self.peak, rss_bytes())
+            self.peak = max(self.peak, self.read())
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, rss_bytes())
+        self.peak = max(self.peak, self.read())
 
 
 def _release_memory() -> None:

@@ -372,6 +372,58 @@ def check_output_path(out: PathLike, suffix: str = ".mp4") -> Path:
     return p
 
 
+def _video_rate(fps, width, height, crf) -> Fraction:
+    """Check the settings of an H.264 yuv420p writer; returns ``fps`` as a fraction (denominator <= 10000).
+
+    Raises:
+        ValueError: ``fps`` not a positive number, ``width`` or ``height`` not a positive even integer, ``crf``
+            outside 0..51.
+    """
+    try:
+        rate = Fraction(fps).limit_denominator(10000)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise ValueError(f"fps must be a positive number, got {fps!r}") from e
+    if rate <= 0:
+        raise ValueError(f"fps must be positive, got {fps}")
+    for name, v in (("width", width), ("height", height)):
+        if not isinstance(v, (int, np.integer)) or v <= 0 or v % 2:
+            raise ValueError(f"{name} must be a positive even integer for yuv420p, got {v!r}")
+    if not 0 <= int(crf) <= 51:
+        raise ValueError(f"crf must be in 0..51, got {crf}")
+    return rate
+
+
+def _encode_rgb(container, stream, frames: np.ndarray, first_pts: int) -> int:
+    """Encode and mux uint8 RGB ``frames`` (``[n, H, W, 3]`` or one ``[H, W, 3]``, shape checked against
+    ``stream``) with pts ``first_pts, first_pts + 1, ...``; returns how many were written.
+
+    Raises:
+        ValueError: wrong dtype or shape.
+    """
+    if not isinstance(frames, np.ndarray) or frames.dtype != np.uint8:
+        got = getattr(frames, "dtype", type(frames).__name__)
+        raise ValueError(f"frames must be a uint8 numpy array, got {got}")
+    if frames.ndim == 3:
+        frames = frames[None]
+    expected = (stream.height, stream.width, 3)
+    if frames.ndim != 4 or frames.shape[1:] != expected:
+        raise ValueError(f"frames must have shape [n, {expected[0]}, {expected[1]}, 3], got {frames.shape}")
+    for i, rgb in enumerate(frames):
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+        frame.pts, frame.time_base = first_pts + i, stream.codec_context.time_base
+        container.mux(stream.encode(frame))
+    return len(frames)
+
+
+def _close_quietly(container) -> None:
+    """Close a container being discarded; its own errors no longer matter."""
+    if container is not None:
+        try:
+            container.close()
+        except Exception:
+            pass
+
+
 class VideoWriter:
     """Write an H.264 (+ AAC) mp4 atomically.
 
@@ -414,17 +466,7 @@ class VideoWriter:
         crf: int = 18,
     ) -> None:
         self._path = check_output_path(out)
-        try:
-            rate = Fraction(fps).limit_denominator(10000)
-        except (TypeError, ValueError, OverflowError) as e:
-            raise ValueError(f"fps must be a positive number, got {fps!r}") from e
-        if rate <= 0:
-            raise ValueError(f"fps must be positive, got {fps}")
-        for name, v in (("width", width), ("height", height)):
-            if not isinstance(v, (int, np.integer)) or v <= 0 or v % 2:
-                raise ValueError(f"{name} must be a positive even integer for yuv420p, got {v!r}")
-        if not 0 <= int(crf) <= 51:
-            raise ValueError(f"crf must be in 0..51, got {crf}")
+        rate = _video_rate(fps, width, height, crf)
         self._audio_src = os.fspath(audio) if audio is not None else None
         audio_info = probe_audio(self._audio_src) if self._audio_src is not None else None
 
@@ -480,20 +522,7 @@ class VideoWriter:
         """
         if self._done or self._container is None:
             raise ValueError("VideoWriter is already closed")
-        if not isinstance(frames, np.ndarray) or frames.dtype != np.uint8:
-            got = getattr(frames, "dtype", type(frames).__name__)
-            raise ValueError(f"frames must be a uint8 numpy array, got {got}")
-        if frames.ndim == 3:
-            frames = frames[None]
-        expected = (self._height, self._width, 3)
-        if frames.ndim != 4 or frames.shape[1:] != expected:
-            raise ValueError(f"frames must have shape [n, {self._height}, {self._width}, 3], got {frames.shape}")
-        for rgb in frames:
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
-            frame.pts = self._frames
-            frame.time_base = self._video.codec_context.time_base
-            self._container.mux(self._video.encode(frame))
-            self._frames += 1
+        self._frames += _encode_rgb(self._container, self._video, frames, self._frames)
 
     def close(self) -> None:
         """Flush the encoders, mux the audio, and move the finished file onto :attr:`path`.
@@ -524,12 +553,8 @@ class VideoWriter:
     def abort(self) -> None:
         """Discard the output: close the encoder and delete the temporary file; ``out`` is untouched."""
         self._done = True
-        if self._container is not None:
-            try:
-                self._container.close()
-            except Exception:
-                pass
-            self._container = None
+        _close_quietly(self._container)
+        self._container = None
         try:
             os.unlink(self._temp_path)
         except FileNotFoundError:
@@ -616,14 +641,7 @@ class HlsWriter:
         crf: int = 18,
     ) -> None:
         self._path = check_output_path(out, ".m3u8")
-        rate = Fraction(fps).limit_denominator(10000)
-        if rate <= 0:
-            raise ValueError(f"fps must be positive, got {fps}")
-        for name, v in (("width", width), ("height", height)):
-            if not isinstance(v, (int, np.integer)) or v <= 0 or v % 2:
-                raise ValueError(f"{name} must be a positive even integer for yuv420p, got {v!r}")
-        if not 0 <= int(crf) <= 51:
-            raise ValueError(f"crf must be in 0..51, got {crf}")
+        rate = _video_rate(fps, width, height, crf)
         stem, folder = self._path.stem, self._path.parent
         self._init = folder / f"{stem}_init.mp4"
         self._pattern = folder / f"{stem}_%05d.m4s"
@@ -701,18 +719,7 @@ class HlsWriter:
         """
         if self._done or self._container is None:
             raise ValueError("HlsWriter is already closed")
-        if frames.ndim == 3:
-            frames = frames[None]
-        expected = (self._video.height, self._video.width, 3)
-        if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1:] != expected:
-            raise ValueError(
-                f"frames must be uint8 [n, {expected[0]}, {expected[1]}, 3], got {frames.dtype} {frames.shape}"
-            )
-        for rgb in frames:
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
-            frame.pts, frame.time_base = self._frames, self._video.codec_context.time_base
-            self._container.mux(self._video.encode(frame))
-            self._frames += 1
+        self._frames += _encode_rgb(self._container, self._video, frames, self._frames)
         self._mux_audio_until(int(self._frames / self._fps * self._sample_rate))
 
     def _mux_audio_until(self, end: int) -> None:
@@ -754,12 +761,8 @@ class HlsWriter:
     def abort(self) -> None:
         """Stop and remove the playlist and every segment written (temporary ones included)."""
         self._done = True
-        if self._container is not None:
-            try:
-                self._container.close()
-            except Exception:
-                pass
-            self._container = None
+        _close_quietly(self._container)
+        self._container = None
         folder, stem = self._path.parent, self._path.stem
         leftovers = [*folder.glob(f"{stem}_*.m4s*"), *folder.glob(f"{stem}.m3u8*"), *folder.glob(f"{stem}_init.mp4*")]
         for p in [self._path, self._init, *leftovers]:

@@ -119,6 +119,16 @@ def step_window_indices(
     return torch.remainder(starts[:, None] + offsets[None, :], num_frames)
 
 
+def frame_counts(step_index: torch.Tensor, num_frames: int, dtype: torch.dtype) -> torch.Tensor:
+    """How many times each frame appears in the windows of one step (a frame repeated in a window, N < T, counts
+    each time): ``[1, N, 1, 1, 1]`` in ``dtype`` on ``step_index``'s device, the divisor of the step's per-frame
+    mean. ``step_index``: the step's ``[W, T]`` rows (:func:`step_window_indices`), added in window order."""
+    count = torch.zeros(1, num_frames, 1, 1, 1, dtype=dtype, device=step_index.device)
+    for row in step_index:
+        count.index_add_(1, row, count.new_ones(1, len(row), 1, 1, 1))
+    return count
+
+
 def euler_v_step(v: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
     """One Euler step of a v-prediction model, operation for operation as diffusers
     ``EulerDiscreteScheduler.step`` computes it (no churn, so ``sigma_hat == sigma``).
@@ -325,9 +335,7 @@ def sample(
             Window(step=i, index=step_index[j], timestep=device_timesteps[i], sigma=sigma, sigma_next=sigma_next)
             for j in range(step_index.shape[0])
         ]
-        count = torch.zeros(1, num_frames, 1, 1, 1, dtype=latents.dtype, device=device)
-        for window in windows:
-            count.index_add_(1, window.index, count.new_ones(1, len(window.index), 1, 1, 1))
+        count = frame_counts(step_index, num_frames, latents.dtype)
         current = latents
 
         def run_group(positions: list[int]) -> torch.Tensor:
@@ -378,12 +386,7 @@ def _sample_wavefront(
         u: Window(u.step, step_index[u.step][u.position], device_timesteps[u.step], sigmas[u.step], sigmas[u.step + 1])
         for u in work.units()
     }
-    counts = []  # count_s [1, N, 1, 1, 1]: windows holding each frame at step s (a repeated frame counts twice)
-    for s in range(steps):
-        count = torch.zeros(1, num_frames, 1, 1, 1, dtype=latents.dtype, device=device)
-        for j in range(work.windows):
-            count.index_add_(1, step_index[s][j], count.new_ones(1, frames_per_window, 1, 1, 1))
-        counts.append(count)
+    counts = [frame_counts(index, num_frames, latents.dtype) for index in step_index]  # count_s per step
     # each unit's frames grouped by their owners, as views of one index tensor copied to the device once
     groups = {u: work.frame_groups(u) for u in work.units()}
     flat_cpu = torch.tensor([f for u in work.units() for _, frames in groups[u] for f in frames], dtype=torch.long)

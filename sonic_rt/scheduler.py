@@ -224,15 +224,7 @@ class WindowScheduler:
         running: dict = {}  # future -> (group, lane)
 
         def on_lane(lane: int, group: list):
-            if main is None:
-                return run_group(group), None
-            stream = self._streams[lane]
-            stream.wait_stream(main)  # inputs were written on the main stream
-            with torch.cuda.stream(stream):
-                out = run_group(group)
-                done = torch.cuda.Event()
-                done.record(stream)
-            return out, done
+            return (run_group(group), None) if main is None else self._on_stream(lane, main, run_group, group)
 
         try:
             while True:
@@ -252,6 +244,18 @@ class WindowScheduler:
                     finish(group, out)
         finally:
             _gather_quietly(list(running))
+
+    def _on_stream(self, lane: int, main, run_group, group) -> tuple[torch.Tensor, torch.cuda.Event]:
+        """``run_group(group)`` on lane ``lane``'s CUDA stream after the work queued so far on ``main`` (which
+        wrote its inputs); returns the result and an event recorded when it is done (the caller joins ``main``
+        on it, on the device, not on the host)."""
+        stream = self._streams[lane]
+        stream.wait_stream(main)
+        with torch.cuda.stream(stream):
+            out = run_group(group)
+            done = torch.cuda.Event()
+            done.record(stream)
+        return out, done
 
     def groups(self, num_windows: int) -> list[list[int]]:
         """Window positions per UNet call: consecutive runs of ``windows_per_call``."""
@@ -315,13 +319,7 @@ class WindowScheduler:
         main = torch.cuda.current_stream(self.device)
 
         def on_lane(lane: int, group: list[int]) -> tuple[torch.Tensor, torch.cuda.Event]:
-            stream = self._streams[lane]
-            stream.wait_stream(main)  # inputs were written on the main stream
-            with torch.cuda.stream(stream):
-                out = run_group(group)
-                done = torch.cuda.Event()
-                done.record(stream)
-            return out, done
+            return self._on_stream(lane, main, run_group, group)
 
         futures = [self._pool.submit(on_lane, j % len(self._streams), g) for j, g in enumerate(groups)]
         outs = _gather(futures)

@@ -16,12 +16,12 @@ import torch
 import sonic_rt
 from sonic_rt.errors import InputError
 from sonic_rt.models.unet import level_face_masks
-from sonic_rt.sampling import SamplingConfig, sample, window_indices
-from sonic_rt.scheduler import SchedulerConfig, WindowScheduler
+from sonic_rt.sampling import window_indices
+from sonic_rt.scheduler import SchedulerConfig
 
 SCRIPTS = Path(__file__).parent / "scripts"
 sys.path.insert(0, str(SCRIPTS))
-from toy import toy_denoise, toy_problem  # noqa: E402
+from toy import toy_denoise, toy_sample  # noqa: E402
 
 # N < 25, N not a multiple of 25 (wrap-around window), a long N
 LENGTHS = [7, 60, 126]
@@ -33,15 +33,7 @@ SETUPS = [
 ]
 
 
-def _run(num_frames, scheduler_config=SchedulerConfig(), denoise=toy_denoise, **kw):
-    latents, sigmas, timesteps = toy_problem(num_frames)
-    scheduler = WindowScheduler(scheduler_config, "cpu")
-    try:
-        return sample(
-            latents, sigmas, timesteps, SamplingConfig(steps=len(timesteps)), denoise, scheduler=scheduler, **kw
-        )
-    finally:
-        scheduler.close()
+_run = toy_sample  # sample() on the toy problem with a CPU scheduler of the given settings
 
 
 @pytest.mark.parametrize("num_frames", LENGTHS)

@@ -17,7 +17,7 @@ from sonic_rt.sampling import SamplingConfig, ShiftFusionWork, Unit, sample, win
 from sonic_rt.scheduler import Distributed, SchedulerConfig, WindowScheduler
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from toy import toy_denoise, toy_problem  # noqa: E402
+from toy import toy_denoise, toy_sample  # noqa: E402
 
 # N < T (one window holding repeated frames), N = T, N not a multiple of T (a wrap-around window), a long N
 LENGTHS = [7, 25, 60, 126, 1000]
@@ -29,13 +29,7 @@ SETUPS = [
 ]
 
 
-def _run(num_frames, config: SchedulerConfig, denoise=toy_denoise, steps=4, **kw):
-    latents, sigmas, timesteps = toy_problem(num_frames, steps)
-    scheduler = WindowScheduler(config, "cpu")
-    try:
-        return sample(latents, sigmas, timesteps, SamplingConfig(steps=steps), denoise, scheduler=scheduler, **kw)
-    finally:
-        scheduler.close()
+_run = toy_sample  # sample() on the toy problem with a CPU scheduler of the given settings
 
 
 @pytest.mark.parametrize("num_frames", LENGTHS)
