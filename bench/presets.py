@@ -10,6 +10,15 @@ Every model here is a seeded random-weight checkpoint written in exactly the off
   cross-attention 1024 (so 32 audio tokens x 1024 per frame), whisper-tiny (384-wide states), CLIP projection
   1024, the official adapter width (1024) and full-size RIFE. Its audio path has the real model's proportions,
   so it is the CPU workload for comparing the runtime with the official pipeline structure;
+- ``structure``: **shaped like Sonic**, the preset every CPU speed claim uses. The official SVD-xt UNet config
+  with every channel width divided by :data:`STRUCTURE_FACTOR` (5: ``[64, 128, 256, 256]``, so heads of 64
+  channels as in the release, ``num_attention_heads`` ``[1, 2, 4, 4]``) and everything else official: 4 levels,
+  block types, 2 layers per block, one transformer layer, temporal convolutions and transformers at every
+  level, cross-attention 1024, addition-time embedding 256. Whisper-tiny, the official adapters and RIFE at
+  full size; the temporal VAE at the official depth (4 levels, 2 layers per block) with widths ``[32, 64, 128,
+  128]`` (/4: GroupNorm's 32 groups forbid /5); a small CLIP tower projecting to 1024 (it runs once per video).
+  At 192x192 one UNet call's FLOP mix (convolution / linear / attention matmul) is within 3 points of the
+  full model's at 512x512 (``python -m bench.flop_mix``, ``bench/results/flop_mix.md``);
 - ``full``: the official architectures (:mod:`sonic_rt.architectures`: the 1.5 B-parameter SVD-xt UNet,
   ViT-H CLIP, the SVD temporal VAE, whisper-tiny, the official adapter and RIFE sizes) at 512x512. For GPUs:
   writing it needs ~6 GB of host memory and ~5 GB of disk (its ``unet.pth`` is stored in fp16; the
@@ -54,6 +63,10 @@ MID_UNET_OVERRIDES = {
 }
 WIDTHS_VERSION = 1
 WIDTHS_RESOLUTION = 128
+STRUCTURE_VERSION = 1
+STRUCTURE_FACTOR = 5  # every UNet channel width / 5; head dim 64 as in the release
+STRUCTURE_RESOLUTION = 192  # where its FLOP mix matches the full model's at 512x512 (bench/flop_mix.py)
+STRUCTURE_VAE_WIDTHS = [32, 64, 128, 128]  # official [128, 256, 512, 512] / 4 (multiples of 32 for GroupNorm)
 FULL_VERSION = 1
 FULL_RESOLUTION = 512  # official min_resolution
 
@@ -145,6 +158,54 @@ def write_widths_model(out: str | os.PathLike) -> Path:
     )
 
 
+def structure_unet_config(factor: int = STRUCTURE_FACTOR) -> dict:
+    """The official SVD-xt UNet config with every channel width divided by ``factor`` and the head count
+    scaled with it (the official head dim, 64, kept); every other key official.
+
+    Raises:
+        ValueError: a width that is not a multiple of 64 (head dim) or 32 (GroupNorm groups) after division.
+    """
+    from sonic_rt.architectures import SVD_XT_UNET_CONFIG
+
+    official = SVD_XT_UNET_CONFIG
+    widths = [c // factor for c in official["block_out_channels"]]
+    head_dims = {c // h for c, h in zip(official["block_out_channels"], official["num_attention_heads"])}
+    (head_dim,) = head_dims
+    if any(c * factor != o or c % head_dim for c, o in zip(widths, official["block_out_channels"])):
+        raise ValueError(f"factor {factor} gives widths {widths}: each must be a multiple of the head dim {head_dim}")
+    return {**official, "block_out_channels": widths, "num_attention_heads": [c // head_dim for c in widths]}
+
+
+def write_structure_model(out: str | os.PathLike) -> Path:
+    """Write the Sonic-shaped random-weight checkpoint to ``out`` (seeded): :func:`structure_unet_config`,
+    the temporal VAE at the official depth with :data:`STRUCTURE_VAE_WIDTHS`, whisper-tiny, a small CLIP tower
+    projecting to 1024, the official adapters and RIFE."""
+    from sonic_rt.architectures import AUDIO2TOKEN_ARGS, RIFE_WIDTH, SVD_XT_VAE_CONFIG, WHISPER_TINY_CONFIG
+    from sonic_rt.demo import DEMO_CLIP, DEMO_SEED, DEMO_VERSION, write_random_model
+
+    whisper = {k: v for k, v in WHISPER_TINY_CONFIG.items() if k not in ("architectures", "model_type")}
+    marker = {
+        "random_weights": True,
+        "note": _note("Sonic-shaped (widths / 5)"),
+        "min_resolution": STRUCTURE_RESOLUTION,
+        "version": DEMO_VERSION,
+        "bench_size": "structure",
+        "bench_version": STRUCTURE_VERSION,
+    }
+    return write_random_model(
+        out,
+        unet_config=structure_unet_config(),
+        vae_config={**SVD_XT_VAE_CONFIG, "block_out_channels": STRUCTURE_VAE_WIDTHS},
+        clip=DEMO_CLIP,
+        whisper=whisper,
+        adapter_hidden=AUDIO2TOKEN_ARGS["intermediate_dim"],
+        rife_width=RIFE_WIDTH,
+        marker=marker,
+        seed=DEMO_SEED + 400,
+        overwrite=True,
+    )
+
+
 def write_full_model(out: str | os.PathLike) -> Path:
     """Write the full-size random-weight checkpoint (the official architectures) to ``out`` (seeded)."""
     from sonic_rt.architectures import (
@@ -208,7 +269,7 @@ class Size:
     """One model size of the benchmarks.
 
     Attributes:
-        name: ``demo``, ``mid``, ``widths`` or ``full``.
+        name: ``demo``, ``mid``, ``widths``, ``structure`` or ``full``.
         resolution: video height = width in pixels (the engines' opt shape).
         steps: default denoising steps of a whole-video run in ``bench.backends``.
         write: writes the checkpoint into a directory.
@@ -251,6 +312,15 @@ SIZES = {
         _current("widths", WIDTHS_VERSION),
         "demo UNet [32, 32] with the official widths: cross-attention 1024, whisper-tiny, CLIP "
         "projection 1024, adapters 1024, RIFE 90; 128x128",
+    ),
+    "structure": Size(
+        "structure",
+        STRUCTURE_RESOLUTION,
+        25,
+        write_structure_model,
+        _current("structure", STRUCTURE_VERSION),
+        "shaped like Sonic: the official 4-level UNet with widths / 5 ([64, 128, 256, 256], head dim 64), "
+        "cross-attention 1024, whisper-tiny, adapters and RIFE official, VAE at the official depth; 192x192",
     ),
     "full": Size(
         "full",
