@@ -157,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     conv = sub.add_parser("convert", help="rewrite the official .pth/.pkl checkpoints as .safetensors")
     conv.add_argument("--model", required=True, type=Path, help="official-layout checkpoint directory")
     conv.add_argument("--trust-pickle", action="store_true", help="allow pickles that need arbitrary code")
+    from .download import add_parser as add_download  # the real model from the hub (sonic_rt/download.py)
+
+    add_download(sub)
     from .serve import add_parser as add_serve  # the web page and HTTP API (sonic_rt/serve.py)
 
     add_serve(sub)
@@ -176,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
             return _demo_model(args)
         if args.command == "convert":
             return _convert(args)
+        if args.command == "download":
+            from .download import main as download
+
+            return download(args)
         if args.command == "serve":
             from .serve import run as serve
 
