@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv = sub.add_parser("convert", help="rewrite the official .pth/.pkl checkpoints as .safetensors")
     conv.add_argument("--model", required=True, type=Path, help="official-layout checkpoint directory")
     conv.add_argument("--trust-pickle", action="store_true", help="allow pickles that need arbitrary code")
-    from .serve import add_parser as add_serve  # the web page and HTTP API (sonic_rt/serve.py)
+    from .serving.server import add_parser as add_serve  # the predictions API and web page (sonic_rt/serving/)
 
     add_serve(sub)
     return parser
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "convert":
             return _convert(args)
         if args.command == "serve":
-            from .serve import run as serve
+            from .serving.server import run as serve
 
             return serve(args)
         return _animate(args)
