@@ -111,6 +111,7 @@ def key_matches(given: str | None, key: str) -> bool:
 def bearer_guard(api_key: str | None) -> Callable:
     """A FastAPI dependency that refuses a request without ``Authorization: Bearer <api_key>`` (401, with
     ``WWW-Authenticate: Bearer``, RFC 6750); it lets every request through when ``api_key`` is None."""
+
     def guard(request: Request) -> None:
         if api_key is None:
             return
