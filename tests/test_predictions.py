@@ -326,7 +326,7 @@ def test_cancel_a_waiting_and_a_running_job_leaves_no_file_and_the_next_one_runs
 ):
     api = strict_api
     before = api.outputs()
-    long = {"input": inputs(portrait, long_speech, steps=25, min_resolution=64)}
+    long = {"input": inputs(portrait, long_speech, steps=50, min_resolution=64)}
     async_ = {**KEY, "Prefer": "respond-async"}
     assert requests.put(f"{api.url}/predictions/running", json=long, headers=async_, timeout=30).status_code == 202
     deadline = time.monotonic() + DEADLINE_S
@@ -463,10 +463,10 @@ def test_the_api_minimums_are_where_the_runtime_starts_refusing(runtime, portrai
 
 # --------------------------------------------------------------------------------- the job layer's own rules
 class FileRunner:
-    """A stand-in runner: writes a few bytes as the "video" (or waits forever with ``block``)."""
+    """A stand-in runner: writes a few bytes as the "video" (after ``gate`` is set, when given)."""
 
-    def __init__(self, block: bool = False):
-        self.block, self.calls = block, 0
+    def __init__(self, gate: threading.Event | None = None):
+        self.gate, self.calls = gate, 0
 
     def setup(self):
         pass
@@ -477,8 +477,8 @@ class FileRunner:
     async def run(self, job, report):
         self.calls += 1
         report("plan", {"windows_total": 1})
-        if self.block:
-            await asyncio.Event().wait()
+        if self.gate is not None:
+            await asyncio.to_thread(self.gate.wait, 60)
         job.out.write_bytes(b"\x00\x00\x00\x18ftypmp42")
         return JobResult(num_frames=1, fps=25.0, width=64, height=64)
 
@@ -514,13 +514,27 @@ def test_a_second_server_on_the_same_workdir_is_refused(tmp_path):
 
 
 def test_a_job_outlives_the_client_that_dropped_its_connection(tmp_path, portrait, speech):
-    """A sync POST whose client gives up: the job runs on; the client finds the result by id."""
-    runner = FileRunner()
+    """A sync PUT whose client goes away while the job runs: the job runs on; the client finds the result by id."""
+    import socket
+
+    runner = FileRunner(gate=threading.Event())
     with serving(runner, tmp_path) as api:
-        with pytest.raises(requests.exceptions.ReadTimeout):
-            requests.put(  # the stand-in is quick, but not quicker than a 1 ms read timeout
-                f"{api.url}/predictions/dropped", json={"input": inputs(portrait, speech)}, timeout=(5, 0.001)
+        body = json.dumps({"input": inputs(portrait, speech)}).encode()
+        port = int(api.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(
+                f"PUT /predictions/dropped HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
             )
+            deadline = time.monotonic() + DEADLINE_S
+            while (r := requests.get(f"{api.url}/predictions/dropped", timeout=10)).status_code == 404 or r.json()[
+                "status"
+            ] != "processing":
+                assert time.monotonic() < deadline, "the job did not start"
+                time.sleep(0.05)
+        # the client has hung up; the job is still running
+        runner.gate.set()
         assert api.wait("dropped")["status"] == "succeeded"
         assert runner.calls == 1
 
