@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .download import add_parser as add_download  # the real model from the hub (sonic_rt/download.py)
 
     add_download(sub)
-    from .serve import add_parser as add_serve  # the web page and HTTP API (sonic_rt/serve.py)
+    from .serving.server import add_parser as add_serve  # the predictions API and web page (sonic_rt/serving/)
 
     add_serve(sub)
     return parser
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return download(args)
         if args.command == "serve":
-            from .serve import run as serve
+            from .serving.server import run as serve
 
             return serve(args)
         return _animate(args)

@@ -22,7 +22,6 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 pytest.importorskip("gradio", reason="gradio is not installed (pip install -e '.[ui]')")
@@ -33,61 +32,54 @@ CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 START_TIMEOUT = 180
 
 
-class FakeRuntime:
-    """What the page reads of a Runtime, without loading one."""
+class StandInRunner:
+    """What the page reads of a runner, without loading a model."""
 
-    is_demo, device, source, backend, default_min_resolution = True, "cpu", "/models/demo", "torch", 128
+    def setup(self):
+        pass
+
+    def describe(self):
+        return {"model": "demo", "demo": True, "device": "cpu", "default_min_resolution": 128}
+
+    async def run(self, job, report):
+        raise NotImplementedError
+
+    def close(self):
+        pass
 
 
 def test_widgets_come_from_animate_options(tmp_path):
-    """The page's options are the AnimateOptions fields with their defaults (the model's min_resolution)."""
+    """The page's options are the AnimateOptions fields with their defaults; min_resolution starts empty (the
+    model's own default, filled in when the page loads)."""
     from sonic_rt import AnimateOptions
-    from sonic_rt.serve import UI_OPTIONS, build_app
+    from sonic_rt.serving.jobs import Jobs, Settings
+    from sonic_rt.serving.page import UI_OPTIONS, build_page
 
-    blocks, server, _, _ = build_app(FakeRuntime(), tmp_path, max_audio_seconds=1.0)
+    jobs = Jobs(StandInRunner(), tmp_path, Settings(max_audio_seconds=1.0))
+    try:
+        blocks, _, _ = build_page(jobs, demo=True)
+    finally:
+        jobs.store.close()
     defaults = AnimateOptions()
     by_id = {b.elem_id: b for b in blocks.blocks.values() if getattr(b, "elem_id", None)}
     shown = [name for name in UI_OPTIONS if f"opt-{name}" in by_id]
-    assert {"steps", "seed", "dynamic_scale", "min_resolution", "crop", "interpolate"} <= set(shown)
+    assert {"steps", "seed", "dynamic_scale", "min_resolution", "crop", "interpolate", "paste_back"} <= set(shown)
     for name in shown:
-        expected = getattr(defaults, name) if name != "min_resolution" else FakeRuntime.default_min_resolution
-        assert by_id[f"opt-{name}"].value == expected, name
-    assert "RANDOM" in by_id["demo-banner"].value
+        assert by_id[f"opt-{name}"].value == getattr(defaults, name), name
+    assert "RANDOM" in by_id["demo-banner"].value and by_id["demo-banner"].visible
     assert "1 s" in by_id["limits"].value
-    server.executor.shutdown()
 
 
 def test_audio_longer_than_the_limit_is_refused(tmp_path, speech):
-    from sonic_rt import InputError
-    from sonic_rt.serve import Server
+    from sonic_rt import AudioError
+    from sonic_rt.serving.jobs import Jobs, Settings
 
-    server = Server(FakeRuntime(), tmp_path, max_audio_seconds=1.0, concurrency=1)
-    with pytest.raises(InputError, match="accepts up to 1 s"):
-        server.check_audio(str(speech))
-    server.executor.shutdown()
-
-
-def test_progress_says_how_much_video_is_written_while_windows_still_run(runtime, tmp_path, portrait, long_speech):
-    """The job's progress text counts the seconds of video already in the file (the wavefront writes the first
-    chunks before the last windows run)."""
-    import threading
-
-    from sonic_rt import AnimateOptions, media
-    from sonic_rt.serve import Server
-
-    samples = media.load_audio(long_speech, 16000)
-    speech = media.write_wav(tmp_path / "12s.wav", np.resize(samples, 12 * 16000), 16000)  # N = 150, 6 windows
-    server = Server(runtime, tmp_path, max_audio_seconds=60.0, concurrency=1)
-    reports = []
+    jobs = Jobs(StandInRunner(), tmp_path, Settings(max_audio_seconds=1.0))
     try:
-        path = server.run_job(
-            str(portrait), str(speech), AnimateOptions(steps=2), threading.Event(), lambda *r: reports.append(r)
-        )
+        with pytest.raises(AudioError, match="accepts up to 1 s"):
+            jobs._check_audio(speech)
     finally:
-        server.executor.shutdown()
-    assert Path(path).is_file()
-    texts = [text for done, total, text in reports if done < total]
-    assert any("s of video written" in text for text in texts), texts
+        jobs.store.close()
 
 
 def _free_port() -> int:
@@ -111,16 +103,12 @@ def _health(url: str) -> dict:
 
 
 class Served:
-    def __init__(self, url: str, tmp: Path):
-        self.url, self.tmp = url, tmp
-
-    def workdir(self) -> Path:
-        (found,) = self.tmp.glob("sonic_rt-serve-*")
-        return found
+    def __init__(self, url: str, tmp: Path, cache: Path):
+        self.url, self.tmp, self.cache = url, tmp, cache
 
     def results(self) -> set[Path]:
-        """Every file under the server's results folder (finished mp4s; a partial file would show too)."""
-        return {p for p in (self.workdir() / "results").rglob("*") if p.is_file()}
+        """Every file in the server's outputs folder (finished mp4s; a partial file would show too)."""
+        return {p for p in (self.cache / "serve" / "outputs").rglob("*") if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +145,7 @@ def server(demo_dir, tmp_path_factory):
             proc.kill()
             pytest.fail("the server did not start in time")
         time.sleep(0.5)
-    yield Served(url, tmp)
+    yield Served(url, tmp, cache)
     proc.send_signal(signal.SIGTERM)
     try:
         proc.wait(timeout=30)
@@ -186,6 +174,30 @@ def test_health_and_page(server):
     assert status == 200 and b"<html" in page.lower()
     # gradio serves nothing outside the server's own folder
     assert _get(server.url + "gradio_api/file=/etc/passwd")[0] in (403, 404)
+
+
+@pytest.mark.slow
+def test_an_uploaded_html_file_is_never_served_as_a_page_of_this_origin(server, tmp_path):
+    """A stored cross-site scripting attempt: an .html upload comes back as a sandboxed download, not text/html."""
+    import requests
+
+    evil = tmp_path / "evil.html"
+    evil.write_text("<html><body><script>alert(document.cookie)</script></body></html>")
+    with open(evil, "rb") as f:
+        uploaded = requests.post(server.url + "gradio_api/upload", files={"files": f}, timeout=30)
+    assert uploaded.status_code == 200
+    (path,) = uploaded.json()
+    served = requests.get(server.url + "gradio_api/file=" + path, timeout=30)
+    assert served.status_code == 200 and b"<script>" in served.content  # the same bytes...
+    assert served.headers["content-type"] == "application/octet-stream"  # ...never as a page
+    assert served.headers["content-disposition"].startswith("attachment")
+    assert served.headers["x-content-type-options"] == "nosniff"
+    assert served.headers["content-security-policy"] == "default-src 'none'; sandbox"
+    page = requests.get(server.url, timeout=30)
+    assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+    assert "connect-src 'self'" in page.headers["content-security-policy"]
+    # gradio's routes that would fetch another URL for the client are closed
+    assert requests.get(server.url + "gradio_api/file=https://example.com/x.png", timeout=30).status_code == 403
 
 
 @pytest.mark.slow
@@ -265,6 +277,7 @@ def _browser():
         "--mute-audio",
     ):
         opts.add_argument(flag)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the console: CSP violations show there
     return webdriver.Chrome(options=opts, service=Service(CHROMEDRIVER))
 
 
@@ -299,9 +312,44 @@ def test_browser_generates_and_plays(server, portrait, speech, tmp_path):
         driver.set_window_size(1280, 1400)
         driver.execute_script("window.scrollTo(0, 0)")
         time.sleep(0.5)
+        refused = [e["message"] for e in driver.get_log("browser") if "Content Security Policy" in e["message"]]
+        assert not refused, f"the page's content security policy blocked part of the page: {refused}"
         shot = Path(os.environ.get("SONIC_RT_SERVE_SCREENSHOT", tmp_path / "serve.png"))
         shot.parent.mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(str(shot))
         assert shot.stat().st_size > 0
     finally:
         driver.quit()
+
+
+def test_a_shared_page_asks_for_the_key(tmp_path):
+    """With --api-key the page and gradio's API need a login whose password is the key."""
+    import requests
+    import uvicorn
+
+    from sonic_rt.serving.jobs import Jobs
+    from sonic_rt.serving.server import build_app
+
+    jobs = Jobs(StandInRunner(), tmp_path / "work")
+    app = build_app(jobs, api_key="s3cret", page=True, demo=True, upload_dir=tmp_path / "up")
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    import threading
+
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    try:
+        assert requests.get(url + "/config", timeout=10).status_code == 401
+        with open(__file__, "rb") as f:
+            assert requests.post(url + "/gradio_api/upload", files={"files": f}, timeout=10).status_code == 401
+        session = requests.Session()
+        assert session.post(url + "/login", data={"username": "x", "password": "wrong"}, timeout=10).status_code == 400
+        assert session.post(url + "/login", data={"username": "x", "password": "s3cret"}, timeout=10).status_code == 200
+        assert session.get(url + "/config", timeout=10).status_code == 200
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
