@@ -6,6 +6,7 @@ A layer above the runtime (nothing in :mod:`sonic_rt.pipeline` or :mod:`sonic_rt
 * :mod:`.jobs`: :class:`~.jobs.Jobs`, predictions from creation to their end over a :class:`~.jobs.Runner`
   ("something that runs a job"),
 * :mod:`.local`: :class:`~.local.LocalRunner`, the Runner over one Runtime in this process,
+* :mod:`.live`: a job's live HLS stream, its segments announced as they are finished and served,
 * :mod:`.inputs`: the input schema (from :class:`~sonic_rt.AnimateOptions`), its checks, data:/multipart/http(s) files,
 * :mod:`.webhooks`: Cog's webhooks, throttled and retried,
 * :mod:`.predictions`: Cog's HTTP routes (FastAPI) over a Jobs,

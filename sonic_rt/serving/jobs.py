@@ -15,6 +15,10 @@ A prediction's life (Cog docs/http.md statuses):
 3. it ends ``succeeded`` (the mp4 at ``/outputs/<token>.mp4`` for ``keep_outputs_s``), ``failed`` (the
    one-line reason) or ``canceled`` (no output file); the record stays ``keep_records_s``.
 
+While it runs, the runtime also writes a live HLS stream into ``streams/<token>/`` (:mod:`sonic_rt.serving.live`);
+each segment is announced (SSE and webhook ``output`` events, the record's ``stream``) once it is complete, is
+deleted with the output after ``keep_outputs_s``, and at once when the job fails or is canceled.
+
 Everything here runs on one asyncio event loop; the runner may use threads or processes behind its ``run``.
 """
 
@@ -36,6 +40,7 @@ from typing import Any, AsyncIterator, Callable, Protocol
 from ..errors import SonicError
 from ..pipeline.options import AnimateOptions
 from . import inputs as input_files
+from . import live as live_stream
 from .store import (
     CANCELED,
     FAILED,
@@ -96,6 +101,9 @@ class Runner(Protocol):
     ``run`` reports progress by calling ``report(kind, info)`` on the event loop: ``("plan", {"windows_total"})``
     once, then the runtime's own events (``Runtime.animate``'s ``events``: ``("window", {"step", "index"})``,
     ``("frames", {"generated", "written", "video_seconds", "elapsed_seconds"})``, ``("memory", {...})``).
+    ``job.options.hls`` names the live stream's playlist: a runner that runs ``Runtime.animate`` with the options
+    writes it, and each ``frames`` report makes the job layer look for finished segments there (a runner that
+    writes no stream just has none to announce).
     Cancelling the task that awaits ``run`` must stop the job (after at most the current UNet call) and leave no
     file at ``job.out``; ``run`` then raises ``asyncio.CancelledError``. Bad input raises
     :class:`~sonic_rt.SonicError` (its one line becomes the prediction's ``error``).
@@ -205,6 +213,7 @@ class _Live:
     cancel_requested: bool = False
     task: asyncio.Task | None = None
     started: float = 0.0
+    stream: live_stream.LiveStream | None = None
 
 
 class Jobs:
@@ -226,12 +235,15 @@ class Jobs:
         self.runner, self.settings = runner, settings or Settings()
         self.workdir = Path(workdir)
         self.outputs, self.inputs = self.workdir / "outputs", self.workdir / "inputs"
+        self.streams = self.workdir / "streams"
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.store = JobStore(self.workdir / "jobs.sqlite")
         self.lost = self.store.fail_unfinished(LOST_REASON)
         shutil.rmtree(self.inputs, ignore_errors=True)  # the inputs of the jobs a previous server lost
         self.outputs.mkdir(exist_ok=True)
         self.inputs.mkdir(exist_ok=True)
+        self.streams.mkdir(exist_ok=True)
+        self._sweep_streams()
         self.setup_info: dict[str, Any] = {"started_at": None, "completed_at": None, "status": STARTING, "logs": ""}
         self.running = self.done = self.waiting = 0
         self.unhealthy: str | None = None
@@ -371,26 +383,34 @@ class Jobs:
 
     async def events(self, prediction_id: str) -> AsyncIterator[tuple[str, Any]]:
         """Server-sent events of one prediction: ``start``, then ``progress`` (windows done of the total, seconds
-        of video written, ETA), ``log`` lines, ``output`` (``{"chunk": url, "index": 0}``) and ``completed`` (the
-        prediction). A late subscriber gets ``start`` and the latest progress first; an ended prediction gives
-        ``start``, ``output`` (if any) and ``completed`` at once."""
+        of video written, ETA), ``log`` lines, ``output`` events and ``completed`` (the prediction). ``output`` is
+        each finished segment of the live stream as it is announced (``{"chunk": url, "index": n, "kind":
+        "segment", "start_seconds", "end_seconds", "playlist"}``, :func:`sonic_rt.serving.live.event`), then the
+        finished video (``{"chunk": url, "index": 0, "kind": "video"}``). A late subscriber gets ``start``, the
+        latest progress and the segments announced so far first; an ended prediction gives ``start``, its segments
+        (while they are kept), ``output`` (if any) and ``completed`` at once."""
         live = self._live.get(prediction_id)
         if live is None:
             pred = self.store.get(prediction_id)
             if pred is None:
                 return
             yield "start", {"id": pred.id, "status": pred.status}
+            for data in self._segment_events(pred):
+                yield "output", data
             rendered = self.render(pred)
             if rendered["output"] is not None:
-                yield "output", {"chunk": rendered["output"], "index": 0}
+                yield "output", {"chunk": rendered["output"], "index": 0, "kind": "video"}
             yield "completed", rendered
             return
         queue: asyncio.Queue = asyncio.Queue()
         live.subscribers.add(queue)  # before the first await: no event can slip between snapshot and queue
+        segments = self._segment_events(live.pred)
         try:
             yield "start", {"id": live.pred.id, "status": live.pred.status}
             if live.pred.progress:
                 yield "progress", dict(live.pred.progress)
+            for data in segments:
+                yield "output", data
             while True:
                 event, data = await queue.get()
                 yield event, data
@@ -398,6 +418,11 @@ class Jobs:
                     return
         finally:
             live.subscribers.discard(queue)
+
+    @staticmethod
+    def _segment_events(pred: Prediction) -> list[dict[str, Any]]:
+        stream = pred.stream or {}
+        return [live_stream.event(segment, stream["playlist"]) for segment in stream.get("segments", ())]
 
     # ------------------------------------------------------------------------------------------------ reading
     def render(self, pred: Prediction) -> dict[str, Any]:
@@ -418,6 +443,14 @@ class Jobs:
             return None
         path = self.outputs / f"{token}.mp4"
         return path if path.is_file() else None
+
+    def stream_part(self, token: str, name: str) -> tuple[str, Any] | None:
+        """What ``/streams/{token}/{name}`` serves (:func:`sonic_rt.serving.live.part`: media type and body), or
+        None: an unknown token or name, a segment not finished yet, or a stream already deleted."""
+        if not token or not all(c.isalnum() or c in "-_" for c in token):
+            return None
+        folder = self.streams / token
+        return live_stream.part(folder, name) if folder.is_dir() else None
 
     def recent_outputs(self, count: int) -> list[str]:
         """The newest ``count`` output files still on disk (the page's gallery)."""
@@ -507,9 +540,12 @@ class Jobs:
             self._log(live, f"inputs ready: {samples / SAMPLE_RATE:.2f} s of speech")
             token = secrets.token_urlsafe(24)
             out = self.outputs / f"{token}.mp4"
-            options = AnimateOptions.resolve(None, {**pred.options, "progress": False}, "input")
+            live.stream = live_stream.LiveStream(self.streams / token, f"{pred.base_url}streams/{token}/")
+            overrides = {**pred.options, "progress": False, "hls": str(live.stream.playlist)}
+            options = AnimateOptions.resolve(None, overrides, "input")
             spec = JobSpec(pred.id, paths["image"], paths["audio"], out, options, samples)
             result = await self.runner.run(spec, lambda kind, info: self._progress(live, kind, info))
+            self._announce(live, final=True)  # the last segments: the stream is closed after the last chunk
             pred.output_token = token
             pred.output = f"{pred.base_url}outputs/{token}.mp4"
             pred.expires_at = time.time() + settings.keep_outputs_s
@@ -541,6 +577,8 @@ class Jobs:
             self.running -= 1
             if status != SUCCEEDED and out is not None:
                 out.unlink(missing_ok=True)
+            if status != SUCCEEDED and live.stream is not None:
+                live.stream.remove()  # after the runner stopped: nothing writes there any more
             self._durations.append(time.monotonic() - live.started)
             self._end(live, status, error)
 
@@ -572,6 +610,7 @@ class Jobs:
         elif kind == "frames":
             progress["video_seconds"] = round(float(info["video_seconds"]), 2)
             self._log(live, f"{progress['video_seconds']:.2f} s of video written")
+            self._announce(live)
         elif kind == "memory":
             self._log(live, f"out of memory: retrying with a smaller batch ({info})")
             return
@@ -582,6 +621,18 @@ class Jobs:
         progress["eta_seconds"] = round(elapsed / done * max(total - done, 0), 1) if done else None
         self._emit(live, "progress", dict(progress))
 
+    def _announce(self, live: _Live, final: bool = False) -> None:
+        """Announce the live stream's newly finished segments: the record's ``stream``, an SSE ``output`` event
+        each, and the webhook's ``output`` event (throttled; each carries every segment so far). ``final``: the
+        runner returned (see :meth:`sonic_rt.serving.live.LiveStream.scan`)."""
+        if live.stream is None or live.pred.terminal:
+            return
+        new = live.stream.scan(final)
+        if new or (live.pred.stream is not None and live.pred.stream["ended"] != live.stream.ended):
+            live.pred.stream = live.stream.describe()
+        for segment in new:
+            self._emit(live, "output", live_stream.event(segment, live.pred.stream["playlist"]))
+
     def _log(self, live: _Live, line: str) -> None:
         live.pred.logs += line + "\n"
         self._emit(live, "log", {"source": "stderr", "data": line + "\n"})
@@ -590,19 +641,22 @@ class Jobs:
         """Send ``event`` to the prediction's SSE subscribers and, mapped onto Cog's webhook events (``start``,
         ``logs`` for log lines and progress, ``output``, ``completed``), to its webhook."""
         pred = live.pred
-        if event == "output":
-            data = {"chunk": self.render(pred)["output"], "index": 0}
+        finished = event == "output" and data is None  # the video itself (else: a live segment)
+        if finished:
+            data = {"chunk": self.render(pred)["output"], "index": 0, "kind": "video"}
         for queue in live.subscribers:
             queue.put_nowait((event, data))
         if live.webhook is not None:
             hook = {"start": "start", "log": "logs", "progress": "logs", "output": "output", "completed": "completed"}
-            live.webhook.offer(hook[event], lambda: self.render(pred))
+            # the finished video's output event is never throttled away by a segment's sent just before it
+            live.webhook.offer(hook[event], lambda: self.render(pred), force=finished)
 
     def _end(self, live: _Live, status: str, error: str | None = None) -> None:
         pred = live.pred
         pred.status, pred.error, pred.completed_at = status, error, now_iso()
         if status != SUCCEEDED:
             pred.output = pred.output_token = pred.expires_at = None
+            pred.stream = None
         if pred.started_at is not None:
             pred.metrics["predict_time"] = round(time.monotonic() - live.started, 3)
         self.store.put(pred)
@@ -635,18 +689,30 @@ class Jobs:
             self.expire()
 
     def expire(self, now: float | None = None) -> int:
-        """Delete the output files whose time is up (their records say ``data_removed``) and the records older than
-        ``keep_records_s``. Returns the output files deleted."""
+        """Delete the output files whose time is up, with their live streams (their records say ``data_removed``),
+        and the records older than ``keep_records_s``. Returns the output files deleted."""
         now = time.time() if now is None else now
         expired = self.store.with_output_before(now)
         for pred in expired:
             path = self.output_path(pred)
             if path is not None:
                 path.unlink(missing_ok=True)
-            pred.output, pred.data_removed = None, True
+                shutil.rmtree(self.streams / pred.output_token, ignore_errors=True)  # its live segments
+            pred.output, pred.data_removed, pred.stream = None, True, None
             self.store.put(pred)
         self.store.delete_older_than(self.settings.keep_records_s / 86400.0)
         return len(expired)
+
+    def _sweep_streams(self) -> None:
+        """Remove the stream folders no kept output owns (the jobs a previous server lost while they ran)."""
+        kept = {pred.output_token for pred in self.store.with_output_before(math.inf)}
+        for folder in self.streams.iterdir():
+            if folder.name in kept:
+                continue
+            if folder.is_dir():
+                shutil.rmtree(folder, ignore_errors=True)
+            else:
+                folder.unlink(missing_ok=True)
 
 
 __all__ = [

@@ -12,6 +12,9 @@
                                               ``UNHEALTHY``; setup timings)
 ``GET /openapi.json``                         this API, with ``Input`` generated from ``AnimateOptions``
 ``GET /outputs/{token}.mp4``                  a result (``video/mp4``, ``nosniff``); the token is unguessable
+``GET /streams/{token}/live.m3u8``            the job's live HLS stream while it runs (and its files
+                                              ``live_init.mp4``, ``live_NNNNN.m4s``), and ``{n}.mp4``: finished
+                                              segment ``n`` as a self-contained mp4 (:mod:`.live`); the same token
 ============================================  ===========================================================
 
 Request body (JSON): ``input`` (:mod:`sonic_rt.serving.inputs`), ``webhook``, ``webhook_events_filter``, and
@@ -37,10 +40,11 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 
 from .. import __version__
 from . import inputs as input_files
+from . import live as live_stream
 from .jobs import Jobs, NewPrediction, QueueFull, Unavailable
 from .security import bearer_guard
 from .store import WEBHOOK_EVENTS
@@ -200,6 +204,22 @@ def make_router(jobs: Jobs, *, api_key: str | None = None):
             content_disposition_type="inline",
             headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "private, max-age=3600"},
         )
+
+    @router.get("/streams/{token}/{name}", include_in_schema=True)
+    async def stream_file(token: str, name: str):
+        """A job's live stream (the playlist, its init and media segments, or ``{n}.mp4``: finished segment n as a
+        self-contained mp4), from the first finished segment until the output expires (404 before and after, and
+        once the job failed or was canceled)."""
+        found = jobs.stream_part(token, name)
+        if found is None:
+            return error(BadRequest("no such stream file (not finished yet, or removed)", 404))
+        media_type, body = found
+        # the playlist grows while the job runs; a finished segment never changes
+        cache = "no-store" if media_type == live_stream.PLAYLIST_TYPE else "private, max-age=3600"
+        headers = {"X-Content-Type-Options": "nosniff", "Cache-Control": cache}
+        if isinstance(body, Path):
+            return FileResponse(body, media_type=media_type, headers=headers)
+        return Response(body, media_type=media_type, headers=headers)
 
     @router.get("/openapi.json", include_in_schema=False)
     async def openapi():
@@ -380,6 +400,32 @@ def openapi_document(routes) -> dict[str, Any]:
                     },
                     "attempts": {"type": "integer"},
                     "data_removed": {"type": "boolean"},
+                    "stream": {
+                        "description": "the live stream while the video is made: the HLS playlist and each "
+                        "finished segment (a self-contained mp4) with the seconds of video it covers",
+                        "anyOf": [
+                            {
+                                "type": "object",
+                                "properties": {
+                                    "playlist": {"type": "string", "format": "uri"},
+                                    "segments": {
+                                        "type": "array",
+                                        "items": {
+                                            "type": "object",
+                                            "properties": {
+                                                "index": {"type": "integer"},
+                                                "url": {"type": "string", "format": "uri"},
+                                                "start_seconds": {"type": "number"},
+                                                "end_seconds": {"type": "number"},
+                                            },
+                                        },
+                                    },
+                                    "ended": {"type": "boolean"},
+                                },
+                            },
+                            {"type": "null"},
+                        ],
+                    },
                     "urls": {"type": "object"},
                 },
             },

@@ -57,6 +57,11 @@ class Prediction:
             (seconds of video already in the file), ``eta_seconds``; empty until it runs.
         attempts: times a runner started it (a Ray ingress re-submits a job whose worker died).
         data_removed: the output file was deleted after ``--keep-outputs`` (Replicate's field name).
+        stream: the live stream while the video is made (:mod:`sonic_rt.serving.jobs`): ``playlist`` (the HLS
+            playlist's URL), ``segments`` (each finished segment so far: ``index``, ``url`` of a self-contained mp4,
+            ``start_seconds``, ``end_seconds`` of video it covers) and ``ended`` (the playlist is complete); None
+            before the first segment, and once the segments are deleted (with the output, or at once when the
+            prediction failed or was canceled).
         options: the :class:`~sonic_rt.AnimateOptions` overrides it runs with (canonical names).
         files: per file input (``image``, ``audio``): ``{"path": ...}`` (stored on this server) or ``{"url": ...}``
             (fetched when it starts).
@@ -81,6 +86,7 @@ class Prediction:
     progress: dict[str, Any] = field(default_factory=dict)
     attempts: int = 0
     data_removed: bool = False
+    stream: dict[str, Any] | None = None
     # server-side only (never in the JSON a client sees)
     options: dict[str, Any] = field(default_factory=dict)
     files: dict[str, dict[str, str]] = field(default_factory=dict)
@@ -104,6 +110,7 @@ class Prediction:
         "progress",
         "attempts",
         "data_removed",
+        "stream",
     )
 
     @property
@@ -111,8 +118,8 @@ class Prediction:
         return self.status in TERMINAL
 
     def public(self) -> dict[str, Any]:
-        """The prediction object a client sees (Cog's fields, plus ``progress``, ``attempts``, ``data_removed``
-        and ``urls``), without rendering a ``data:`` output (see :func:`sonic_rt.serving.jobs.render`)."""
+        """The prediction object a client sees (Cog's fields, plus ``progress``, ``attempts``, ``data_removed``,
+        ``stream`` and ``urls``), without rendering a ``data:`` output (see :func:`sonic_rt.serving.jobs.render`)."""
         out = {name: getattr(self, name) for name in self.PUBLIC}
         out["urls"] = {
             "get": f"{self.base_url}predictions/{self.id}",
@@ -206,7 +213,7 @@ class JobStore:
             p = Prediction.from_json(record)
             was = "running" if p.status == PROCESSING else "waiting"
             p.status, p.error, p.completed_at = FAILED, f"{reason} while this prediction was {was}", now_iso()
-            p.progress = {}
+            p.progress, p.stream = {}, None
             self.put(p)
             lost.append(p)
         return lost

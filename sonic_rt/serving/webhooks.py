@@ -2,9 +2,10 @@
 
 One :class:`WebhookSender` per prediction posts its events in order from one task: ``start`` and ``completed`` at
 once; ``output`` and ``logs`` at most once per :data:`THROTTLE_S` (an event inside the interval is dropped, as
-Cog's response throttler does: the next one, and ``completed``, carry the newer state). Only the event types in
-the prediction's ``webhook_events_filter`` are sent. A failed POST (connection error, timeout, HTTP 408, 429 or
-5xx) is retried with exponential backoff: ``completed`` up to :data:`TERMINAL_ATTEMPTS` times, the others
+Cog's response throttler does: the next one, and ``completed``, carry the newer state), except the ``output`` of the
+finished video, which a live segment's ``output`` may have just preceded and which is always sent. Only the event
+types in the prediction's ``webhook_events_filter`` are sent. A failed POST (connection error, timeout, HTTP 408,
+429 or 5xx) is retried with exponential backoff: ``completed`` up to :data:`TERMINAL_ATTEMPTS` times, the others
 :data:`ATTEMPTS` times; another 4xx, or an address refused by the public-address rule, ends the tries at once
 (said on stderr). The receiver may be on a private network only with ``--allow-private-urls``.
 """
@@ -44,12 +45,15 @@ class WebhookSender:
         self._drained: list[Callable[[], None]] = []
         self.sent: list[tuple[str, int]] = []  # (event, HTTP status) of each delivered POST
 
-    def offer(self, event: str, render: Callable[[], dict[str, Any]]) -> bool:
-        """Queue ``event`` with the prediction as ``render()`` gives it now, unless filtered out or throttled.
+    def offer(self, event: str, render: Callable[[], dict[str, Any]], *, force: bool = False) -> bool:
+        """Queue ``event`` with the prediction as ``render()`` gives it now, unless filtered out or throttled
+        (``force``: not throttled; the finished video's ``output``, which a segment's may have just preceded).
         Returns whether it was queued."""
         if event not in self.events or self._task.done():
             return False
-        if event in THROTTLED:
+        if event in THROTTLED and force:
+            self._last[event] = time.monotonic()
+        elif event in THROTTLED:
             now = time.monotonic()
             if now - self._last.get(event, -THROTTLE_S) < THROTTLE_S:
                 return False
