@@ -3,14 +3,21 @@
 Portrait (upload or webcam), speech (upload or microphone), the options a person needs (built from
 :class:`~sonic_rt.AnimateOptions`' field metadata, same defaults), a progress bar fed by the job's progress events
 (windows done of steps x windows, seconds of video written, ETA), the queue position while the job waits, a cancel
-button, the video (plays in the page, downloadable), and a gallery of this server's recent results. gradio's own API
-endpoint ``/animate`` (``gradio_client``) is this page's Generate button. A job made here is a prediction like any
+button, a live player that starts with the first finished seconds and keeps playing while the rest is made, the
+finished video beside it (downloadable), and a gallery of this server's recent results. gradio's own API endpoint
+``/animate`` (``gradio_client``) runs the same job and returns the mp4. A job made here is a prediction like any
 other: it has an id, a record, the same limits and the same one-line errors.
+
+The live player is gradio's streaming video player (``gr.Video(streaming=True)``: hls.js where the browser has Media
+Source Extensions) pointed at the job's own HLS stream (:mod:`sonic_rt.serving.live`), the stream API clients get:
+the runtime writes it in-process with PyAV, so no segment is re-encoded, copied or held in memory for the page, and
+no ``ffmpeg`` program is needed (gradio's chunk-by-chunk streaming runs ``ffmpeg``/``ffprobe`` on every chunk).
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import shutil
 import subprocess
@@ -144,8 +151,17 @@ def build_page(jobs, *, demo: bool, max_upload_mb: float = 50.0, examples_dir: P
                     generate = gr.Button("Generate", variant="primary", elem_id="generate")
                     cancel = gr.Button("Cancel", variant="stop", elem_id="cancel")
             with gr.Column():
+                live = gr.Video(
+                    label="Live: plays while the video is made",
+                    elem_id="live",
+                    streaming=True,  # gradio's HLS player; its value is set to the job's playlist (see page_handler)
+                    autoplay=True,
+                    buttons=[],
+                    interactive=False,
+                    visible=False,
+                )
                 video = gr.Video(
-                    label="Result", elem_id="result", autoplay=True, buttons=["download"], interactive=False
+                    label="Result", elem_id="result", autoplay=False, buttons=["download"], interactive=False
                 )
                 gallery = gr.Gallery(
                     label="Recent results of this server", columns=3, elem_id="gallery", interactive=False
@@ -154,9 +170,21 @@ def build_page(jobs, *, demo: bool, max_upload_mb: float = 50.0, examples_dir: P
             gr.Examples(examples=examples, inputs=[portrait, speech], label="Example (click, then Generate)")
 
         names = list(widgets)
+        inputs = [portrait, speech, *widgets.values()]
         job = generate.click(
+            page_handler(gr, jobs, names),
+            inputs=inputs,
+            outputs=[live, video],
+            api_name="generate",
+            api_visibility="private",
+            concurrency_limit=concurrency,
+            concurrency_id="sonic",
+        )
+        # gradio's API endpoint /animate: the same job, the mp4 only (the live player is for the page)
+        api = gr.Button(visible=False, elem_id="api-animate")
+        api.click(
             animate_handler(gr, jobs, names),
-            inputs=[portrait, speech, *widgets.values()],
+            inputs=inputs,
             outputs=video,
             api_name="animate",
             concurrency_limit=concurrency,
@@ -164,7 +192,14 @@ def build_page(jobs, *, demo: bool, max_upload_mb: float = 50.0, examples_dir: P
         )
         recent = lambda: jobs.recent_outputs(GALLERY_SIZE)
         job.then(recent, None, gallery, api_visibility="private", queue=False)
-        cancel.click(None, None, None, cancels=[job], api_visibility="private", queue=False)
+        cancel.click(
+            lambda: gr.update(value=None, visible=False),
+            None,
+            live,
+            cancels=[job],
+            api_visibility="private",
+            queue=False,
+        )
 
         def on_load():
             model = jobs.runner.describe()
@@ -182,12 +217,10 @@ def build_page(jobs, *, demo: bool, max_upload_mb: float = 50.0, examples_dir: P
     return blocks, theme, CSS
 
 
-def animate_handler(gr, jobs, names: list[str]):
-    """The page's and gradio API's job function: the portrait, the speech and the option values (in ``names``
-    order) in, the mp4 path out. It creates a prediction, follows its events into gradio's progress bar, and
-    cancels it when gradio cancels the event. Bad input becomes a one-line ``gr.Error``."""
-    import inspect
-
+def _job_runner(gr, jobs, names: list[str]):
+    """``(submit, follow, defaults)``: create the prediction from the page's values, and follow its events into gradio's
+    progress bar, yielding the live playlist's URL once its first segment is finished and raising the one-line
+    ``gr.Error`` of a job that did not succeed; ``follow`` cancels the prediction when gradio cancels the event."""
     from ..pipeline.options import AnimateOptions
     from .inputs import BadInput, parse_input
     from .jobs import NewPrediction, QueueFull, Unavailable
@@ -195,8 +228,7 @@ def animate_handler(gr, jobs, names: list[str]):
 
     defaults = AnimateOptions()
 
-    async def animate(image, audio, *values):
-        *values, progress = values  # gradio passes the Progress last (see the signature below)
+    async def submit(image, audio, values, request):
         if not image:
             raise gr.Error("upload a portrait (or take one with the webcam)", print_exception=False)
         if not audio:
@@ -211,6 +243,8 @@ def animate_handler(gr, jobs, names: list[str]):
             if isinstance(default, float) and value is not None:
                 value = float(value)
             raw[name] = value
+        # links (the live stream's, the output's) on the address this browser reached the page at
+        base_url = str(request.request.base_url) if request is not None and request.request is not None else ""
         try:
             parsed = parse_input(
                 raw,
@@ -218,10 +252,12 @@ def animate_handler(gr, jobs, names: list[str]):
                 max_file_bytes=jobs.settings.max_upload_bytes,
                 uploads={"image": Path(image), "audio": Path(audio)},
             )
-            pred, _ = await jobs.create(NewPrediction(id=None, parsed=parsed))
+            pred, _ = await jobs.create(NewPrediction(id=None, parsed=parsed, base_url=base_url))
         except (BadInput, QueueFull, Unavailable) as exc:
             raise gr.Error(str(exc), print_exception=False) from None
-        steps = parsed.options.get("steps", defaults.steps)
+        return pred, parsed.options.get("steps", defaults.steps)
+
+    async def follow(pred, steps, progress):
         try:
             async for event, data in jobs.events(pred.id):
                 if event == "start":
@@ -234,26 +270,74 @@ def animate_handler(gr, jobs, names: list[str]):
                     video = f", {data['video_seconds']:.1f} s of video written" if data.get("video_seconds") else ""
                     eta = f", ETA {data['eta_seconds']:.0f} s" if data.get("eta_seconds") is not None else ""
                     progress((min(done, total), total), desc=f"step {step}/{steps}{video}{eta}", unit="windows")
+                elif event == "output" and data.get("kind") == "segment" and data["index"] == 0:
+                    yield data["playlist"]
         except asyncio.CancelledError:
             await jobs.cancel(pred.id)  # gradio's Cancel: the job stops after its current UNet call
             raise
         final = jobs.get(pred.id)
         if final.status != SUCCEEDED:
             raise gr.Error(final.error or final.status, print_exception=False)
-        return str(jobs.output_path(final))
 
-    # The API's parameter names and defaults: the option names (gradio reads the signature).
-    params = [
-        inspect.Parameter("image", inspect.Parameter.POSITIONAL_OR_KEYWORD),
-        inspect.Parameter("audio", inspect.Parameter.POSITIONAL_OR_KEYWORD),
-    ]
-    params += [
-        inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=getattr(defaults, name))
-        for name in names
-    ]
-    params.append(inspect.Parameter("progress", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=gr.Progress()))
-    animate.__signature__ = inspect.Signature(params)
+    return submit, follow, defaults
+
+
+def _signature(gr, names: list[str], defaults) -> inspect.Signature:
+    """The handlers' parameters as gradio reads them: the files, the options by name with their defaults (the API's
+    parameter names), the request and gradio's progress."""
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    params = [inspect.Parameter("image", kind), inspect.Parameter("audio", kind)]
+    params += [inspect.Parameter(name, kind, default=getattr(defaults, name)) for name in names]
+    params.append(inspect.Parameter("request", kind, default=None, annotation=gr.Request))
+    params.append(inspect.Parameter("progress", kind, default=gr.Progress()))
+    return inspect.Signature(params)
+
+
+def animate_handler(gr, jobs, names: list[str]):
+    """gradio's API endpoint ``/animate``: the portrait, the speech and the option values (in ``names`` order) in,
+    the mp4 path out. It creates a prediction, follows its events into gradio's progress bar, and cancels it when
+    gradio cancels the event. Bad input becomes a one-line ``gr.Error``."""
+    submit, follow, defaults = _job_runner(gr, jobs, names)
+
+    async def animate(image, audio, *values):
+        *values, request, progress = values  # gradio passes the request and the progress last (the signature)
+        pred, steps = await submit(image, audio, values, request)
+        async for _playlist in follow(pred, steps, progress):
+            pass
+        return str(jobs.output_path(jobs.get(pred.id)))
+
+    animate.__signature__ = _signature(gr, names, defaults)
+    animate.__annotations__ = {"request": gr.Request}  # gradio finds the request parameter by its type hint
     return animate
+
+
+def page_handler(gr, jobs, names: list[str]):
+    """The page's Generate button: as :func:`animate_handler`, but a generator of ``(live, result)`` updates: the
+    live player is cleared, then shown playing the job's HLS playlist (:mod:`sonic_rt.serving.live`) as soon as its
+    first segment is finished, and the mp4 goes to the result at the end (the live player stays, so whoever is
+    watching it is not cut off). A job that fails or is canceled takes the live player away with its segments."""
+    from gradio.data_classes import FileData
+
+    submit, follow, defaults = _job_runner(gr, jobs, names)
+
+    async def generate(image, audio, *values):
+        *values, request, progress = values
+        hidden = gr.update(value=None, visible=False)
+        yield hidden, None
+        pred, steps = await submit(image, audio, values, request)
+        try:
+            async for playlist in follow(pred, steps, progress):
+                # gradio's streaming player takes a stream as a FileData marked is_stream: it plays its url with hls.js
+                stream = FileData(path=playlist, url=playlist, is_stream=True, orig_name="live.m3u8")
+                yield gr.update(value=stream, visible=True), gr.update()
+        except gr.Error:
+            yield hidden, gr.update()
+            raise
+        yield gr.update(), str(jobs.output_path(jobs.get(pred.id)))
+
+    generate.__signature__ = _signature(gr, names, defaults)
+    generate.__annotations__ = {"request": gr.Request}  # gradio finds the request parameter by its type hint
+    return generate  # not named "animate": gradio names an event after its function, and /animate is the API's
 
 
 def _portrait_preprocess(component):
@@ -269,4 +353,12 @@ def _portrait_preprocess(component):
     return preprocess
 
 
-__all__ = ["build_page", "animate_handler", "import_gradio", "write_examples", "limits_text", "UI_OPTIONS"]
+__all__ = [
+    "build_page",
+    "animate_handler",
+    "page_handler",
+    "import_gradio",
+    "write_examples",
+    "limits_text",
+    "UI_OPTIONS",
+]
