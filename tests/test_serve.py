@@ -292,6 +292,7 @@ def test_browser_generates_and_plays(server, portrait, speech, tmp_path):
         driver.get(server.url)
         wait = WebDriverWait(driver, 60)
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#portrait input[type=file]"))
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#speech input[type=file]"))
         assert "RANDOM" in driver.find_element(By.ID, "demo-banner").text
         driver.find_element(By.CSS_SELECTOR, "#portrait input[type=file]").send_keys(str(portrait))
         driver.find_element(By.CSS_SELECTOR, "#speech input[type=file]").send_keys(str(speech))
