@@ -154,6 +154,8 @@ def test_each_segment_is_announced_once_finished_with_its_seconds_and_served_wit
         events = sse(f"{api.url}/predictions", {"input": inputs(portrait, speech)})
         segments = []
         for event, data in events:
+            if event == "start":
+                pred_id = data["id"]
             if event == "output" and data["kind"] == "segment":
                 segments.append(data)
                 break
@@ -161,7 +163,6 @@ def test_each_segment_is_announced_once_finished_with_its_seconds_and_served_wit
         first = segments[0]
         assert (first["index"], first["start_seconds"], first["end_seconds"]) == (0, 0.0, 2.0)
         assert first["chunk"].endswith("/0.mp4") and first["playlist"].endswith("/live.m3u8")
-        pred_id = next(iter(api.jobs._live))
         polled = requests.get(f"{api.url}/predictions/{pred_id}", timeout=10).json()
         assert polled["status"] == "processing" and polled["output"] is None
         assert polled["stream"] == {

@@ -4,7 +4,8 @@ process.
 A job runs ``Runtime.animate`` on a worker thread (the runtime serialises its calls with its own lock); its
 ``events`` callback forwards progress to the event loop and, once the job is cancelled, raises
 :class:`Cancelled`, which stops the runtime at its next window (after the current UNet call). The runtime writes
-the mp4 under a temporary name and renames it only at the end, so a stopped job leaves no file.
+the mp4 under a temporary name and renames it only at the end, so a stopped job leaves no file; the live HLS stream
+it writes meanwhile (``job.options.hls``) is removed by the runtime when it stops, and its folder by the job layer.
 """
 
 from __future__ import annotations
