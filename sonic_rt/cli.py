@@ -58,10 +58,14 @@ def _add_animate(sub) -> None:
     )
     p.add_argument(
         "--compile",
-        action="store_true",
-        help="run the UNet under torch.compile: each shape compiles once (about 2 minutes on a 2-core "
-        "CPU, seconds when cached on disk), then UNet calls are about 1.3x faster on CPU; frames "
-        "differ from eager ones by fp32 rounding (within 2 uint8 levels). Off by default",
+        nargs="?",
+        const="on",
+        default="auto",
+        choices=("auto", "on", "off"),
+        help="torch.compile of the UNet. auto (default): shapes already compiled in the on-disk cache run "
+        "compiled, others uncompiled; on (--compile alone): compile each new shape once (minutes on a 2-core "
+        "CPU the first time, then loaded from the cache); off: never. Compiled frames differ from uncompiled "
+        "ones by fp32 rounding (within 2 uint8 levels)",
     )
     p.add_argument(
         "--low-memory",

@@ -194,7 +194,7 @@ def test_stage_timer_orders_stages_by_the_pipeline():
     assert STAGES[0] == "preprocess" and STAGES[-1] == "total"
 
 
-def test_dtype_names_come_from_precision_and_bf16_without_native_support_is_said_to_be_slow(monkeypatch, capsys):
+def test_dtype_names_come_from_precision_and_a_half_dtype_slower_than_fp32_on_this_cpu_runs_fp32(monkeypatch, capsys):
     import torch
 
     from sonic_rt.errors import InputError
@@ -202,15 +202,27 @@ def test_dtype_names_come_from_precision_and_bf16_without_native_support_is_said
 
     cpu = torch.device("cpu")
     assert components.default_dtype(None, cpu) is torch.float32
-    assert components.default_dtype("float16", cpu) is torch.float16
     with pytest.raises(InputError, match="unknown dtype 'fp8'"):
         components.default_dtype("fp8", cpu)
-    monkeypatch.setattr(components, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(components, "cpu_speedup_over_fp32", lambda dtype: 0.25)
+    assert components.default_dtype("bf16", cpu) is torch.float32
+    assert components.default_dtype("float16", cpu) is torch.float32
+    err = capsys.readouterr().err
+    assert "bf16 is 4.0x slower than fp32 on this CPU" in err and "running fp32 instead" in err
+    assert "fp16 is 4.0x slower" in err
+    monkeypatch.setattr(components, "cpu_speedup_over_fp32", lambda dtype: 2.0)
     assert components.default_dtype("bf16", cpu) is torch.bfloat16
-    assert "no native bf16" in capsys.readouterr().err
-    monkeypatch.setattr(components, "cpu_has_native_bf16", lambda: True)
-    components.default_dtype("bf16", cpu)
     assert capsys.readouterr().err == ""
+
+
+def test_the_half_precision_probe_measures_a_positive_speed_ratio_once_per_process():
+    import torch
+
+    from sonic_rt.pipeline.components import cpu_speedup_over_fp32
+
+    ratio = cpu_speedup_over_fp32(torch.bfloat16)
+    assert 0 < ratio < float("inf")
+    assert cpu_speedup_over_fp32(torch.bfloat16) == ratio  # cached: measured once
 
 
 def test_the_readme_options_table_is_generated_from_animate_options():
