@@ -34,8 +34,11 @@ import enum
 import hashlib
 import json
 import os
+import shlex
 import shutil
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -46,6 +49,7 @@ from torch import nn
 
 ENV_CACHE = "TORCHINDUCTOR_CACHE_DIR"  # inductor's own variable, read when it compiles
 INDEX_NAME = "sonic_rt-compiled.json"  # in cache_dir(): the input shapes whose compiled code the cache holds
+WARM_LOG = "sonic_rt-warm.log"  # in cache_dir(): what the last background warm-up printed
 _SAID_UNCOMPILED: set[str] = set()  # index keys whose "running uncompiled" notice this process has given
 
 
@@ -138,6 +142,12 @@ class CompiledCall:
         self.uncompiled: set[tuple] = set()
         self._lock = threading.Lock()
 
+    def recheck_cache(self) -> None:
+        """Look in the cache's index again for the shapes that ran uncompiled (``AUTO``): called at the start of
+        each ``animate``, so a cache warmed meanwhile (``serve`` warms it in the background) is used from the next
+        video on, never half-way through one."""
+        self.uncompiled.clear()
+
     def __call__(self, *args: torch.Tensor) -> Any:
         key = tuple((tuple(a.shape), str(a.dtype)) if isinstance(a, torch.Tensor) else a for a in args)
         if key in self.seconds:
@@ -212,6 +222,48 @@ def record(key: str, what: str, shape: str, seconds: float) -> None:
     tmp = path.with_name(f".{INDEX_NAME}.{os.getpid()}.{threading.get_ident()}")
     tmp.write_text(json.dumps(index, indent=1))
     os.replace(tmp, path)
+
+
+def warm_in_background(
+    model_dir: str | os.PathLike, min_resolution: int, device: str | None = None, dtype: str | None = None
+) -> subprocess.Popen:
+    """Fill the on-disk cache for the UNet shape of a square video of ``min_resolution`` pixels, in a separate
+    low-priority process, so that ``AUTO`` runtimes (a server's) run that shape compiled from their next video on.
+
+    The child is this package's own CLI: one 1-step ``animate --compile on`` of a grey 2 s still with a given
+    face box and 1 s of silence (the same UNet input shape as any square-cropped job at that resolution), its
+    video discarded. It shares nothing with the caller but the cache; its stderr goes to :data:`WARM_LOG` in the
+    cache directory, and its temporary directory is removed when it ends.
+
+    Returns:
+        the child process (``poll()`` / ``wait()``; exit status 0 when the cache holds the shape).
+    """
+    import numpy as np
+    from PIL import Image
+
+    from .media import write_wav
+
+    work = Path(tempfile.mkdtemp(prefix="sonic_rt_warm_"))
+    side = int(min_resolution)
+    Image.fromarray(np.full((side, side, 3), 128, np.uint8)).save(work / "still.png")
+    write_wav(work / "silence.wav", np.zeros(16_000, np.float32), 16_000)
+    box = f"{side // 4},{side // 4},{side // 2},{side // 2}"
+    command = [
+        sys.executable, "-m", "sonic_rt", "animate", "--model", str(model_dir), "--compile", "on",
+        "--image", str(work / "still.png"), "--audio", str(work / "silence.wav"), "--face-box", box,
+        "--min-resolution", str(side), "--steps", "1", "--no-interpolate", "--quiet", "--out", str(work / "warm.mp4"),
+    ]  # fmt: skip
+    command += ["--device", device] if device else []
+    command += ["--dtype", dtype] if dtype else []
+    log = cache_dir() / WARM_LOG
+    log.parent.mkdir(parents=True, exist_ok=True)
+    script = f"{shlex.join(command)} 2> {shlex.quote(str(log))}; s=$?; rm -rf {shlex.quote(str(work))}; exit $s"
+    return subprocess.Popen(
+        ["nice", "-n", "10", "sh", "-c", script],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        env={**os.environ, ENV_CACHE: str(cache_dir())},
+    )
 
 
 def compile_module(

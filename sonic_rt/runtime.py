@@ -248,6 +248,9 @@ class Runtime:
         """
         options = AnimateOptions.resolve(options, overrides, "animate()")
         with self._lock:
+            recheck = getattr(self.components.graphs.unet.call, "recheck_cache", None)  # compile="auto"
+            if recheck is not None:
+                recheck()  # a compile cache warmed meanwhile is used from this video on
             return self._animate(image, audio, out, options, latents, events)
 
     def _animate(self, image, audio, out, options: AnimateOptions, latents, events) -> AnimateResult:

@@ -101,3 +101,18 @@ def test_compiled_artefacts_go_to_a_lasting_cache_unless_the_user_chose_one(tmp_
     assert compiling.cache_dir() == tmp_path / "sonic_rt" / "inductor"
     monkeypatch.setenv(compiling.ENV_CACHE, str(tmp_path / "mine"))
     assert compiling.cache_dir() == tmp_path / "mine"
+
+
+@pytest.mark.slow
+def test_the_background_warm_up_compiles_the_same_shape_a_square_job_runs(
+    demo_dir, compile_cache, compiled_frames, monkeypatch
+):
+    if "on" not in compiled_frames:
+        pytest.skip("needs the compile test before it (its cache)")
+    monkeypatch.setenv(compiling.ENV_CACHE, str(compile_cache))  # holds the shape the compile test's job ran
+    before = compiling.read_index()
+    child = compiling.warm_in_background(demo_dir, 128)
+    assert child.wait(timeout=600) == 0
+    log = (compile_cache / compiling.WARM_LOG).read_text()
+    assert "loading the compiled UNet for input 3x25x8x16x16 from the cache" in log  # the same index key
+    assert compiling.read_index().keys() == before.keys()
