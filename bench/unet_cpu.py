@@ -196,7 +196,6 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
         "date": utc_now(),
         "command": command,
         "machine": machine_info(device),
-        "cpu_flags": _cpu_flags(),
         "settings": {
             "model": args.model,
             "block_out_channels": config["block_out_channels"],
@@ -214,15 +213,6 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
         "reference_max_abs_v": float(reference_v.abs().max()),
         "variants": results,
     }
-
-
-def _cpu_flags() -> list[str]:
-    """The matrix / vector extension flags of this CPU (what decides bf16's speed), from /proc/cpuinfo."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return []
-    return sorted({f for f in flags if f.startswith(("amx", "avx512_bf16", "avx512_fp16", "avx512f", "avx2"))})
 
 
 def format_markdown(report: dict[str, Any]) -> str:
@@ -247,7 +237,7 @@ def format_markdown(report: dict[str, Any]) -> str:
             f"- date: {report['date']}",
             f"- command: `{report['command']}`",
             f"- machine: {report['machine']['cpu']}, {report['machine']['torch_threads']} threads, torch "
-            f"{report['machine']['torch']}; flags {' '.join(report['cpu_flags'])}",
+            f"{report['machine']['torch']}; flags {' '.join(report['machine']['cpu_flags'])}",
             f"- model: UNet {s['block_out_channels']} ({s['params'] / 1e6:,.0f} M parameters), {s['resolution']}x"
             f"{s['resolution']}, {s['batch']} CFG rows x {s['frames']} frames; default attention "
             f"`{s['default_attention']}`",
