@@ -37,10 +37,12 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 from ..errors import SonicError
-from .jobs import JobResult, JobSpec, Settings, one_line
+
+if TYPE_CHECKING:
+    from .jobs import JobResult, JobSpec, Settings
 
 MODEL_APP, MODEL_DEPLOYMENT = "sonic-model", "SonicModel"
 API_APP, INGRESS_DEPLOYMENT = "sonic", "SonicIngress"
@@ -154,6 +156,8 @@ class SonicModel:
             ``("failed", {"error": one line})`` for bad input. A cancelled request stops the runtime after its
             current UNet call and leaves no file.
         """
+        from .jobs import JobSpec, one_line
+
         out = Path(request["out"])
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="sonic_rt-job-") as folder:
@@ -293,6 +297,8 @@ class RayRunner:
     async def _attempt(self, request: dict, attempt: int, report: Callable[[str, dict], None]) -> JobResult:
         from ray.exceptions import RayActorError, RayTaskError
         from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
+
+        from .jobs import JobResult
 
         waited = 0.0
         while True:
@@ -524,6 +530,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """``serve --ray``: connect to (or start) the cluster, deploy, serve until interrupted, then remove the
     applications."""
+    from .jobs import Settings
     from .security import check_bind
     from .server import API_KEY_ENV, default_workdir
 
