@@ -97,7 +97,7 @@ def read_jobs(path: str | Path) -> tuple[list[BatchJob], list[dict[str, Any]]]:
         if not raw.strip():
             continue
         try:
-            job = _parse_line(number, raw, path.parent)
+            job = _parse_line(number, raw, path.resolve().parent)
             if job.output in seen:
                 raise ValueError(f"output {job.output!r} is also an earlier line's")
             seen.add(job.output)
@@ -237,7 +237,7 @@ def run_batch(
     """
     from tqdm import tqdm
 
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).resolve()  # absolute: workers on Ray may run elsewhere
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs, records = read_jobs(jobs_file)
     summary = Summary(failed=len(records), results=out_dir / RESULTS)
@@ -373,7 +373,9 @@ def run(args: argparse.Namespace) -> int:
         raise SonicError("--workers must be at least 1")
     if args.model is not None and not Path(args.model).is_dir():
         raise SonicError("not a directory (give an official-layout checkpoint folder)", args.model)
-    load = RuntimeLoader(str(args.model) if args.model else None, args.demo, args.device, args.dtype, args.trust_pickle)
+    load = RuntimeLoader(
+        str(Path(args.model).resolve()) if args.model else None, args.demo, args.device, args.dtype, args.trust_pickle
+    )
     if args.demo:
         print(
             "using the RANDOM-WEIGHT demo checkpoint: the videos check the install, they are not talking faces",

@@ -545,13 +545,13 @@ def run(args: argparse.Namespace) -> int:
     ray.init(address=args.ray or None, log_to_driver=False)
     gpus = ray.cluster_resources().get("GPU", 0)
     nodes = [n for n in ray.nodes() if n.get("Alive")]
-    workdir = Path(args.workdir) if args.workdir is not None else default_workdir()
+    workdir = (Path(args.workdir) if args.workdir is not None else default_workdir()).resolve()
     if args.outputs is None and len(nodes) > 1:
         raise SonicError(
             f"this cluster has {len(nodes)} nodes: give --outputs DIR on storage every node reaches "
             "(docs/serve.md 'Many GPUs and machines')"
         )
-    outputs = Path(args.outputs) if args.outputs is not None else workdir / "outputs"
+    outputs = Path(args.outputs).resolve() if args.outputs is not None else workdir / "outputs"
     options = ClusterOptions(
         replicas=args.replicas,
         num_gpus=args.num_gpus if args.num_gpus is not None else (1.0 if gpus else 0.0),
@@ -572,7 +572,9 @@ def run(args: argparse.Namespace) -> int:
     )
     workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
     outputs.mkdir(parents=True, exist_ok=True)
-    load = RuntimeLoader(str(args.model) if args.model else None, args.demo, args.device, args.dtype, args.trust_pickle)
+    load = RuntimeLoader(
+        str(Path(args.model).resolve()) if args.model else None, args.demo, args.device, args.dtype, args.trust_pickle
+    )
     layout = f"autoscaling {json.dumps(options.autoscaling)}" if options.autoscaling else f"{options.replicas}"
     print(
         f"sonic_rt serve --ray: {len(nodes)} node(s), {gpus:g} GPU(s); loading the model on {layout} replica(s) "
