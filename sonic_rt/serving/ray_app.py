@@ -234,7 +234,8 @@ class RayRunner:
         retry_backoff_s: seconds before the second attempt, doubled before each next one.
 
     A job is sent again when Ray says its replica is gone (``RayActorError``: ``ActorDiedError``,
-    ``ActorUnavailableError``) or the deployment has no replica to take it (``DeploymentUnavailableError``).
+    ``ActorUnavailableError``; ``WorkerCrashedError``, ``NodeDiedError``, ``OutOfMemoryError``, ``ObjectLostError``)
+    or the deployment has no replica to take it (``DeploymentUnavailableError``).
     Backpressure (``BackPressureError``) is not an attempt: the job waits and is sent again. Bad input (the
     replica's ``failed`` event) fails the job with the runtime's one line; another error in the replica ends it as
     that error.
@@ -295,7 +296,14 @@ class RayRunner:
                 await asyncio.to_thread(shutil.rmtree, folder, True)
 
     async def _attempt(self, request: dict, attempt: int, report: Callable[[str, dict], None]) -> JobResult:
-        from ray.exceptions import RayActorError, RayTaskError
+        from ray.exceptions import (
+            NodeDiedError,
+            ObjectLostError,
+            OutOfMemoryError,
+            RayActorError,
+            RayTaskError,
+            WorkerCrashedError,
+        )
         from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
 
         from .jobs import JobResult
@@ -328,7 +336,9 @@ class RayRunner:
                 await asyncio.sleep(delay)
             except DeploymentUnavailableError:
                 raise _Lost(f"the model deployment {MODEL_APP!r} is not running (stopped or failed)") from None
-            except (RayActorError, RequestCancelledError) as exc:
+            except (RayActorError, WorkerCrashedError, NodeDiedError, OutOfMemoryError, ObjectLostError) as exc:
+                raise _Lost(f"{replica} stopped: {_last_line(exc)}") from None
+            except RequestCancelledError as exc:  # not by us (that is a CancelledError here): Serve dropped it
                 raise _Lost(f"{replica} stopped: {_last_line(exc)}") from None
             except RayTaskError as exc:
                 cause = exc.cause if isinstance(exc.cause, BaseException) else None
