@@ -366,3 +366,19 @@ def test_stopping_the_model_deployment_fails_its_jobs_after_max_attempts_and_the
     assert requests.get(f"{api.url}/predictions/twelve0", timeout=10).json()["status"] == "succeeded"
     assert not api.partial_files()
     assert os.path.isdir(api.outputs)
+
+
+def test_autoscaling_settings_go_to_serve_as_given_and_replace_the_fixed_count():
+    from ray import serve
+
+    from sonic_rt.serving.ray_app import SonicModel
+
+    autoscaling = {"min_replicas": 1, "max_replicas": 6, "target_ongoing_requests": 1}
+    options = ClusterOptions(replicas=2, num_gpus=1, autoscaling=autoscaling)
+    kwargs = options.model_deployment()
+    assert "num_replicas" not in kwargs and options.max_replicas == 6
+    config = serve.deployment(**kwargs)(SonicModel)._deployment_config  # Serve's own validation of the settings
+    assert (config.autoscaling_config.min_replicas, config.autoscaling_config.max_replicas) == (1, 6)
+    assert config.max_ongoing_requests == 1
+    fixed = serve.deployment(**ClusterOptions(replicas=3).model_deployment())(SonicModel)
+    assert fixed.num_replicas == 3 and fixed.ray_actor_options == {"num_cpus": 1.0, "num_gpus": 0.0}
