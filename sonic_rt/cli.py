@@ -1,4 +1,4 @@
-"""Command line: ``python -m sonic_rt {animate,demo-model,convert,serve}`` (also installed as ``sonic-rt``).
+"""Command line: ``python -m sonic_rt {animate,demo-model,convert,download,serve,batch}`` (also installed as ``sonic-rt``).
 
 Bad input ends with a one-line ``error: <file>: <problem>`` on stderr and exit code 2; Ctrl-C exits 130
 and leaves no partial output.
@@ -149,7 +149,8 @@ def options_from_args(args: argparse.Namespace):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``sonic-rt`` argument parser (``animate``, ``demo-model``, ``convert``, ``serve``)."""
+    """The ``sonic-rt`` argument parser (``animate``, ``demo-model``, ``convert``, ``download``, ``serve``,
+    ``batch``)."""
     parser = argparse.ArgumentParser(
         prog="sonic-rt", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -167,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .serving.server import add_parser as add_serve  # the predictions API and web page (sonic_rt/serving/)
 
     add_serve(sub)
+    from .serving.batch import add_parser as add_batch  # many videos from a jobs file, here or on Ray
+
+    add_batch(sub)
     return parser
 
 
@@ -207,6 +211,10 @@ def main(argv: list[str] | None = None) -> int:
             from .serving.server import run as serve
 
             return serve(args)
+        if args.command == "batch":
+            from .serving.batch import run as batch
+
+            return batch(args)
         return _animate(args)
     except SonicError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -92,3 +92,15 @@ def engine_dir(demo_dir, tmp_path_factory) -> Path:
     options = BuildOptions(shapes=ShapeOptions(resolution=DimRange(128, 128, 256), windows=DimRange(1, 1, 2)))
     build_engines(demo_dir, out, options, log=lambda _: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray cluster, started once per session (tests/test_ray_serve.py, tests/test_batch.py): 8 logical
+    CPUs on this machine's cores and 2 logical GPUs, so that GPU placement is checked without a GPU (Ray's
+    resources are logical; a replica given a GPU here still runs the runtime on the CPU)."""
+    ray = pytest.importorskip("ray", reason="ray is not installed (pip install -e '.[cluster]')")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(num_cpus=8, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -95,7 +95,10 @@ class Runner(Protocol):
 
     ``run`` reports progress by calling ``report(kind, info)`` on the event loop: ``("plan", {"windows_total"})``
     once, then the runtime's own events (``Runtime.animate``'s ``events``: ``("window", {"step", "index"})``,
-    ``("frames", {"generated", "written", "video_seconds", "elapsed_seconds"})``, ``("memory", {...})``).
+    ``("frames", {"generated", "written", "video_seconds", "elapsed_seconds"})``, ``("memory", {...})``). A runner
+    that runs a job on another process may also report ``("log", {"line"})`` (a line for the prediction's logs) and
+    ``("retry", {"reason"})`` before it runs the job again from the start (its worker died): the prediction's
+    ``attempts`` goes up by one and its progress starts over.
     Cancelling the task that awaits ``run`` must stop the job (after at most the current UNet call) and leave no
     file at ``job.out``; ``run`` then raises ``asyncio.CancelledError``. Bad input raises
     :class:`~sonic_rt.SonicError` (its one line becomes the prediction's ``error``).
@@ -214,6 +217,8 @@ class Jobs:
         runner: what runs a job.
         workdir: the work directory (``jobs.sqlite``, ``outputs/``, ``inputs/``); one server per directory.
         settings: limits and policies.
+        outputs: where the output files go (None: ``workdir/outputs``); on a Ray cluster a directory every node
+            can reach.
 
     Records a previous server left ``starting`` or ``processing`` are marked ``failed`` (:data:`LOST_REASON`) when
     this one opens the directory. Call :meth:`start` on the event loop before use and :meth:`close` at the end.
@@ -222,15 +227,23 @@ class Jobs:
         SonicError: the work directory is used by another server.
     """
 
-    def __init__(self, runner: Runner, workdir: str | Path, settings: Settings | None = None):
+    def __init__(
+        self,
+        runner: Runner,
+        workdir: str | Path,
+        settings: Settings | None = None,
+        *,
+        outputs: str | Path | None = None,
+    ):
         self.runner, self.settings = runner, settings or Settings()
         self.workdir = Path(workdir)
-        self.outputs, self.inputs = self.workdir / "outputs", self.workdir / "inputs"
+        self.outputs = Path(outputs) if outputs is not None else self.workdir / "outputs"
+        self.inputs = self.workdir / "inputs"
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.store = JobStore(self.workdir / "jobs.sqlite")
         self.lost = self.store.fail_unfinished(LOST_REASON)
         shutil.rmtree(self.inputs, ignore_errors=True)  # the inputs of the jobs a previous server lost
-        self.outputs.mkdir(exist_ok=True)
+        self.outputs.mkdir(parents=True, exist_ok=True)
         self.inputs.mkdir(exist_ok=True)
         self.setup_info: dict[str, Any] = {"started_at": None, "completed_at": None, "status": STARTING, "logs": ""}
         self.running = self.done = self.waiting = 0
@@ -574,6 +587,15 @@ class Jobs:
             self._log(live, f"{progress['video_seconds']:.2f} s of video written")
         elif kind == "memory":
             self._log(live, f"out of memory: retrying with a smaller batch ({info})")
+            return
+        elif kind == "log":
+            self._log(live, str(info["line"]))
+            return
+        elif kind == "retry":
+            live.pred.attempts += 1
+            live.pred.progress = {}
+            self.store.put(live.pred)
+            self._log(live, f"attempt {live.pred.attempts}: {info['reason']}")
             return
         else:
             return
