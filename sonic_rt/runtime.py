@@ -248,7 +248,8 @@ class Runtime:
         """
         options = AnimateOptions.resolve(options, overrides, "animate()")
         with self._lock:
-            recheck = getattr(self.components.graphs.unet.call, "recheck_cache", None)  # compile="auto"
+            unet_call = getattr(self.components.graphs.unet, "call", None)  # engines have none
+            recheck = getattr(unet_call, "recheck_cache", None)  # compile="auto" only
             if recheck is not None:
                 recheck()  # a compile cache warmed meanwhile is used from this video on
             return self._animate(image, audio, out, options, latents, events)
