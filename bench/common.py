@@ -83,6 +83,16 @@ def cpu_name() -> str:
     return platform.processor()
 
 
+def cpu_flags() -> list[str]:
+    """The CPU's matrix and vector extension flags that decide low-precision speed (``amx_*``, ``avx512_bf16``,
+    ``avx512_fp16``, ``avx512f``, ``avx2``) from /proc/cpuinfo; [] where it cannot be read."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return []
+    return sorted({f for f in flags if f.startswith("amx") or f in ("avx512_bf16", "avx512_fp16", "avx512f", "avx2")})
+
+
 def machine_info(device: torch.device | None = None) -> dict[str, Any]:
     """Machine, library versions, thread counts, git state and load average of this run (``device``: adds the
     GPU's name, memory and CUDA version when it is a CUDA device)."""
@@ -90,6 +100,7 @@ def machine_info(device: torch.device | None = None) -> dict[str, Any]:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "cpu": cpu_name(),
+        "cpu_flags": cpu_flags(),
         "cpu_count": os.cpu_count(),
         "cpus_usable": (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()),
         "torch": torch.__version__,

@@ -8,7 +8,7 @@ per dtype) gives the speed against fp32.
 
 Usage::
 
-    python -m bench.precision                       # demo checkpoint, bf16, 25 steps, 4 s of speech
+    python -m bench.precision                       # structure preset, bf16, 25 steps, 4 s of speech
     python -m bench.precision --preset widths --dtypes bf16,fp16 --seconds 2
     # results: bench/results/precision-<preset>-cpu.{json,md}
 """
@@ -26,21 +26,13 @@ from typing import Sequence
 
 import numpy as np
 
+from bench.common import cpu_flags
 from bench.presets import DEFAULT_CACHE, REPO, SIZES, ensure_inputs, ensure_model, log, speech_of_length
-
-
-def cpu_flags() -> list[str]:
-    """The CPU's bf16-related ISA flags from /proc/cpuinfo (``avx512_bf16``, ``amx_bf16``); [] elsewhere."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    return sorted({f for f in text.split() if f in ("avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16")})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.precision", description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", choices=("demo", "widths"), default="demo")
+    p.add_argument("--preset", choices=("demo", "widths", "structure"), default="structure")
     p.add_argument("--dtypes", default="bf16", help="comma-separated from bf16, fp16 (fp32 is the reference)")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--seconds", type=float, default=4.0, help="audio length in seconds")

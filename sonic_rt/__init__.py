@@ -10,9 +10,24 @@ One portrait photo plus a speech recording in, a lip-synced talking-head video o
 :class:`AnimateOptions` lists every option with its default, unit and source (``AnimateOptions.describe()``).
 """
 
+from typing import TYPE_CHECKING
+
 from .errors import AudioError, CheckpointError, FaceNotFoundError, ImageError, InputError, OutputPathError, SonicError
 from .pipeline.options import AnimateOptions
-from .runtime import AnimateResult, Runtime
+
+if TYPE_CHECKING:
+    from .runtime import AnimateResult, Runtime
+
+
+def __getattr__(name: str):
+    """``Runtime`` and ``AnimateResult`` load torch and the model code (seconds): imported when first used, so
+    ``import sonic_rt``, ``--help`` and the commands that need no model stay fast (PEP 562)."""
+    if name in ("Runtime", "AnimateResult"):
+        from . import runtime
+
+        return getattr(runtime, name)
+    raise AttributeError(f"module 'sonic_rt' has no attribute {name!r}")
+
 
 __all__ = [
     "Runtime",

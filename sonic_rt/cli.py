@@ -1,4 +1,4 @@
-"""Command line: ``python -m sonic_rt {animate,demo-model,convert,serve}`` (also installed as ``sonic-rt``).
+"""Command line: ``python -m sonic_rt {animate,demo-model,convert,download,serve,batch}`` (also installed as ``sonic-rt``).
 
 Bad input ends with a one-line ``error: <file>: <problem>`` on stderr and exit code 2; Ctrl-C exits 130
 and leaves no partial output.
@@ -58,10 +58,14 @@ def _add_animate(sub) -> None:
     )
     p.add_argument(
         "--compile",
-        action="store_true",
-        help="run the UNet under torch.compile: each shape compiles once (about 2 minutes on a 2-core "
-        "CPU, seconds when cached on disk), then UNet calls are about 1.3x faster on CPU; frames "
-        "differ from eager ones by fp32 rounding (within 2 uint8 levels). Off by default",
+        nargs="?",
+        const="on",
+        default="auto",
+        choices=("auto", "on", "off"),
+        help="torch.compile of the UNet. auto (default): shapes already compiled in the on-disk cache run "
+        "compiled, others uncompiled; on (--compile alone): compile each new shape once (minutes on a 2-core "
+        "CPU the first time, then loaded from the cache); off: never. Compiled frames differ from uncompiled "
+        "ones by fp32 rounding (within 2 uint8 levels)",
     )
     p.add_argument(
         "--low-memory",
@@ -145,7 +149,8 @@ def options_from_args(args: argparse.Namespace):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``sonic-rt`` argument parser (``animate``, ``demo-model``, ``convert``, ``serve``)."""
+    """The ``sonic-rt`` argument parser (``animate``, ``demo-model``, ``convert``, ``download``, ``serve``,
+    ``batch``)."""
     parser = argparse.ArgumentParser(
         prog="sonic-rt", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -163,12 +168,31 @@ def build_parser() -> argparse.ArgumentParser:
     from .serving.server import add_parser as add_serve  # the predictions API and web page (sonic_rt/serving/)
 
     add_serve(sub)
+    from .serving.batch import add_parser as add_batch  # many videos from a jobs file, here or on Ray
+
+    add_batch(sub)
     return parser
+
+
+# PyTorch's own switch (c10/core/alloc_cpu.cpp), read once, at its first allocation: large host tensors on 2 MB
+# transparent huge pages. Each large tensor a UNet call makes is otherwise page-faulted in 4 KB pages; on the 2-core
+# CPU this took ~10% of a Sonic-shaped UNet call's CPU time and ~7% of its peak RSS (docs/performance.md).
+THP_ENV = "THP_MEM_ALLOC_ENABLE"
+
+
+def cpu_allocation_defaults() -> None:
+    """Turn on :data:`THP_ENV` for this process unless the user set it, when torch is not imported yet (later it
+    has no effect). The CLI's own choice at its edge; API users set it in their environment."""
+    import os
+
+    if "torch" not in sys.modules:
+        os.environ.setdefault(THP_ENV, "1")
 
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit code (0 ok, 2 bad input or checkpoint, 130 interrupted)."""
     args = build_parser().parse_args(argv)
+    cpu_allocation_defaults()
 
     from .errors import SonicError
 
@@ -187,6 +211,10 @@ def main(argv: list[str] | None = None) -> int:
             from .serving.server import run as serve
 
             return serve(args)
+        if args.command == "batch":
+            from .serving.batch import run as batch
+
+            return batch(args)
         return _animate(args)
     except SonicError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -108,11 +108,12 @@ class Runtime:
         attention: the torch backend's audio-attention implementation (:mod:`sonic_rt.attention`): None/"auto"
             (Triton on CUDA where it can run, else the reason is printed once; sdpa on CPU, which skips zero-mask queries),
             "reference", "sdpa" or "triton". Engines keep standard ops: only None/"auto" is accepted there.
-        compile: run the torch backend's UNet under ``torch.compile`` (:mod:`sonic_rt.compiling`): each input
-            shape compiles once per process (about 2 minutes on a 2-core CPU; seconds from the on-disk cache in a
-            later process), then UNet calls are about 1.3x faster on CPU; CUDA graphs on CUDA. Off by default
-            (see the README's performance section). Where no C++ compiler (CPU) or triton (CUDA) is present it
-            says so and runs uncompiled.
+        compile: when the torch backend's UNet runs under ``torch.compile`` (:mod:`sonic_rt.compiling`):
+            None/"auto" (default): the input shapes whose compiled code is already in the on-disk cache run
+            compiled, the others uncompiled (nothing waits for a compile it did not ask for); True/"on": every new
+            shape compiles once per process (minutes on a 2-core CPU the first time, then loaded from the cache);
+            False/"off": never. CUDA graphs on CUDA. Where no C++ compiler (CPU) or triton (CUDA) is present "on"
+            says so and runs uncompiled. The README's performance section gives the measured trade-off.
         low_memory: aim at 12 GB GPUs at 512x512 (:mod:`sonic_rt.pipeline.memory`): every model but the UNet
             waits in host memory and is moved to the GPU only while it runs (torch backend), one window per
             UNet call, the UNet's feed-forward in chunks of 5 frames (torch backend), 4 frames per VAE decode
@@ -152,7 +153,7 @@ class Runtime:
         providers: list[str] | None = None,
         attention: str | None = None,
         scheduler: SchedulerConfig | None = None,
-        compile: bool = False,
+        compile: bool | str | None = None,
         low_memory: bool = False,
     ):
         if low_memory and scheduler is not None and scheduler.windows_per_call > 1:
@@ -247,6 +248,10 @@ class Runtime:
         """
         options = AnimateOptions.resolve(options, overrides, "animate()")
         with self._lock:
+            unet_call = getattr(self.components.graphs.unet, "call", None)  # engines have none
+            recheck = getattr(unet_call, "recheck_cache", None)  # compile="auto" only
+            if recheck is not None:
+                recheck()  # a compile cache warmed meanwhile is used from this video on
             return self._animate(image, audio, out, options, latents, events)
 
     def _animate(self, image, audio, out, options: AnimateOptions, latents, events) -> AnimateResult:

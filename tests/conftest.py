@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,12 @@ if "TRITON_INTERPRET" not in os.environ:
 
     if not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
+
+
+# torch.compile's on-disk cache (sonic_rt.compiling): the default mode runs compiled the shapes found there, so the
+# tests get an empty cache of their own rather than whatever the user's ~/.cache holds.
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="sonic_rt_tests_inductor_")
+atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -84,3 +92,15 @@ def engine_dir(demo_dir, tmp_path_factory) -> Path:
     options = BuildOptions(shapes=ShapeOptions(resolution=DimRange(128, 128, 256), windows=DimRange(1, 1, 2)))
     build_engines(demo_dir, out, options, log=lambda _: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray cluster, started once per session (tests/test_ray_serve.py, tests/test_batch.py): 8 logical
+    CPUs on this machine's cores and 2 logical GPUs, so that GPU placement is checked without a GPU (Ray's
+    resources are logical; a replica given a GPU here still runs the runtime on the CPU)."""
+    ray = pytest.importorskip("ray", reason="ray is not installed (pip install -e '.[cluster]')")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(num_cpus=8, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

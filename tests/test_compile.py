@@ -1,4 +1,5 @@
-"""Opt-in torch.compile of the UNet: same video within 2 uint8 levels, one compile per shape, clear fallback."""
+"""torch.compile of the UNet: same video within 2 uint8 levels, one compile per shape, clear fallback; the default
+(auto) runs compiled exactly the shapes already in the on-disk cache."""
 
 from __future__ import annotations
 
@@ -16,21 +17,61 @@ def eager_frames(runtime, portrait, speech):
     return runtime.animate(portrait, speech, None, **FAST).frames
 
 
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+    """One inductor cache shared by this module's tests (compiled once by the first, read by the auto test)."""
+    return tmp_path_factory.mktemp("inductor")
+
+
+@pytest.fixture(scope="module")
+def compiled_frames():
+    return {}
+
+
 @pytest.mark.slow
 def test_compiled_unet_gives_the_eager_frames_within_2_levels_and_compiles_each_shape_once(
-    demo_dir, portrait, speech, eager_frames, tmp_path, monkeypatch, capsys
+    demo_dir, portrait, speech, eager_frames, compile_cache, compiled_frames, monkeypatch, capsys
 ):
-    monkeypatch.setenv(compiling.ENV_CACHE, str(tmp_path / "inductor"))
+    monkeypatch.setenv(compiling.ENV_CACHE, str(compile_cache))
     rt = sonic_rt.Runtime(demo_dir, compile=True)
     first = rt.animate(portrait, speech, None, **FAST)
     err = capsys.readouterr().err
     assert err.count("compiling the UNet for input") == 1 and "compiled the UNet in" in err
-    assert any((tmp_path / "inductor").iterdir())  # the on-disk cache was written
+    assert any(compile_cache.iterdir())  # the on-disk cache was written
+    assert len(compiling.read_index()) == 1  # and the shape recorded in its index
     diff = np.abs(first.frames.astype(int) - eager_frames.astype(int))
     assert first.frames.shape == eager_frames.shape and diff.max() <= 2
     again = rt.animate(portrait, speech, None, **FAST)
     assert "compiling" not in capsys.readouterr().err  # same shape: no new compile
     assert np.array_equal(again.frames, first.frames)
+    compiled_frames["on"] = first.frames
+
+
+@pytest.mark.slow
+def test_by_default_a_shape_in_the_cache_runs_compiled_and_any_other_uncompiled(
+    demo_dir, portrait, speech, eager_frames, compile_cache, compiled_frames, tmp_path, monkeypatch, capsys
+):
+    if "on" not in compiled_frames:
+        pytest.skip("needs the compile test before it (its cache)")
+    monkeypatch.setattr(compiling, "_SAID_UNCOMPILED", set())
+    monkeypatch.setenv(compiling.ENV_CACHE, str(tmp_path / "empty"))
+    cold = sonic_rt.Runtime(demo_dir)  # compile=None: auto
+    assert np.array_equal(cold.animate(portrait, speech, None, **FAST).frames, eager_frames)
+    err = capsys.readouterr().err
+    assert err.count("running the UNet uncompiled for input") == 1 and "compiling" not in err
+    monkeypatch.setenv(compiling.ENV_CACHE, str(compile_cache))
+    warm = sonic_rt.Runtime(demo_dir, compile="auto")
+    got = warm.animate(portrait, speech, None, **FAST)
+    err = capsys.readouterr().err
+    assert err.count("loading the compiled UNet for input") == 1 and "uncompiled" not in err
+    assert np.array_equal(got.frames, compiled_frames["on"])  # the cached code, not a new compile of it
+    off = sonic_rt.Runtime(demo_dir, compile="off")
+    assert off.graphs.unet.call is off.graphs.unet.module
+
+
+def test_an_unknown_compile_mode_is_refused(demo_dir):
+    with pytest.raises(sonic_rt.InputError, match="compile must be one of auto, on, off"):
+        sonic_rt.Runtime(demo_dir, compile="sometimes")
 
 
 def test_without_a_compiler_compile_says_so_and_runs_uncompiled(
@@ -60,3 +101,18 @@ def test_compiled_artefacts_go_to_a_lasting_cache_unless_the_user_chose_one(tmp_
     assert compiling.cache_dir() == tmp_path / "sonic_rt" / "inductor"
     monkeypatch.setenv(compiling.ENV_CACHE, str(tmp_path / "mine"))
     assert compiling.cache_dir() == tmp_path / "mine"
+
+
+@pytest.mark.slow
+def test_the_background_warm_up_compiles_the_same_shape_a_square_job_runs(
+    demo_dir, compile_cache, compiled_frames, monkeypatch
+):
+    if "on" not in compiled_frames:
+        pytest.skip("needs the compile test before it (its cache)")
+    monkeypatch.setenv(compiling.ENV_CACHE, str(compile_cache))  # holds the shape the compile test's job ran
+    before = compiling.read_index()
+    child = compiling.warm_in_background(demo_dir, 128)
+    assert child.wait(timeout=600) == 0
+    log = (compile_cache / compiling.WARM_LOG).read_text()
+    assert "loading the compiled UNet for input 3x25x8x16x16 from the cache" in log  # the same index key
+    assert compiling.read_index().keys() == before.keys()

@@ -194,7 +194,7 @@ def test_stage_timer_orders_stages_by_the_pipeline():
     assert STAGES[0] == "preprocess" and STAGES[-1] == "total"
 
 
-def test_dtype_names_come_from_precision_and_bf16_without_native_support_is_said_to_be_slow(monkeypatch, capsys):
+def test_dtype_names_come_from_precision_and_a_half_dtype_slower_than_fp32_on_this_cpu_runs_fp32(monkeypatch, capsys):
     import torch
 
     from sonic_rt.errors import InputError
@@ -202,15 +202,27 @@ def test_dtype_names_come_from_precision_and_bf16_without_native_support_is_said
 
     cpu = torch.device("cpu")
     assert components.default_dtype(None, cpu) is torch.float32
-    assert components.default_dtype("float16", cpu) is torch.float16
     with pytest.raises(InputError, match="unknown dtype 'fp8'"):
         components.default_dtype("fp8", cpu)
-    monkeypatch.setattr(components, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(components, "cpu_speedup_over_fp32", lambda dtype: 0.25)
+    assert components.default_dtype("bf16", cpu) is torch.float32
+    assert components.default_dtype("float16", cpu) is torch.float32
+    err = capsys.readouterr().err
+    assert "bf16 is 4.0x slower than fp32 on this CPU" in err and "running fp32 instead" in err
+    assert "fp16 is 4.0x slower" in err
+    monkeypatch.setattr(components, "cpu_speedup_over_fp32", lambda dtype: 2.0)
     assert components.default_dtype("bf16", cpu) is torch.bfloat16
-    assert "no native bf16" in capsys.readouterr().err
-    monkeypatch.setattr(components, "cpu_has_native_bf16", lambda: True)
-    components.default_dtype("bf16", cpu)
     assert capsys.readouterr().err == ""
+
+
+def test_the_half_precision_probe_measures_a_positive_speed_ratio_once_per_process():
+    import torch
+
+    from sonic_rt.pipeline.components import cpu_speedup_over_fp32
+
+    ratio = cpu_speedup_over_fp32(torch.bfloat16)
+    assert 0 < ratio < float("inf")
+    assert cpu_speedup_over_fp32(torch.bfloat16) == ratio  # cached: measured once
 
 
 def test_the_readme_options_table_is_generated_from_animate_options():
@@ -223,3 +235,22 @@ def test_the_readme_options_table_is_generated_from_animate_options():
     assert markdown_table() in readme, (
         "regenerate: python -c 'from sonic_rt.pipeline.options import markdown_table; print(markdown_table())'"
     )
+
+
+def test_the_cli_module_loads_without_torch_and_turns_huge_page_allocation_on_before_it():
+    """``import sonic_rt`` and the CLI's parser import no torch (fast ``--help``), so the CLI can set PyTorch's
+    THP_MEM_ALLOC_ENABLE before torch's first allocation; a user's own setting is kept."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, sys, sonic_rt, sonic_rt.cli as cli; assert 'torch' not in sys.modules; "
+        "cli.cpu_allocation_defaults(); print(os.environ.get('THP_MEM_ALLOC_ENABLE')); "
+        "print(sonic_rt.Runtime.__name__)"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert out.split() == ["1", "Runtime"]
+    env["THP_MEM_ALLOC_ENABLE"] = "0"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert out.split() == ["0", "Runtime"]

@@ -38,12 +38,13 @@ class TorchGraph(Graph):
         self.home = home
         self.module.to(home)
 
-    def compile(self, what: str, say=None) -> bool:
-        """Run the module under ``torch.compile`` from now on (:mod:`sonic_rt.compiling`); returns False (and
-        says why) where compiling cannot work, leaving the module uncompiled."""
-        from ..compiling import compile_module
+    def compile(self, what: str, say=None, mode=None) -> bool:
+        """Run the module under ``torch.compile`` from now on as ``mode`` says (:class:`sonic_rt.compiling.CompileMode`,
+        default ON); returns False where it will not (OFF, or compiling cannot work here: ON says why), leaving
+        the module uncompiled."""
+        from ..compiling import CompileMode, compile_module
 
-        compiled = compile_module(self.module, what, self.device, say)
+        compiled = compile_module(self.module, what, self.device, say, CompileMode.ON if mode is None else mode)
         if compiled is not None:
             self.call = compiled
         return compiled is not None

@@ -7,6 +7,7 @@ backend runs the graphs.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 
 from ..backends import Graphs
+from ..compiling import CompileMode
 from ..errors import InputError
 from ..face import load_face_detector
 from ..graphs import Precision
@@ -142,7 +144,7 @@ def load_components(
     trust_pickle: bool = False,
     providers: list[str] | None = None,
     attention: str | None = None,
-    compile: bool = False,
+    compile: bool | str | None = None,
     low_memory: bool = False,
 ) -> Components:
     """Load a weights directory (torch backend) or an engine directory (the backend its manifest names).
@@ -152,19 +154,23 @@ def load_components(
     Raises:
         CheckpointError, EngineError, BackendUnavailableError, InputError: as :class:`sonic_rt.Runtime`.
     """
+    try:
+        mode = CompileMode.parse(compile)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
     if is_engine_dir(model_dir):
         if attention not in (None, "auto"):
             raise InputError(
                 f"attention={attention!r} applies to the torch backend; {model_dir} holds exported "
                 "engines, which keep standard ops"
             )
-        if compile:
+        if mode is CompileMode.ON:
             raise InputError(
-                f"compile=True applies to the torch backend; {model_dir} holds exported engines, "
+                f"compile={compile!r} applies to the torch backend; {model_dir} holds exported engines, "
                 "which their own runtime optimises"
             )
         return _load_engines(model_dir, device, dtype, providers, low_memory)
-    return _load_weights(model_dir, device, dtype, trust_pickle, attention, compile, low_memory)
+    return _load_weights(model_dir, device, dtype, trust_pickle, attention, mode, low_memory)
 
 
 def _load_engines(model_dir, device, dtype, providers, low_memory) -> Components:
@@ -194,8 +200,7 @@ def _load_weights(model_dir, device, dtype, trust_pickle, attention, compile, lo
     models = load_models(paths, device, default_dtype(dtype, device), trust_pickle=trust_pickle)
     models.unet.attention = resolve_attention(attention, device, models.unet.head_dims)
     graphs = TorchBackend.from_models(models)
-    if compile:
-        graphs.unet.compile("UNet")  # says why and stays eager where compiling cannot work
+    graphs.unet.compile("UNet", mode=compile)  # ON says why and stays eager where compiling cannot work
     if low_memory:
         for name in OFFLOADED_GRAPHS:
             graphs.graphs[name].offload("cpu")  # a no-op on the CPU
@@ -230,30 +235,61 @@ def default_device(device: str | torch.device | None) -> torch.device:
 
 def default_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """The weights' dtype: ``dtype`` (a name or torch dtype, :meth:`Precision.parse`), or fp16 on CUDA (official)
-    and fp32 on the CPU when None. bf16 on a CPU without native bf16 instructions is allowed but said to be slow.
+    and fp32 on the CPU when None.
+
+    On the CPU a half-precision dtype (bf16, fp16) is only as fast as the CPU's support for it (bf16 runs on AMX
+    tiles ~7x faster than fp32 where present, and several times slower than fp32 where neither AMX nor
+    ``avx512_bf16`` is): :func:`cpu_speedup_over_fp32` measures it, and where it is slower than fp32 this says so on
+    stderr and returns fp32 instead (an opt-in never makes a run slower without saying so).
 
     Raises:
         InputError: an unknown dtype name.
     """
     precision = Precision.parse(dtype) or (Precision.FP16 if device.type == "cuda" else Precision.FP32)
-    if precision is Precision.BF16 and device.type == "cpu" and not cpu_has_native_bf16():
-        print(
-            "sonic_rt: this CPU has no native bf16 instructions (avx512_bf16 or AMX): bf16 will be slower than "
-            "fp32 here",
-            file=sys.stderr,
-            flush=True,
-        )
+    if device.type == "cpu" and precision in (Precision.BF16, Precision.FP16):
+        speedup = cpu_speedup_over_fp32(precision.torch_dtype)
+        if speedup < 1.0:
+            print(
+                f"sonic_rt: {precision.value} is {1 / speedup:.1f}x slower than fp32 on this CPU (measured: "
+                f"{PROBE_WHAT}): running fp32 instead",
+                file=sys.stderr,
+                flush=True,
+            )
+            return torch.float32
     return precision.torch_dtype
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU advertises native bf16 arithmetic (``avx512_bf16`` or ``amx_bf16`` in /proc/cpuinfo);
-    True where that cannot be read (not Linux), so nothing is said there."""
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return True
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
+PROBE_WHAT = "a UNet-shaped linear [6400, 256] -> 1024 and 3x3 convolution [16, 128, 24, 24]"
 
 
-__all__ = ["Components", "load_components", "default_device", "default_dtype", "cpu_has_native_bf16"]
+@functools.cache
+def cpu_speedup_over_fp32(dtype: torch.dtype, repeats: int = 3) -> float:
+    """How much faster ``dtype`` runs than fp32 on this CPU: fp32 seconds / ``dtype`` seconds of a small probe
+    shaped like the UNet's work (:data:`PROBE_WHAT`: its matmuls and convolutions are ~90% of a call's FLOPs),
+    best of ``repeats`` after one warm-up, with the current torch threads. Measured once per process (~0.1 s).
+
+    Flags in /proc/cpuinfo do not settle this: the speed depends on which oneDNN kernels run (AMX, avx512_bf16,
+    or a plain fallback), which a VM or ``ONEDNN_MAX_CPU_ISA`` may restrict.
+    """
+    import time
+
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(6400, 256, generator=gen), torch.randn(1024, 256, generator=gen)
+    image, kernel = torch.randn(16, 128, 24, 24, generator=gen), torch.randn(128, 128, 3, 3, generator=gen)
+
+    def seconds(dt: torch.dtype) -> float:
+        args = [t.to(dt) for t in (x, w, image, kernel)]
+        best = float("inf")
+        with torch.inference_mode():
+            for i in range(repeats + 1):
+                started = time.perf_counter()
+                torch.nn.functional.linear(args[0], args[1])
+                torch.nn.functional.conv2d(args[2], args[3], padding=1)
+                if i:  # the first call is a warm-up (kernel selection, weight packing)
+                    best = min(best, time.perf_counter() - started)
+        return best
+
+    return seconds(torch.float32) / seconds(dtype)
+
+
+__all__ = ["Components", "load_components", "default_device", "default_dtype", "cpu_speedup_over_fp32"]

@@ -100,7 +100,10 @@ class Runner(Protocol):
 
     ``run`` reports progress by calling ``report(kind, info)`` on the event loop: ``("plan", {"windows_total"})``
     once, then the runtime's own events (``Runtime.animate``'s ``events``: ``("window", {"step", "index"})``,
-    ``("frames", {"generated", "written", "video_seconds", "elapsed_seconds"})``, ``("memory", {...})``).
+    ``("frames", {"generated", "written", "video_seconds", "elapsed_seconds"})``, ``("memory", {...})``). A runner
+    that runs a job on another process may also report ``("log", {"line"})`` (a line for the prediction's logs) and
+    ``("retry", {"reason"})`` before it runs the job again from the start (its worker died): the prediction's
+    ``attempts`` goes up by one and its progress starts over.
     ``job.options.hls`` names the live stream's playlist: a runner that runs ``Runtime.animate`` with the options
     writes it, and each ``frames`` report makes the job layer look for finished segments there (a runner that
     writes no stream just has none to announce).
@@ -223,6 +226,8 @@ class Jobs:
         runner: what runs a job.
         workdir: the work directory (``jobs.sqlite``, ``outputs/``, ``inputs/``); one server per directory.
         settings: limits and policies.
+        outputs: where the output files go (None: ``workdir/outputs``); on a Ray cluster a directory every node
+            can reach. The live streams go to ``workdir/streams``, or ``outputs/.streams`` when this is given.
 
     Records a previous server left ``starting`` or ``processing`` are marked ``failed`` (:data:`LOST_REASON`) when
     this one opens the directory. Call :meth:`start` on the event loop before use and :meth:`close` at the end.
@@ -231,18 +236,27 @@ class Jobs:
         SonicError: the work directory is used by another server.
     """
 
-    def __init__(self, runner: Runner, workdir: str | Path, settings: Settings | None = None):
+    def __init__(
+        self,
+        runner: Runner,
+        workdir: str | Path,
+        settings: Settings | None = None,
+        *,
+        outputs: str | Path | None = None,
+    ):
         self.runner, self.settings = runner, settings or Settings()
         self.workdir = Path(workdir)
-        self.outputs, self.inputs = self.workdir / "outputs", self.workdir / "inputs"
-        self.streams = self.workdir / "streams"
+        self.outputs = Path(outputs) if outputs is not None else self.workdir / "outputs"
+        self.inputs = self.workdir / "inputs"
+        # the runner writes the live streams, so with shared outputs storage (Ray) they go there too
+        self.streams = self.workdir / "streams" if outputs is None else self.outputs / ".streams"
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.store = JobStore(self.workdir / "jobs.sqlite")
         self.lost = self.store.fail_unfinished(LOST_REASON)
         shutil.rmtree(self.inputs, ignore_errors=True)  # the inputs of the jobs a previous server lost
-        self.outputs.mkdir(exist_ok=True)
+        self.outputs.mkdir(parents=True, exist_ok=True)
         self.inputs.mkdir(exist_ok=True)
-        self.streams.mkdir(exist_ok=True)
+        self.streams.mkdir(parents=True, exist_ok=True)
         self._sweep_streams()
         self.setup_info: dict[str, Any] = {"started_at": None, "completed_at": None, "status": STARTING, "logs": ""}
         self.running = self.done = self.waiting = 0
@@ -613,6 +627,15 @@ class Jobs:
             self._announce(live)
         elif kind == "memory":
             self._log(live, f"out of memory: retrying with a smaller batch ({info})")
+            return
+        elif kind == "log":
+            self._log(live, str(info["line"]))
+            return
+        elif kind == "retry":
+            live.pred.attempts += 1
+            live.pred.progress = {}
+            self.store.put(live.pred)
+            self._log(live, f"attempt {live.pred.attempts}: {info['reason']}")
             return
         else:
             return

@@ -84,7 +84,12 @@ def add_parser(sub) -> None:
         "--keep-records", type=duration, default="24h", help="how long finished job records (and their ids) are kept"
     )
     p.add_argument("--public-url", default=None, help="URL prefix of output links (default: the request's own)")
-    p.add_argument("--concurrency", type=int, default=1, help="jobs that run at once; the others queue")
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        help="jobs that run at once; the others queue (default: 1; with --ray: the replicas, or max_replicas)",
+    )
     p.add_argument("--max-audio-seconds", type=float, default=600.0, help="longest speech accepted, seconds")
     p.add_argument("--max-upload-mb", type=float, default=50.0, help="largest file input accepted, MB")
     p.add_argument("--max-queue", type=int, default=64, help="jobs that may wait; one more gets 429")
@@ -97,6 +102,9 @@ def add_parser(sub) -> None:
         action="store_true",
         help="allow checkpoint pickles that need arbitrary code (only for files you trust)",
     )
+    from .ray_app import add_flags as add_ray_flags  # imports no Ray
+
+    add_ray_flags(p)
 
 
 def max_body_bytes(max_upload_bytes: int) -> int:
@@ -189,6 +197,12 @@ def run(args: argparse.Namespace) -> int:
     """``serve``: check the flags, open the work directory, serve until interrupted (the model loads meanwhile)."""
     from .security import check_bind
 
+    if getattr(args, "ray", None) is not None:  # the API on a Ray cluster (sonic_rt/serving/ray_app.py)
+        from .ray_app import run as run_on_ray
+
+        return run_on_ray(args)
+    if args.concurrency is None:
+        args.concurrency = 1
     args.api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     warning = check_bind(args.host, args.api_key, args.insecure)
     for name in ("concurrency", "max_queue"):
