@@ -266,6 +266,64 @@ def warm_in_background(
     )
 
 
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}  # as --dtype takes them
+
+
+def warm_key(model_dir: str | os.PathLike, min_resolution: int, device: str, dtype: str) -> str:
+    """The cache-index key saying that :func:`warm_in_background` succeeded for these settings: sha256 of the
+    torch version, the model directory (resolved), the resolution (pixels), device type and dtype name."""
+    identity = ["warm-up", torch.__version__, str(Path(model_dir).resolve()), int(min_resolution), device, dtype]
+    return hashlib.sha256(json.dumps(identity).encode()).hexdigest()
+
+
+def warm_for_serving(runtime, say: Callable[[str], None]) -> threading.Thread | None:
+    """Start :func:`warm_in_background` for ``runtime``'s default square shape when that pays and is not done.
+
+    It starts only where ``runtime`` is a torch-backend CPU runtime whose UNet runs in ``AUTO`` mode, compiling
+    works (a C++ compiler), and the cache's index has no :func:`warm_key` for the settings. A CUDA server is left
+    alone: the child would hold a second copy of the model in GPU memory beside the server's (``--compile on``
+    compiles there at the first job instead). A daemon thread waits for the child, records the key when it
+    succeeds and says how it ended; :meth:`CompiledCall.recheck_cache` makes the runtime use the cache from its
+    next video on.
+
+    Args:
+        runtime: a loaded :class:`~sonic_rt.Runtime`.
+        say: where the one-line notices go (the server's log).
+
+    Returns:
+        the waiting thread, or None when nothing was started.
+    """
+    call = getattr(runtime.components.graphs.unet, "call", None)
+    device = torch.device(runtime.device)
+    if not isinstance(call, CompiledCall) or call.mode is not CompileMode.AUTO or device.type != "cpu":
+        return None
+    if compile_unavailable_reason(device) is not None:
+        return None
+    dtype = DTYPE_NAMES.get(runtime.dtype, "fp32")
+    key = warm_key(runtime.source, runtime.default_min_resolution, device.type, dtype)
+    if key in read_index():
+        return None
+    side = runtime.default_min_resolution
+    child = warm_in_background(runtime.source, side, device.type, dtype)
+    say(
+        f"compiling the UNet for {side}x{side} videos in the background (pid {child.pid}, low priority, log "
+        f"{cache_dir() / WARM_LOG}); jobs run uncompiled until it is done, then compiled"
+    )
+
+    def wait() -> None:
+        started = time.perf_counter()
+        status = child.wait()
+        if status == 0:
+            record(key, "warm-up", f"{side}x{side}", time.perf_counter() - started)
+            say(f"the background compile finished in {time.perf_counter() - started:.0f} s: the next job runs compiled")
+        else:
+            say(f"the background compile failed (exit {status}); jobs stay uncompiled (see {cache_dir() / WARM_LOG})")
+
+    thread = threading.Thread(target=wait, name="sonic-warm", daemon=True)
+    thread.start()
+    return thread
+
+
 def compile_module(
     module: nn.Module,
     what: str,

@@ -116,3 +116,25 @@ def test_the_background_warm_up_compiles_the_same_shape_a_square_job_runs(
     log = (compile_cache / compiling.WARM_LOG).read_text()
     assert "loading the compiled UNet for input 3x25x8x16x16 from the cache" in log  # the same index key
     assert compiling.read_index().keys() == before.keys()
+
+
+@pytest.mark.slow
+def test_a_server_warms_its_default_shape_once_and_only_in_auto_mode_on_cpu(
+    demo_dir, compile_cache, compiled_frames, monkeypatch
+):
+    if "on" not in compiled_frames:
+        pytest.skip("needs the compile test before it (its cache)")
+    monkeypatch.setenv(compiling.ENV_CACHE, str(compile_cache))  # holds the demo's 128 px shape: a quick child
+    said: list[str] = []
+    assert compiling.warm_for_serving(sonic_rt.Runtime(demo_dir, compile="off"), said.append) is None
+    assert compiling.warm_for_serving(sonic_rt.Runtime(demo_dir, compile="on"), said.append) is None
+    auto = sonic_rt.Runtime(demo_dir)
+    assert auto.default_min_resolution == 128
+    waiter = compiling.warm_for_serving(auto, said.append)
+    assert waiter is not None and "compiling the UNet for 128x128 videos in the background" in said[0]
+    waiter.join(timeout=600)
+    assert not waiter.is_alive() and "the background compile finished" in said[-1], said
+    key = compiling.warm_key(demo_dir, 128, "cpu", "fp32")
+    assert compiling.read_index()[key]["what"] == "warm-up"
+    assert compiling.warm_for_serving(sonic_rt.Runtime(demo_dir), said.append) is None  # done once: not again
+    assert len(said) == 2

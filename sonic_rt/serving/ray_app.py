@@ -84,7 +84,8 @@ class RuntimeLoader:
         model: the checkpoint (or engine) directory as a path on every node (shared storage or the same path
             everywhere); None with ``demo``.
         demo: the random-weight demo checkpoint, written on each node at first use.
-        device, dtype, trust_pickle: as for :class:`~sonic_rt.Runtime`.
+        device, dtype, trust_pickle, compile: as for :class:`~sonic_rt.Runtime` (no background compile on a
+            cluster: ``auto`` uses what the node's cache holds, ``on`` compiles at a replica's first job).
     """
 
     model: str | None = None
@@ -92,6 +93,7 @@ class RuntimeLoader:
     device: str | None = None
     dtype: str | None = None
     trust_pickle: bool = False
+    compile: str | None = None
 
     @property
     def name(self) -> str:
@@ -106,7 +108,9 @@ class RuntimeLoader:
             model_dir = ensure_demo_model()
         else:
             model_dir = Path(self.model)
-        return Runtime(model_dir, device=self.device, dtype=self.dtype, trust_pickle=self.trust_pickle)
+        return Runtime(
+            model_dir, device=self.device, dtype=self.dtype, trust_pickle=self.trust_pickle, compile=self.compile
+        )
 
 
 def placement() -> dict[str, Any]:
@@ -583,7 +587,12 @@ def run(args: argparse.Namespace) -> int:
     workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
     outputs.mkdir(parents=True, exist_ok=True)
     load = RuntimeLoader(
-        str(Path(args.model).resolve()) if args.model else None, args.demo, args.device, args.dtype, args.trust_pickle
+        str(Path(args.model).resolve()) if args.model else None,
+        args.demo,
+        args.device,
+        args.dtype,
+        args.trust_pickle,
+        getattr(args, "compile", None),
     )
     layout = f"autoscaling {json.dumps(options.autoscaling)}" if options.autoscaling else f"{options.replicas}"
     print(

@@ -98,6 +98,15 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=["fp16", "bf16", "fp32"], help="as for animate")
     p.add_argument(
+        "--compile",
+        default="auto",
+        choices=("auto", "on", "off"),
+        help="torch.compile of the UNet, as for animate. auto (default): on a CPU with a C++ compiler the server "
+        "compiles its default square shape in a low-priority background process unless the on-disk cache already "
+        "holds it; jobs run uncompiled until then and compiled after (no job waits for it); on: the first job of "
+        "each shape compiles; off: never",
+    )
+    p.add_argument(
         "--trust-pickle",
         action="store_true",
         help="allow checkpoint pickles that need arbitrary code (only for files you trust)",
@@ -237,9 +246,14 @@ def run(args: argparse.Namespace) -> int:
                 raise SonicError("not a directory (give an official-layout checkpoint folder)", model_dir)
 
         def load():
+            from ..compiling import warm_for_serving
             from ..runtime import Runtime
 
-            return Runtime(model_dir, device=args.device, dtype=args.dtype, trust_pickle=args.trust_pickle)
+            runtime = Runtime(
+                model_dir, device=args.device, dtype=args.dtype, trust_pickle=args.trust_pickle, compile=args.compile
+            )
+            warm_for_serving(runtime, lambda line: print(f"sonic_rt serve: {line}", file=sys.stderr, flush=True))
+            return runtime
 
         settings = Settings(
             concurrency=args.concurrency,
