@@ -63,7 +63,7 @@ def start_server(model: Path, workdir: Path, log_path: Path) -> tuple[subprocess
     """``serve --model`` on a free loopback port; returns once ``/healthz`` says the model is loaded."""
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(REPO), TMPDIR=str(workdir.parent))
-    cmd = [sys.executable, "-m", "sonic_rt", "serve", "--model", str(model), "--port", str(port)]
+    cmd = [sys.executable, "-m", "sonic_rt", "serve", "--model", str(model), "--port", str(port), "--compile", "off"]
     cmd += ["--workdir", str(workdir), "--max-audio-seconds", "3600"]
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"

@@ -126,7 +126,17 @@ def server(demo_dir, tmp_path_factory):
     env = {**os.environ, "SONIC_RT_CACHE": str(cache), "TMPDIR": str(tmp)}
     log = open(root / "server.log", "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sonic_rt", "serve", "--demo", "--port", str(port)],
+        [
+            sys.executable,
+            "-m",
+            "sonic_rt",
+            "serve",
+            "--demo",
+            "--port",
+            str(port),
+            "--compile",
+            "off",
+        ],  # no background compile
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
