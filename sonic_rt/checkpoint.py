@@ -29,13 +29,9 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError
+from .layout import PICKLED_CHECKPOINTS, SVD_DIR, WHISPER_DIR  # noqa: F401 (re-exported)
 
-SVD_DIR = "stable-video-diffusion-img2vid-xt"
-WHISPER_DIR = "whisper-tiny"
 DEMO_MARKER = "sonic_rt_demo.json"
-
-# Official pickles that `convert` rewrites, relative to the model directory.
-PICKLED_CHECKPOINTS = ("Sonic/unet.pth", "Sonic/audio2token.pth", "Sonic/audio2bucket.pth", "RIFE/flownet.pkl")
 _MAX_LISTED_KEYS = 5
 
 

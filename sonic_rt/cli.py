@@ -174,25 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# PyTorch's own switch (c10/core/alloc_cpu.cpp), read once, at its first allocation: large host tensors on 2 MB
-# transparent huge pages. Each large tensor a UNet call makes is otherwise page-faulted in 4 KB pages; on the 2-core
-# CPU this took ~10% of a Sonic-shaped UNet call's CPU time and ~7% of its peak RSS (docs/performance.md).
-THP_ENV = "THP_MEM_ALLOC_ENABLE"
-
-
-def cpu_allocation_defaults() -> None:
-    """Turn on :data:`THP_ENV` for this process unless the user set it, when torch is not imported yet (later it
-    has no effect). The CLI's own choice at its edge; API users set it in their environment."""
-    import os
-
-    if "torch" not in sys.modules:
-        os.environ.setdefault(THP_ENV, "1")
-
-
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit code (0 ok, 2 bad input or checkpoint, 130 interrupted)."""
     args = build_parser().parse_args(argv)
-    cpu_allocation_defaults()
 
     from .errors import SonicError
 

@@ -29,8 +29,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .checkpoint import PICKLED_CHECKPOINTS, SVD_DIR, WHISPER_DIR
 from .errors import SonicError
+from .layout import PICKLED_CHECKPOINTS, SVD_DIR, WHISPER_DIR
 
 SONIC_REPO = "LeonJoe13/Sonic"
 SVD_REPO = "stabilityai/stable-video-diffusion-img2vid-xt"
