@@ -20,7 +20,6 @@ Usage::
 
     python -m bench.live                          # 1 and 5 minutes, 25 steps, 64 px (bench/results/live-demo-cpu)
     python -m bench.live --minutes 0.5 --steps 2  # a quick look
-    python -m bench.live --minutes 1 --steps 5 --out /tmp/live.json --screenshot docs/live.png  # the docs' picture
 """
 
 from __future__ import annotations
@@ -46,7 +45,6 @@ from bench.presets import DEFAULT_CACHE, REPO, SIZES, ensure_inputs, ensure_mode
 GOAL = 0.15  # issue 24: the first playable second within 15% of the total at 5 minutes of audio
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", shutil.which("chromedriver") or "/usr/bin/chromedriver"
 POLL_S = 0.1
-SCREENSHOT_AT_S = 4.0  # the docs picture: the live player this far into a video still being made
 STATE = """const v = document.querySelector('#live video'), r = document.querySelector('#result video');
 return {live: v ? {ready: v.readyState, time: v.currentTime, buffered: v.buffered.length ? v.buffered.end(0) : 0,
                    audio_bytes: v.webkitAudioDecodedByteCount} : null,
@@ -113,14 +111,8 @@ def set_number(driver, css: str, value) -> None:
     field.send_keys(str(value), Keys.TAB)
 
 
-def measure_one(
-    url: str, image: Path, audio: Path, steps: int, resolution: int, limit_s: float, screenshot: Path | None = None
-) -> dict[str, Any]:
-    """One job through the page: the times of the module docstring (seconds from the Generate click).
-
-    ``screenshot``: a PNG of the page, taken once the live player has played :data:`SCREENSHOT_AT_S` seconds
-    while the job still runs (``docs/live.png``).
-    """
+def measure_one(url: str, image: Path, audio: Path, steps: int, resolution: int, limit_s: float) -> dict[str, Any]:
+    """One job through the page: the times of the module docstring (seconds from the Generate click)."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -154,10 +146,6 @@ def measure_one(
                 if live["time"] >= 1.0 and times["one_second_played"] is None:
                     times["one_second_played"] = now
                 audio_bytes = live["audio_bytes"] or audio_bytes
-                if screenshot is not None and live["time"] >= SCREENSHOT_AT_S and not state["result"]:
-                    driver.save_screenshot(str(screenshot))
-                    log(f"page at {live['time']:.1f} s of the live video, {now:.1f} s after the click: {screenshot}")
-                    screenshot = None
             if state["result"]:
                 times["total"] = now
                 break
@@ -182,9 +170,7 @@ def run_one(args, minutes: float, model: Path, image: Path) -> dict[str, Any]:
         workdir = Path(tmp) / "work"
         proc, url = start_server(model, workdir, Path(tmp) / "server.log")
         try:
-            times = measure_one(
-                url, image, audio, args.steps, args.resolution, minutes * 60 * 10 + 600, args.screenshot
-            )
+            times = measure_one(url, image, audio, args.steps, args.resolution, limit_s=minutes * 60 * 10 + 600)
         finally:
             proc.send_signal(signal.SIGTERM)
             try:
@@ -248,12 +234,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--resolution", type=int, default=64, help="short side in pixels")
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     p.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/live-demo-cpu.json)")
-    p.add_argument(
-        "--screenshot",
-        type=Path,
-        default=None,
-        help=f"save the page as this PNG once the live player is {SCREENSHOT_AT_S:g} s in, while the job runs",
-    )
     args = p.parse_args(argv)
     model = ensure_model(SIZES["demo"], args.cache)
     image, _ = ensure_inputs(args.cache)
