@@ -51,6 +51,12 @@ ENV_CACHE = "TORCHINDUCTOR_CACHE_DIR"  # inductor's own variable, read when it c
 INDEX_NAME = "sonic_rt-compiled.json"  # in cache_dir(): the input shapes whose compiled code the cache holds
 WARM_LOG = "sonic_rt-warm.log"  # in cache_dir(): what the last background warm-up printed
 _SAID_UNCOMPILED: set[str] = set()  # index keys whose "running uncompiled" notice this process has given
+# compile="auto" loads a cached shape into a process only for a video of at least this many windows (steps x
+# windows per step), or once the process is a server's. Measured on a 2-core CPU, structure preset
+# (bench/results/compile_cache-structure-cpu.md, unet_cpu-structure-cpu.md): loading took 18 s per process and
+# the compiled UNet saved ~4% of a 3.3 s window (0.14 s), so loading paid from ~130 windows (10 s of audio at 25
+# steps is 125).
+AUTO_MIN_WINDOWS = 150
 
 
 class CompileMode(enum.Enum):
@@ -123,7 +129,10 @@ class CompiledCall:
 
     Attributes:
         seconds: wall seconds of each first compiled call per input-shape key (compile or cache load + one run).
-        uncompiled: the input-shape keys that run uncompiled (``AUTO``, not in the cache).
+        uncompiled: the input-shape keys that run uncompiled (``AUTO``: not in the cache, or not worth loading).
+        min_windows: ``AUTO`` loads a cached shape not yet loaded only for a video of at least this many windows
+            (:data:`AUTO_MIN_WINDOWS`; a server sets 0: it keeps what it loads for every later job).
+        planned_windows: the windows of the video being made (:meth:`plan`); None: unknown (loads).
     """
 
     def __init__(
@@ -140,13 +149,16 @@ class CompiledCall:
         self.compiled = torch.compile(module, dynamic=False, mode=compile_mode)
         self.seconds: dict[tuple, float] = {}
         self.uncompiled: set[tuple] = set()
+        self.min_windows, self.planned_windows = AUTO_MIN_WINDOWS, None
         self._lock = threading.Lock()
 
-    def recheck_cache(self) -> None:
-        """Look in the cache's index again for the shapes that ran uncompiled (``AUTO``): called at the start of
-        each ``animate``, so a cache warmed meanwhile (``serve`` warms it in the background) is used from the next
-        video on, never half-way through one."""
+    def plan(self, windows: int | None) -> None:
+        """Start of a video of ``windows`` windows (steps x windows per step): look in the cache's index again for
+        the shapes that ran uncompiled (``AUTO``), so a cache warmed meanwhile (``serve`` warms it in the
+        background) is used from the next video on, never half-way through one; and remember the length, which
+        decides whether loading a cached shape pays (:attr:`min_windows`)."""
         self.uncompiled.clear()
+        self.planned_windows = windows
 
     def __call__(self, *args: torch.Tensor) -> Any:
         key = tuple((tuple(a.shape), str(a.dtype)) if isinstance(a, torch.Tensor) else a for a in args)
@@ -157,7 +169,8 @@ class CompiledCall:
         shape = "x".join(str(d) for d in args[0].shape)
         entry = index_key(self.module, self.what, self.device, key)
         cached = entry in read_index()
-        if self.mode is CompileMode.AUTO and not cached:
+        short = self.planned_windows is not None and self.planned_windows < self.min_windows
+        if self.mode is CompileMode.AUTO and (not cached or short):
             self.uncompiled.add(key)
             if entry in _SAID_UNCOMPILED:
                 return self.module(*args)
@@ -165,6 +178,11 @@ class CompiledCall:
             self.say(
                 f"running the {self.what} uncompiled for input {shape}: its compiled code is not in the cache "
                 f"({cache_dir()}); compile='on' (--compile on) compiles it once for later runs"
+                if not cached
+                else f"running the {self.what} uncompiled for input {shape}: loading its compiled code from the "
+                f"cache costs more than it saves on a video of {self.planned_windows} windows (under "
+                f"{self.min_windows}; {read_index()[entry]['seconds']:.0f} s last time); longer videos, a server "
+                "or compile='on' use it"
             )
             return self.module(*args)
         self.say(
@@ -276,14 +294,28 @@ def warm_key(model_dir: str | os.PathLike, min_resolution: int, device: str, dty
     return hashlib.sha256(json.dumps(identity).encode()).hexdigest()
 
 
+def long_lived(runtime) -> CompiledCall | None:
+    """Mark ``runtime`` as a server's (or a Ray replica's): it keeps a compiled shape it loads for every later job,
+    so ``AUTO`` loads cached shapes whatever a video's length (:attr:`CompiledCall.min_windows` 0). Returns its
+    compiled UNet call, or None where it has none (compile off, engines)."""
+    call = getattr(runtime.components.graphs.unet, "call", None)
+    if not isinstance(call, CompiledCall):
+        return None
+    call.min_windows = 0
+    return call
+
+
 def warm_for_serving(runtime, say: Callable[[str], None]) -> threading.Thread | None:
     """Start :func:`warm_in_background` for ``runtime``'s default square shape when that pays and is not done.
+
+    Whatever it starts, a compiled UNet of ``runtime`` then loads cached shapes for videos of any length
+    (:attr:`CompiledCall.min_windows` 0: the server keeps them for every later job).
 
     It starts only where ``runtime`` is a torch-backend CPU runtime whose UNet runs in ``AUTO`` mode, compiling
     works (a C++ compiler), and the cache's index has no :func:`warm_key` for the settings. A CUDA server is left
     alone: the child would hold a second copy of the model in GPU memory beside the server's (``--compile on``
     compiles there at the first job instead). A daemon thread waits for the child, records the key when it
-    succeeds and says how it ended; :meth:`CompiledCall.recheck_cache` makes the runtime use the cache from its
+    succeeds and says how it ended; :meth:`CompiledCall.plan` makes the runtime use the cache from its
     next video on.
 
     Args:
@@ -293,7 +325,7 @@ def warm_for_serving(runtime, say: Callable[[str], None]) -> threading.Thread | 
     Returns:
         the waiting thread, or None when nothing was started.
     """
-    call = getattr(runtime.components.graphs.unet, "call", None)
+    call = long_lived(runtime)
     device = torch.device(runtime.device)
     if not isinstance(call, CompiledCall) or call.mode is not CompileMode.AUTO or device.type != "cpu":
         return None

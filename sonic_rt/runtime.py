@@ -46,6 +46,7 @@ from .pipeline.memory import is_out_of_memory, notifier
 from .pipeline.options import DEFAULT_MIN_RESOLUTION, DEFAULT_SEED, AnimateOptions
 from .pipeline.output import OUTPUT_FPS, output_fps
 from .pipeline.timing import STAGES, StageTimer
+from .sampling import window_starts
 from .scheduler import Distributed, SchedulerConfig, WindowScheduler
 
 FALLBACK_DETECTOR_NOTE = (
@@ -248,10 +249,6 @@ class Runtime:
         """
         options = AnimateOptions.resolve(options, overrides, "animate()")
         with self._lock:
-            unet_call = getattr(self.components.graphs.unet, "call", None)  # engines have none
-            recheck = getattr(unet_call, "recheck_cache", None)  # compile="auto" only
-            if recheck is not None:
-                recheck()  # a compile cache warmed meanwhile is used from this video on
             return self._animate(image, audio, out, options, latents, events)
 
     def _animate(self, image, audio, out, options: AnimateOptions, latents, events) -> AnimateResult:
@@ -259,6 +256,10 @@ class Runtime:
         say, write = notifier(events), self.distributed.rank == 0  # rank 0 decodes and writes
         with timer.stage("preprocess"):  # 1. every input and the face crop, before any model runs
             inputs = self.check_inputs(image, audio, out, options, latents=latents)
+        compiled = getattr(c.graphs.unet, "call", None)  # a CompiledCall with compile on/auto; engines have none
+        if hasattr(compiled, "plan"):  # compile="auto": a cache warmed meanwhile, and is loading worth it
+            per_step = window_starts(inputs.num_frames, options.frames_per_window, 0, options.shift_offset)
+            compiled.plan(len(per_step) * options.steps)
         with timer.stage("audio_features"):  # 2. Whisper once per 30 s chunk
             features = steps.audio_features(c, inputs.samples)
         with timer.stage("image_encode"):  # 3. CLIP embedding and VAE latents of the reference

@@ -48,7 +48,7 @@ def test_compiled_unet_gives_the_eager_frames_within_2_levels_and_compiles_each_
 
 
 @pytest.mark.slow
-def test_by_default_a_shape_in_the_cache_runs_compiled_and_any_other_uncompiled(
+def test_by_default_a_cached_shape_runs_compiled_where_loading_pays_and_any_other_uncompiled(
     demo_dir, portrait, speech, eager_frames, compile_cache, compiled_frames, tmp_path, monkeypatch, capsys
 ):
     if "on" not in compiled_frames:
@@ -60,7 +60,13 @@ def test_by_default_a_shape_in_the_cache_runs_compiled_and_any_other_uncompiled(
     err = capsys.readouterr().err
     assert err.count("running the UNet uncompiled for input") == 1 and "compiling" not in err
     monkeypatch.setenv(compiling.ENV_CACHE, str(compile_cache))
-    warm = sonic_rt.Runtime(demo_dir, compile="auto")
+    warm = sonic_rt.Runtime(demo_dir, compile="auto")  # a short video in a fresh process: loading does not pay
+    assert np.array_equal(warm.animate(portrait, speech, None, **FAST).frames, eager_frames)
+    err = capsys.readouterr().err
+    windows = warm.graphs.unet.call.planned_windows
+    assert 0 < windows < compiling.AUTO_MIN_WINDOWS
+    assert f"costs more than it saves on a video of {windows} windows" in err and "loading the" not in err
+    assert compiling.long_lived(warm) is warm.graphs.unet.call  # a server's runtime: loads whatever the length
     got = warm.animate(portrait, speech, None, **FAST)
     err = capsys.readouterr().err
     assert err.count("loading the compiled UNet for input") == 1 and "uncompiled" not in err

@@ -108,9 +108,13 @@ class RuntimeLoader:
             model_dir = ensure_demo_model()
         else:
             model_dir = Path(self.model)
-        return Runtime(
+        from ..compiling import long_lived
+
+        runtime = Runtime(
             model_dir, device=self.device, dtype=self.dtype, trust_pickle=self.trust_pickle, compile=self.compile
         )
+        long_lived(runtime)  # a replica or batch worker makes many videos: loading a cached compiled shape pays
+        return runtime
 
 
 def placement() -> dict[str, Any]:
