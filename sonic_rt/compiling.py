@@ -50,7 +50,7 @@ from torch import nn
 ENV_CACHE = "TORCHINDUCTOR_CACHE_DIR"  # inductor's own variable, read when it compiles
 INDEX_NAME = "sonic_rt-compiled.json"  # in cache_dir(): the input shapes whose compiled code the cache holds
 WARM_LOG = "sonic_rt-warm.log"  # in cache_dir(): what the last background warm-up printed
-_SAID_UNCOMPILED: set[str] = set()  # index keys whose "running uncompiled" notice this process has given
+_SAID_UNCOMPILED: set[tuple[str, bool]] = set()  # (index key, cached): "running uncompiled" notices given
 # compile="auto" loads a cached shape into a process only for a video of at least this many windows (steps x
 # windows per step), or once the process is a server's. Measured on a 2-core CPU, structure preset
 # (bench/results/compile_cache-structure-cpu.md, unet_cpu-structure-cpu.md): loading took 18 s per process and
@@ -172,9 +172,9 @@ class CompiledCall:
         short = self.planned_windows is not None and self.planned_windows < self.min_windows
         if self.mode is CompileMode.AUTO and (not cached or short):
             self.uncompiled.add(key)
-            if entry in _SAID_UNCOMPILED:
+            if (entry, cached) in _SAID_UNCOMPILED:
                 return self.module(*args)
-            _SAID_UNCOMPILED.add(entry)
+            _SAID_UNCOMPILED.add((entry, cached))
             self.say(
                 f"running the {self.what} uncompiled for input {shape}: its compiled code is not in the cache "
                 f"({cache_dir()}); compile='on' (--compile on) compiles it once for later runs"
