@@ -111,7 +111,9 @@ class Runtime:
             "reference", "sdpa" or "triton". Engines keep standard ops: only None/"auto" is accepted there.
         compile: when the torch backend's UNet runs under ``torch.compile`` (:mod:`sonic_rt.compiling`):
             None/"auto" (default): the input shapes whose compiled code is already in the on-disk cache run
-            compiled, the others uncompiled (nothing waits for a compile it did not ask for); True/"on": every new
+            compiled where loading it pays (a video of at least ``compiling.AUTO_MIN_WINDOWS`` windows, or a
+            long-lived process such as ``serve``), the others uncompiled (nothing waits for a compile it did not
+            ask for); True/"on": every new
             shape compiles once per process (minutes on a 2-core CPU the first time, then loaded from the cache);
             False/"off": never. CUDA graphs on CUDA. Where no C++ compiler (CPU) or triton (CUDA) is present "on"
             says so and runs uncompiled. The README's performance section gives the measured trade-off.

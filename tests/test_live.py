@@ -383,10 +383,16 @@ def page_server(runner, workdir: Path, upload_dir: Path):
 
 def set_number(driver, css: str, value) -> None:
     from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
 
-    field = driver.find_element("css selector", css)
-    field.send_keys(Keys.CONTROL, "a")
-    field.send_keys(str(value), Keys.TAB)
+    def typed(d) -> bool:  # a keystroke can land while gradio re-renders: type again until the field holds it
+        field = d.find_element("css selector", css)
+        if field.get_attribute("value") != str(value):
+            field.send_keys(Keys.CONTROL, "a")
+            field.send_keys(str(value), Keys.TAB)
+        return d.find_element("css selector", css).get_attribute("value") == str(value)
+
+    WebDriverWait(driver, 10, poll_frequency=0.2).until(typed)
 
 
 LIVE_STEPS = 1  # the first segment is out within seconds; the rest of the minute takes longer (the assertions)
@@ -415,10 +421,10 @@ def test_browser_plays_the_live_video_with_sound_before_the_job_completes(runtim
             assert not driver.find_elements(By.CSS_SELECTOR, "#live video")  # no job yet: no live player
             driver.find_element(By.CSS_SELECTOR, "#portrait input[type=file]").send_keys(str(portrait))
             driver.find_element(By.CSS_SELECTOR, "#speech input[type=file]").send_keys(str(minute))
-            set_number(driver, "#opt-steps input", LIVE_STEPS)
-            set_number(driver, "#opt-min_resolution input", 64)
             wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#portrait img"))
             wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#speech audio, #speech [data-testid=waveform]"))
+            set_number(driver, "#opt-steps input", LIVE_STEPS)
+            set_number(driver, "#opt-min_resolution input", 64)
             clicked = time.monotonic()
             driver.find_element(By.ID, "generate").click()
             live = WebDriverWait(driver, DEADLINE_S, poll_frequency=0.1).until(
@@ -436,6 +442,14 @@ def test_browser_plays_the_live_video_with_sound_before_the_job_completes(runtim
             assert jobs.running == 1 and jobs.done == 0, "the job had ended before the live video advanced"
             shot = Path(os.environ.get("SONIC_RT_LIVE_SCREENSHOT", tmp_path / "live.png"))
             shot.parent.mkdir(parents=True, exist_ok=True)
+            driver.execute_script("arguments[0].scrollIntoView({block: 'start'})", live)  # the player in the picture
+            # seen, not only playing: nothing (such as gradio's progress overlay) covers the middle of the picture
+            on_top = driver.execute_script(
+                "const r = arguments[0].getBoundingClientRect();"
+                "return document.elementFromPoint(r.left + r.width / 2, r.top + r.height / 2)",
+                live,
+            )
+            assert on_top == live, f"the live player is covered by {on_top.tag_name}.{on_top.get_attribute('class')}"
             driver.save_screenshot(str(shot))
             # its sound: Chromium counts the audio bytes the element decoded
             WebDriverWait(driver, 30, poll_frequency=0.1).until(

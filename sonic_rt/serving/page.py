@@ -31,7 +31,12 @@ DEMO_BANNER = (
     "checks the install. Start the server with `--model DIR` (the official Sonic checkpoints) for "
     "real results."
 )
-CSS = ".sonic-demo-banner { background: #fde68a; border: 2px solid #b45309; padding: 0.5em 1em; }"
+CSS = (
+    ".sonic-demo-banner { background: #fde68a; border: 2px solid #b45309; padding: 0.5em 1em; }"
+    # gradio lays its progress overlay over every output of a running event; the live player must stay visible
+    # (the same progress shows on the result below it)
+    " #live [data-testid=status-tracker] { display: none; }"
+)
 
 
 def import_gradio():
