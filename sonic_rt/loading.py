@@ -139,7 +139,7 @@ def load_models(
     load_into(unet.unet, read_state_dict(paths.unet, trust_pickle=trust_pickle), paths.unet)
     unet = unet.to(dtype).eval()
     if device.type == "cpu":
-        make_batch_invariant(unet)  # batched windows give the same latents as one window per call (scheduler)
+        make_batch_invariant(unet)  # the same latents whatever the batching, row split or threads (scheduler)
 
     # 4. Audio adapters (fp32). No config files: sizes from Whisper/UNet/CLIP configs + checkpoint shapes.
     cross_dim = unet_config["cross_attention_dim"]

@@ -336,3 +336,72 @@ def test_split_geglu_is_diffusers_geglu_up_to_summation_order_and_reference_runs
         cond.attention = AudioAttention.REFERENCE
     assert split.shape == official.shape == (*shape[:-1], geglu.proj.out_features // 2)
     torch.testing.assert_close(split, official, rtol=1e-6, atol=1e-6)
+
+
+def _unet_rows(config: dict, h: int, rows: int = 6) -> tuple:
+    """Random UNet inputs of ``rows`` guidance rows at ``h x h`` latents (a face box in the middle)."""
+    gen = torch.Generator().manual_seed(11)
+    cross = config["cross_attention_dim"]
+    mask = torch.zeros(1, 1, 8 * h, 8 * h)
+    mask[..., 2 * h : 6 * h, 2 * h : 6 * h] = 1.0
+    model_levels = len(config["block_out_channels"])
+    return (
+        torch.randn(rows, 25, 8, h, h, generator=gen),
+        torch.tensor([0.7]),
+        torch.randn(rows, 1, cross, generator=gen),
+        torch.randn(rows, 25, 32, cross, generator=gen),
+        torch.tensor([[12.5, 20.0, 24.0]] * rows),
+        *level_face_masks(mask, (h, h), [i for i in range(model_levels) if i < model_levels - 1] or [0]),
+    )
+
+
+def _call_with_threads(model, args, threads: int) -> torch.Tensor:
+    """``model(*args)`` on a fresh thread running ``threads`` intra-op threads (as a replica's worker does)."""
+    import threading
+
+    out = {}
+
+    def run():
+        torch.set_num_threads(threads)
+        with torch.inference_mode():
+            out["v"] = model(*args)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join()
+    return out["v"]
+
+
+def _rows_of(args: tuple, rows: slice) -> tuple:
+    return tuple(a[rows] if i in (0, 2, 3, 4) else a for i, a in enumerate(args))
+
+
+@pytest.mark.parametrize(
+    "name,h",
+    [("demo", 8), ("demo", 16), ("4-level", 16)],
+    ids=lambda v: str(v),
+)
+def test_a_guidance_row_gives_the_same_v_alone_or_batched_and_on_one_or_two_threads(unet, name, h):
+    """The scheduler splits a window's rows over devices, batches windows, and runs replicas with fewer threads:
+    on the CPU a row's v must not depend on any of that (sonic_rt.models.batch_invariant). Rows alone, 2 of 3, 3
+    and 6 per call, on 1 and 2 threads: bit for bit, on the demo UNet and on the official 4-level structure.
+    (At 4 threads the 4-level UNet's 2x2 deepest level differs by ~2e-7: oneDNN's kernel choice.)"""
+    from sonic_rt.architectures import SVD_XT_UNET_CONFIG
+    from sonic_rt.models.batch_invariant import make_batch_invariant
+
+    if name == "demo":
+        config, model = DEMO_UNET_CONFIG, unet
+    else:
+        torch.manual_seed(0)
+        config = {**SVD_XT_UNET_CONFIG, "block_out_channels": [32, 64, 64, 64], "num_attention_heads": [1, 2, 2, 2]}
+        model = SonicUNet.from_config(config).eval()
+    make_batch_invariant(model)  # as the loader does on the CPU
+    args = _unet_rows(config, h)
+    args = args[:5] + tuple(level_face_masks(torch.ones(1, 1, 8 * h, 8 * h), (h, h), model.attention_levels))
+    three = _call_with_threads(model, _rows_of(args, slice(0, 3)), 2)
+    assert torch.equal(_call_with_threads(model, args, 2)[:3], three)  # 6 rows: two windows per call
+    assert torch.equal(_call_with_threads(model, _rows_of(args, slice(0, 2)), 1), three[:2])
+    for row in range(3):
+        alone = _call_with_threads(model, _rows_of(args, slice(row, row + 1)), 1)
+        assert torch.equal(alone, three[row : row + 1]), row
+    assert torch.equal(_call_with_threads(model, _rows_of(args, slice(0, 3)), 1), three)
