@@ -85,8 +85,24 @@ def _add_animate(sub) -> None:
         "--lanes",
         type=int,
         default=1,
-        help="windows of a step run in parallel on this many lanes (CUDA streams on GPU, threads on "
-        "CPU). Under torchrun the windows are also sharded over the ranks; rank 0 writes",
+        help="workers per device: windows run in parallel on this many lanes (CUDA streams on a GPU, threads "
+        "splitting the cores on the CPU)",
+    )
+    p.add_argument(
+        "--devices",
+        default=None,
+        metavar="DEV[,DEV...]|all",
+        help="run the windows of this video on several devices, each with a UNet replica: e.g. cuda:0,cuda:1, "
+        "or all (every CUDA GPU); cpu,cpu runs two replicas splitting the cores. The first device also runs "
+        "everything else. Same video as one device. Default: --device alone. Under torchrun each rank owns "
+        "a range of frames instead (one device per rank; rank 0 writes)",
+    )
+    p.add_argument(
+        "--no-split-rows",
+        dest="split_rows",
+        action="store_false",
+        help="never split a window's three guidance rows over free devices (by default they are split when "
+        "fewer windows are ready than devices are free: the first frames' cone, short videos)",
     )
     p.add_argument(
         "--order",
@@ -94,7 +110,7 @@ def _add_animate(sub) -> None:
         choices=SCHEDULER_ORDERS,
         help="order of the (step, window) work, same video either way: wavefront runs each window as soon as "
         "its inputs are final, the first frames first, so writing starts after a fixed amount of work "
-        "whatever the length; steps runs step by step (the official order; always under torchrun)",
+        "whatever the length; steps runs step by step (the official order)",
     )
     p.add_argument(
         "--trust-pickle",
@@ -269,7 +285,10 @@ def _animate(args) -> int:
         attention=args.attention,
         compile=args.compile,
         low_memory=args.low_memory,
-        scheduler=SchedulerConfig(windows_per_call=args.windows_per_call, lanes=args.lanes, order=args.order),
+        devices=args.devices,
+        scheduler=SchedulerConfig(
+            windows_per_call=args.windows_per_call, lanes=args.lanes, order=args.order, split_rows=args.split_rows
+        ),
     )
     progress = options.progress and runtime.distributed.rank == 0  # rank 0 reports
     result = runtime.animate(args.image, args.audio, args.out, options, progress=progress)

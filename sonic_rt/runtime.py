@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from .paste_back import PasteGeometry
 from .pipeline import inputs as input_checks
 from .pipeline import steps
-from .pipeline.components import Components, load_components
+from .pipeline.components import Components, load_components, rank_device, resolve_devices
 from .pipeline.inputs import PreparedInputs
 from .pipeline.memory import is_out_of_memory, notifier
 from .pipeline.options import DEFAULT_MIN_RESOLUTION, DEFAULT_SEED, AnimateOptions
@@ -123,16 +123,23 @@ class Runtime:
             call instead of 8 (frames near those chunk edges differ slightly). Off by default: it is slower
             (weights cross PCIe for each decoded chunk) and a large GPU does not need it.
         scheduler: how the windows run (:class:`~sonic_rt.scheduler.SchedulerConfig`: windows per UNet call,
-            parallel lanes, and the order: ``"wavefront"`` by default, which writes the first frames after a
-            fixed amount of work whatever the length, docs/wavefront.md; or ``"steps"``). Under ``torchrun`` (``WORLD_SIZE`` > 1) the windows are also sharded
-            over the ranks (gloo on CPU, NCCL on CUDA); rank 0 decodes and writes. Results do not depend on
-            lanes or ranks (see :mod:`sonic_rt.scheduler` for batching).
+            parallel lanes, guidance-row splits, and the order: ``"wavefront"`` by default, which writes the first
+            frames after a fixed amount of work whatever the length, docs/wavefront.md; or ``"steps"``). Under
+            ``torchrun`` (``WORLD_SIZE`` > 1) each rank owns a range of frames and exchanges only their edges with
+            its neighbours (gloo on CPU, NCCL on CUDA, one GPU per rank: ``cuda:$LOCAL_RANK``); rank 0 decodes and
+            writes. Results do not depend on lanes, devices or ranks (:mod:`sonic_rt.scheduler`).
+        devices: run the UNet calls of one video on several devices: a list (``["cuda:0", "cuda:1"]``), a
+            comma-separated string, or ``"all"`` (every CUDA GPU). Each device holds a UNet replica (torch backend)
+            and takes whichever window is ready when it is free; the latents, and every other model, stay on the
+            first device. On the CPU, ``["cpu", "cpu"]`` runs two replicas that split the cores. None: ``device``
+            alone. Not under torchrun (one device per rank there).
 
     Raises:
         CheckpointError: a model file is missing or does not match (names the file and the keys).
         EngineError: an engine directory is corrupted or built for another GPU, TensorRT version or precision.
         BackendUnavailableError: the engine's backend library or device is missing here.
-        InputError: an unusable device or dtype; ``low_memory`` with more than one window per UNet call.
+        InputError: an unusable device or dtype; ``low_memory`` with more than one window per UNet call; devices
+            that do not exist, mix CPU and CUDA, or are several under torchrun.
 
     Attributes:
         components: what was loaded (:class:`~sonic_rt.pipeline.components.Components`); ``graphs``,
@@ -158,12 +165,16 @@ class Runtime:
         scheduler: SchedulerConfig | None = None,
         compile: bool | str | None = None,
         low_memory: bool = False,
+        devices: str | list[str | torch.device] | None = None,
     ):
         if low_memory and scheduler is not None and scheduler.windows_per_call > 1:
             raise InputError(
                 f"low_memory runs one window per UNet call; {scheduler.windows_per_call} windows per call were "
                 "asked for (leave windows_per_call at 1, or turn low_memory off)"
             )
+        placed = resolve_devices(devices, device)
+        if device is None and placed is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            device = rank_device()  # torchrun: one GPU per rank (LOCAL_RANK), as NCCL needs
         self.components: Components = load_components(
             model_dir,
             device,
@@ -173,17 +184,21 @@ class Runtime:
             attention=attention,
             compile=compile,
             low_memory=low_memory,
+            devices=placed,
         )
         self.scheduling = scheduler or SchedulerConfig()
         self.components.check_batching(self.scheduling.windows_per_call)
         self.distributed = Distributed.from_environment(self.device)
-        self._scheduler = WindowScheduler(self.scheduling, self.device, self.distributed)
+        self._scheduler = WindowScheduler(
+            self.scheduling, self.device, self.distributed, devices=self.components.devices
+        )
         self._lock = threading.Lock()
         self._said_fallback_detector = False
 
     # What was loaded (see Components): read-only views, so there is one source of truth.
     graphs = property(lambda self: self.components.graphs, doc="the eight graphs (sonic_rt.backends.Graphs)")
-    device = property(lambda self: self.components.device, doc="the working device")
+    device = property(lambda self: self.components.device, doc="the working device (the first of devices)")
+    devices = property(lambda self: self.components.devices, doc="the devices running UNet calls (one replica each)")
     dtype = property(lambda self: self.components.dtype, doc="the working dtype of the latents (official: fp16)")
     feature_extractor = property(lambda self: self.components.feature_extractor, doc="Whisper's feature extractor")
     noise_schedule_config = property(

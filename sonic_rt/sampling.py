@@ -3,30 +3,28 @@
 Everything here is the algorithm of official ``SonicPipeline.__call__`` (docs/official_algorithm.md sections 3-5).
 :func:`sample` owns the math (which windows run at each step, the Euler step, the per-frame averaging); the
 model call is the ``denoise`` callable it is given (guided v-prediction for a group of windows), and how the
-windows are grouped and executed (order, batches, lanes, ranks) is its ``scheduler``'s job
+windows are grouped and executed (order, batches, lanes, devices, ranks) is its ``scheduler``'s job
 (:class:`sonic_rt.scheduler.WindowScheduler`), which never changes the result.
 
-Two orders run the same arithmetic:
+The loop is described as (step, window) :class:`Unit` s with their dependencies (:class:`ShiftFusionWork`: a
+window of step s+1 needs the step-s windows that hold any of its frames, circular wrap included), and every unit
+runs once its inputs are final, in one of two priority orders (:class:`ShiftFusionRun`):
 
+- **wavefront**: the units the earliest output frames need first, so the first frames are final after a cone of
+  about 50 windows per step back, whatever the video's length (:meth:`ShiftFusionWork.plan`);
 - **steps**: every window of step 0, then every window of step 1, ... (the official order).
-- **wavefront**: the loop described as (step, window) :class:`Unit` s with their dependencies
-  (:class:`ShiftFusionWork`: a window of step s+1 needs the step-s windows that hold any of its frames,
-  circular wrap included). A unit runs as soon as its inputs are final, the ones the earliest output frames
-  need first, so the first frames are final after a cone of about 50 windows per step back, whatever the
-  video's length (:meth:`ShiftFusionWork.plan`).
 
-Both give the same latents bit for bit on the CPU in fp32: each unit's arithmetic is unchanged and a frame's
-mean over the windows holding it is accumulated from zero, with at most two windows per frame when N >= T
-(the windows of a step tile the circle, overlapping only where the last one wraps onto the first), so the order
-of the two additions does not matter; with N < T one window holds every frame. The wavefront keeps, per frame,
-its latents at its current step and the sum being built for the next one: two latent tensors in all, as the step
-order keeps.
+Any valid order gives the same latents bit for bit on the CPU in fp32 (:class:`FrameLatents`): each unit's
+arithmetic is unchanged, and a frame's mean over the windows holding it is accumulated from zero, with at most two
+windows per frame when N >= T, so the order of the two additions does not matter. Per frame, the loop keeps its
+latents at its current step and the sum being built for the next one: two latent tensors in all, as the official
+step order keeps.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import torch
 
@@ -287,6 +285,166 @@ class ShiftFusionWork:
         return len(seen)
 
 
+class FrameLatents:
+    """The latents of the shift-fusion loop frame by frame, correct whatever order the units finish in.
+
+    Per held frame f: ``x[f]``, its latents at the step it has reached (final there), and ``acc[f]``, the sum of its
+    stepped copies being built for the next step. When the last step-s window holding f has added its copy, f's
+    step-(s+1) latents are ``acc[f] / count_s[f]`` (:func:`frame_counts`) and its sum restarts from zero: the
+    official per-step mean, bit for bit on the CPU in fp32 in any order of the units, because a frame is held by at
+    most two windows of a step when N >= T (the windows tile the circle, overlapping only where the last one wraps),
+    a sum of two from zero does not depend on their order, and with N < T one window holds every frame. Two latent
+    tensors of the held frames in all, as the step order keeps.
+
+    One process holds every frame. A torchrun rank (:mod:`sonic_rt.ranks`) holds the frames it owns plus the edges
+    its units read: it adds the copies of the frames it owns (its own units' and those its neighbours send,
+    :meth:`add`) and receives the edges' latents from their owners (:meth:`write`).
+
+    Every index is built on the latents' device once, here (no host-to-device copy, so no host sync, in the loop).
+
+    Args:
+        work: the loop's units.
+        latents: ``[1, n, C, h, w]`` initial latents of the held frames, in ``frames`` order, working dtype.
+        counts: ``counts[s]``: ``[1, N, 1, 1, 1]``, how often each frame appears in the step-s windows.
+        frames: the held frames, ascending (None: all N).
+        owned: the frames whose sums are built here (None: every held frame).
+        runs: the units run here, whose inputs :meth:`read` gathers (None: all).
+    """
+
+    def __init__(
+        self,
+        work: ShiftFusionWork,
+        latents: torch.Tensor,
+        counts: list[torch.Tensor],
+        frames: Sequence[int] | None = None,
+        owned: Iterable[int] | None = None,
+        runs: Iterable[Unit] | None = None,
+    ):
+        self.work, self.counts = work, counts
+        self.frames = list(range(work.num_frames)) if frames is None else sorted(frames)
+        self._local = {f: i for i, f in enumerate(self.frames)}
+        owned = set(self.frames) if owned is None else set(owned)
+        self.x, self.acc = latents.clone(), torch.zeros_like(latents)
+        self.contributed: set[Unit] = set()
+        flat: list[int] = []  # every index list, copied to the device as one tensor
+
+        def span(values: Iterable[int]) -> slice:
+            start = len(flat)
+            flat.extend(values)
+            return slice(start, len(flat))
+
+        reads = {u: span(self._local[f] for f in work.frames(u)) for u in (work.units() if runs is None else runs)}
+        adds, groups = {}, {}
+        for u in work.units():
+            frames_u = work.frames(u)
+            mine = [p for p, f in enumerate(frames_u) if f in owned]
+            if not mine:
+                continue
+            positions = None if len(mine) == len(frames_u) else span(mine)
+            adds[u] = (positions, span(self._local[frames_u[p]] for p in mine))
+            groups[u] = []
+            for owners, group in work.frame_groups(u):
+                group = sorted(f for f in group if f in owned)
+                if group:
+                    holders = tuple(Unit(u.step, j) for j in owners)
+                    groups[u].append((holders, span(self._local[f] for f in group), span(group), group))
+        self._flat_cpu = torch.tensor(flat, dtype=torch.long)  # kept alive: the copy below may still read it
+        device_flat = self._flat_cpu.to(latents.device, non_blocking=True)
+        self._reads = {u: device_flat[s] for u, s in reads.items()}
+        self._adds = {u: (None if p is None else device_flat[p], device_flat[i]) for u, (p, i) in adds.items()}
+        self._groups = {
+            u: [(holders, device_flat[li], device_flat[gi], group) for holders, li, gi, group in g]
+            for u, g in groups.items()
+        }
+
+    def read(self, unit: Unit) -> torch.Tensor:
+        """The latents of ``unit``'s frames at its step: ``[1, T, C, h, w]`` (final: call only once it is ready)."""
+        return self.x.index_select(1, self._reads[unit])
+
+    def owned_part(self, unit: Unit, stepped: torch.Tensor) -> torch.Tensor:
+        """The rows of ``unit``'s stepped copy ``[1, T, C, h, w]`` whose frames are owned here (all on one process)."""
+        positions = self._adds[unit][0]
+        return stepped if positions is None else stepped.index_select(1, positions)
+
+    def add(self, unit: Unit, rows: torch.Tensor) -> list[tuple[int, list[int]]]:
+        """Add ``unit``'s stepped copy of the frames owned here (``rows`` = :meth:`owned_part`) to their next-step
+        sums, and finalise every frame whose last holder this was.
+
+        Returns:
+            ``[(s + 1, frames)]``: the frames (ascending) whose step-(s+1) latents just became final.
+        """
+        self.acc.index_add_(1, self._adds[unit][1], rows)
+        self.contributed.add(unit)
+        finalised = []
+        for holders, local, frames_index, frames in self._groups[unit]:
+            if all(h in self.contributed for h in holders):
+                count = self.counts[unit.step].index_select(1, frames_index)
+                self.x.index_copy_(1, local, self.acc.index_select(1, local) / count)
+                self.acc.index_fill_(1, local, 0)
+                finalised.append((unit.step + 1, frames))
+        return finalised
+
+    def index(self, frames: Sequence[int]) -> torch.Tensor:
+        """The positions of held ``frames`` in :attr:`x`, as a device tensor (built once per message by a rank)."""
+        return torch.tensor([self._local[f] for f in frames], dtype=torch.long).to(self.x.device)
+
+    def write(self, index: torch.Tensor, values: torch.Tensor) -> None:
+        """Set the latents of the frames at ``index`` (:meth:`index`) to ``values`` ``[1, k, C, h, w]``, final at
+        their step (an edge frame's latents received from its owner)."""
+        self.x.index_copy_(1, index, values)
+
+    def values(self, index: torch.Tensor) -> torch.Tensor:
+        """The latents of the frames at ``index``: ``[1, k, C, h, w]``."""
+        return self.x.index_select(1, index)
+
+
+@dataclass
+class ShiftFusionRun:
+    """One run of the loop as the scheduler executes it (:meth:`sonic_rt.scheduler.WindowScheduler.run`): what the
+    units are, the order they should go in, and the math of a group of units. Where and when each runs is the
+    scheduler's choice; this never learns about devices or ranks.
+
+    Attributes:
+        work: the units and their dependencies; plan: every unit in priority order (:meth:`ShiftFusionWork.plan` for
+            the wavefront, :meth:`ShiftFusionWork.units` for the step order); windows: each unit's
+            :class:`Window`; counts: ``counts[s]`` [1, N, 1, 1, 1]; latents: the initial ``[1, N, C, h, w]``;
+        denoise: the guided v-prediction (``denoise(x, windows) -> v``, or a placeable denoiser, see the scheduler).
+    """
+
+    work: ShiftFusionWork
+    plan: list[Unit]
+    windows: dict[Unit, Window]
+    counts: list[torch.Tensor]
+    latents: torch.Tensor
+    denoise: Callable[[torch.Tensor, list[Window]], torch.Tensor]
+
+    @property
+    def steps(self) -> int:
+        return self.work.steps
+
+    def latents_of(
+        self,
+        frames: Sequence[int] | None = None,
+        owned: Iterable[int] | None = None,
+        runs: Iterable[Unit] | None = None,
+    ) -> FrameLatents:
+        """The :class:`FrameLatents` of ``frames`` (None: all), starting from the initial latents."""
+        held = self.latents if frames is None else self.latents[:, sorted(frames)]
+        return FrameLatents(self.work, held, self.counts, frames, owned, runs)
+
+    def step(
+        self,
+        state: FrameLatents,
+        group: list[Unit],
+        denoise: Callable[[torch.Tensor, list[Window]], torch.Tensor],
+    ) -> torch.Tensor:
+        """The stepped copies of ``group`` (units of one step, all ready): their latents, ``denoise`` (the guided v
+        wherever the scheduler runs it), one Euler step. Returns ``[g, T, C, h, w]`` in the latents' dtype."""
+        ws = [self.windows[u] for u in group]
+        xs = torch.cat([state.read(u) for u in group])  # [g, T, C, h, w]
+        return euler_v_step(denoise(xs, ws), xs, ws[0].sigma, ws[0].sigma_next).to(xs.dtype)
+
+
 def sample(
     latents: torch.Tensor,
     sigmas: torch.Tensor,
@@ -296,135 +454,47 @@ def sample(
     on_window: Callable[[Window], None] | None = None,
     scheduler: WindowScheduler | None = None,
     on_final_frames: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
-) -> torch.Tensor:
+) -> torch.Tensor | None:
     """Shift-fusion denoising loop over the whole video.
 
     Args:
         latents: [1, N, C, h, w] initial latents (reference latents + sigma_max * noise).
         sigmas: [steps + 1]; timesteps: [steps].
         denoise: ``denoise(x, windows) -> v``: the guided v-prediction [g, T, C, h, w] (CFG already combined)
-            for the latents ``x`` [g, T, C, h, w] of g windows (``latents[0, window.index]`` stacked).
+            for the latents ``x`` [g, T, C, h, w] of g windows (``latents[0, window.index]`` stacked). The
+            runtime's :class:`~sonic_rt.pipeline.guidance.GuidedDenoiser` can also run on each of the scheduler's
+            devices and by guidance rows.
         on_window: called after each window (progress).
-        scheduler: how the windows are executed: the order (steps, or the wavefront: see the module
-            docstring), batching, lanes, ranks; default step by step, sequential, one window per call. It never
-            changes which windows run or how they are averaged.
+        scheduler: how the units are executed: the order (the wavefront, or step by step: see the module
+            docstring), batching, lanes, devices, ranks; default one device, one window per call. It never changes
+            which windows run or how they are averaged.
         on_final_frames: called as frames become final with ``(latents, ready)``: ``latents`` [1, N, C, h, w]
             holds final values where ``ready`` [N] (bool, CPU) is True. Lets the caller decode finished frames
-            while other windows still run: during the last step in step order, from early on in the wavefront
-            order (single process only).
+            while other windows still run (under torchrun on rank 0, which gathers the final frames).
 
     Returns:
         [1, N, C, h, w]: after every step each frame is the mean of its stepped copies over the windows
-        that hold it (``acc / count``), accumulated in window order, in the latents' dtype.
+        that hold it (``acc / count``), in the latents' dtype. Under torchrun: on rank 0 (the other ranks return
+        None).
     """
     from .scheduler import WindowScheduler
 
     scheduler = scheduler or WindowScheduler(device=latents.device)
-    if scheduler.runs_wavefront:
-        return _sample_wavefront(latents, sigmas, timesteps, config, denoise, on_window, scheduler, on_final_frames)
-    num_frames = latents.shape[1]
-    device = latents.device
-    steps = len(timesteps)
-    # Built on the device once per run (one copy of the timesteps, index arithmetic by device kernels), so that
-    # no step blocks the host on a host-to-device copy (on CUDA a pageable copy synchronises).
-    device_timesteps = timesteps.to(device, non_blocking=True)  # staged before return; no host sync
-    for i in range(steps):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        step_index = step_window_indices(num_frames, config.frames_per_window, i, config.shift_offset, device)
-        windows = [
-            Window(step=i, index=step_index[j], timestep=device_timesteps[i], sigma=sigma, sigma_next=sigma_next)
-            for j in range(step_index.shape[0])
-        ]
-        count = frame_counts(step_index, num_frames, latents.dtype)
-        current = latents
-
-        def run_group(positions: list[int]) -> torch.Tensor:
-            group = [windows[p] for p in positions]
-            x = torch.cat([current[:, w.index] for w in group])  # [g, T, C, h, w]
-            return euler_v_step(denoise(x, group), x, sigma, sigma_next).to(current.dtype)
-
-        acc = torch.zeros_like(latents)
-        last = i == steps - 1 and on_final_frames is not None and not scheduler.distributed.enabled
-        done = torch.zeros_like(count) if last else None
-        for positions, stepped in scheduler.imap(len(windows), run_group):
-            for k, p in enumerate(positions):
-                acc.index_add_(1, windows[p].index, stepped[k : k + 1])
-                if last:
-                    done.index_add_(1, windows[p].index, count.new_ones(1, len(windows[p].index), 1, 1, 1))
-                if on_window is not None:
-                    on_window(windows[p])
-            if last:
-                ready = (done == count).flatten()
-                on_final_frames(acc / count, ready)
-        latents = scheduler.all_reduce_(acc) / count
-    return latents
-
-
-def _sample_wavefront(
-    latents: torch.Tensor,
-    sigmas: torch.Tensor,
-    timesteps: torch.Tensor,
-    config: SamplingConfig,
-    denoise: Callable[[torch.Tensor, list[Window]], torch.Tensor],
-    on_window: Callable[[Window], None] | None,
-    scheduler: WindowScheduler,
-    on_final_frames: Callable[[torch.Tensor, torch.Tensor], None] | None,
-) -> torch.Tensor:
-    """:func:`sample` in wavefront order (module docstring): the units of :meth:`ShiftFusionWork.plan`, run by
-    ``scheduler.run_units`` as their inputs become final. Per frame: ``x`` holds its latents at the step it is at,
-    ``acc`` the sum being built for the next step; when the last window holding a frame at step s is done, the
-    frame's step-(s+1) latents are ``acc / count_s`` (as the step order divides the whole tensor) and its sum
-    restarts from zero."""
     num_frames, device, steps = latents.shape[1], latents.device, len(timesteps)
-    frames_per_window, last = config.frames_per_window, steps - 1
-    work = ShiftFusionWork(num_frames, steps, frames_per_window, config.shift_offset)
+    work = ShiftFusionWork(num_frames, steps, config.frames_per_window, config.shift_offset)
+    # built on the device once per run (no host-to-device copy, so no host sync, in the loop)
     device_timesteps = timesteps.to(device, non_blocking=True)
     step_index = [
-        step_window_indices(num_frames, frames_per_window, s, config.shift_offset, device) for s in range(steps)
+        step_window_indices(num_frames, config.frames_per_window, s, config.shift_offset, device) for s in range(steps)
     ]
     windows = {
         u: Window(u.step, step_index[u.step][u.position], device_timesteps[u.step], sigmas[u.step], sigmas[u.step + 1])
         for u in work.units()
     }
-    counts = [frame_counts(index, num_frames, latents.dtype) for index in step_index]  # count_s per step
-    # each unit's frames grouped by their owners, as views of one index tensor copied to the device once
-    groups = {u: work.frame_groups(u) for u in work.units()}
-    flat_cpu = torch.tensor([f for u in work.units() for _, frames in groups[u] for f in frames], dtype=torch.long)
-    flat, offset, finalise = flat_cpu.to(device, non_blocking=True), 0, {}  # no host sync (flat_cpu lives on)
-    for u in work.units():
-        finalise[u] = []
-        for owners, frames in groups[u]:
-            part = slice(offset, offset + len(frames))
-            finalise[u].append(([Unit(u.step, j) for j in owners], flat[part], flat_cpu[part]))
-            offset += len(frames)
-    x, acc = latents.clone(), torch.zeros_like(latents)
-    final = torch.zeros(num_frames, dtype=torch.bool)
-    done: set[Unit] = set()
-
-    def run_group(group: list[Unit]) -> torch.Tensor:
-        ws = [windows[u] for u in group]
-        xs = torch.cat([x.index_select(1, w.index) for w in ws])  # [g, T, C, h, w]: final at this step
-        return euler_v_step(denoise(xs, ws), xs, ws[0].sigma, ws[0].sigma_next).to(x.dtype)
-
-    def on_done(group: list[Unit], stepped: torch.Tensor) -> None:
-        newly_final = False
-        for k, u in enumerate(group):
-            acc.index_add_(1, windows[u].index, stepped[k : k + 1])
-            done.add(u)
-            for owners, index, frames in finalise[u]:
-                if all(o in done for o in owners):  # the last window holding these frames at this step
-                    x.index_copy_(1, index, acc.index_select(1, index) / counts[u.step].index_select(1, index))
-                    acc.index_fill_(1, index, 0)
-                    if u.step == last:
-                        final[frames] = True
-                        newly_final = True
-            if on_window is not None:
-                on_window(windows[u])
-        if newly_final and on_final_frames is not None:
-            on_final_frames(x, final)
-
-    scheduler.run_units(work.plan(), work.dependencies, lambda u: u.step, run_group, on_done)
-    return x
+    counts = [frame_counts(index, num_frames, latents.dtype) for index in step_index]
+    plan = work.plan() if scheduler.config.order == "wavefront" else work.units()
+    run = ShiftFusionRun(work, plan, windows, counts, latents, denoise)
+    return scheduler.run(run, on_window, on_final_frames)
 
 
 def scale_model_input(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

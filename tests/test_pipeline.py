@@ -97,15 +97,17 @@ def test_overrides_replace_options_and_unknown_names_are_a_type_error():
 
 
 class RecordingUNet:
-    """Returns, for each row, a constant v that says which CFG row it is (0 uncond, 1 drop_audio, 2 cond)."""
+    """Returns, for each row, a constant v that says which CFG row its inputs make it (0 uncond: no image latents;
+    1 drop_audio: the zero window's audio tokens, all -1 in these tests; 2 cond)."""
 
     def __init__(self):
         self.calls = []
 
     def __call__(self, sample, timestep, clip, audio, time_ids, *masks):
         self.calls.append((sample, timestep, clip, audio, time_ids, masks))
-        rows = sample.shape[0] // 3
-        kind = torch.arange(3, dtype=sample.dtype).repeat_interleave(rows)
+        no_image = (sample[:, :, 4:] == 0).flatten(1).all(1)
+        no_audio = (audio == -1.0).flatten(1).all(1)
+        kind = torch.where(no_image, 0.0, torch.where(no_audio, 1.0, 2.0)).to(sample.dtype)
         return kind[:, None, None, None, None].expand(-1, *sample.shape[1:2], 4, *sample.shape[3:]).clone()
 
 
@@ -157,6 +159,12 @@ def test_guided_denoiser_builds_uncond_drop_audio_cond_rows_and_combines_them():
     assert timestep.tolist() == [1.5]
     # v rows are 0 (uncond), 1 (drop_audio), 2 (cond): u + g1 (d - u) + g2 (c - d) = 2 + 7.5
     torch.testing.assert_close(v, torch.full((n, frames, 4, h, w), 9.5))
+    # the scheduler's row split: rows [0, 1] in one call, row 2 in another, combined: the same v, bit for bit
+    parts = [denoiser.partial(x, windows, range(0, 2), 0), denoiser.partial(x, windows, range(2, 3), 0)]
+    assert [p.shape[0] for p in parts] == [2 * n, n]
+    assert torch.equal(denoiser.combine(parts), v)
+    split_sample = torch.cat([unet.calls[1][0], unet.calls[2][0]])
+    assert torch.equal(split_sample, sample)  # the same UNet rows, in two calls
 
 
 def test_memory_fallback_halves_keeps_the_smaller_size_and_fails_at_one():

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 import sonic_rt
+from sonic_rt import media
 from sonic_rt.errors import InputError
 from sonic_rt.models.unet import level_face_masks
 from sonic_rt.sampling import window_indices
@@ -106,19 +108,67 @@ def _torchrun(nproc, *args, timeout=300):
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
 
 
-@pytest.mark.parametrize("num_frames", LENGTHS)
-def test_two_gloo_ranks_give_bit_identical_latents(num_frames, tmp_path):
+RANKS = (
+    [(2, n, "") for n in LENGTHS + [25, 1000]]
+    + [(3, n, "") for n in (7, 60, 126, 1000)]
+    + [
+        (4, 1000, ""),
+        (2, 126, "--lanes 2 --windows-per-call 2"),
+        (3, 300, "--windows-per-call 3 --order steps"),
+    ]
+)
+
+
+@pytest.mark.parametrize("ranks,num_frames,flags", RANKS, ids=lambda v: str(v).replace(" ", "") or "default")
+def test_gloo_ranks_give_bit_identical_latents(ranks, num_frames, flags, tmp_path):
+    """Ranks own contiguous frame ranges and exchange edges point to point: the latents of one process."""
     out = tmp_path / "latents.pt"
-    run = _torchrun(2, str(SCRIPTS / "distributed_sample.py"), str(out), str(num_frames))
+    run = _torchrun(ranks, str(SCRIPTS / "distributed_sample.py"), str(out), str(num_frames), *flags.split())
     assert run.returncode == 0, run.stderr[-3000:]
     assert torch.equal(torch.load(out), _run(num_frames))
 
 
 def test_a_failure_on_one_rank_is_raised_on_every_rank(tmp_path):
-    run = _torchrun(2, str(SCRIPTS / "distributed_sample.py"), str(tmp_path / "x.pt"), "60", "1")
+    run = _torchrun(2, str(SCRIPTS / "distributed_sample.py"), str(tmp_path / "x.pt"), "60", "--fail-rank", "1")
     assert run.returncode != 0
     assert "rank 1 failed on purpose" in run.stderr
-    assert "RankFailed" in run.stderr  # rank 0 learned of it instead of hanging in the all-reduce
+    assert "RankFailed: rank 1 failed: ValueError: rank 1 failed on purpose" in run.stderr  # rank 0 was told
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_a_killed_rank_ends_the_job_with_an_error_in_bounded_time(tmp_path):
+    """Rank 1 dies (SIGKILL) mid-job: rank 0 stops waiting for its messages and fails, under torchrun."""
+    started = time.monotonic()
+    run = _torchrun(2, str(SCRIPTS / "distributed_sample.py"), str(tmp_path / "x.pt"), "126", "--kill-rank", "1")
+    assert run.returncode != 0 and time.monotonic() - started < 120
+    assert "SIGKILL" in run.stderr
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_without_torchrun_a_killed_rank_is_noticed_by_the_survivor(tmp_path):
+    """Two plain processes (no torchrun agent to stop the survivor): rank 0 raises RankFailed naming rank 1."""
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "WORLD_SIZE": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+        "SONIC_RT_RANK_TIMEOUT": "60",
+    }
+    script = [sys.executable, str(SCRIPTS / "distributed_sample.py"), str(tmp_path / "x.pt"), "126", "--kill-rank", "1"]
+    started = time.monotonic()
+    procs = [
+        subprocess.Popen(script, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stderr=subprocess.PIPE, text=True)
+        for r in (0, 1)
+    ]
+    try:
+        errors = [p.communicate(timeout=180)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert time.monotonic() - started < 120
+    assert procs[1].returncode == -9 and procs[0].returncode != 0
+    assert "RankFailed: lost rank 1" in errors[0]
     assert not (tmp_path / "x.pt").exists()
 
 
@@ -232,7 +282,7 @@ def test_cli_under_torchrun_two_ranks_writes_the_same_video(demo_dir, portrait, 
             timeout=600,
         )
         assert run.returncode == 0, run.stderr[-3000:]
-        videos[nproc] = sonic_rt.media.read_video(out)[0]
+        videos[nproc] = media.read_video(out)[0]
     assert videos[1].shape == videos[2].shape and (videos[1] == videos[2]).all()
 
 

@@ -119,10 +119,9 @@ def test_the_plan_is_a_valid_order_with_the_last_step_in_output_order():
     assert work.dependencies(Unit(0, 0)) == []
 
 
-def test_ranks_run_step_by_step():
-    assert WindowScheduler(SchedulerConfig(), "cpu").runs_wavefront
-    assert not WindowScheduler(SchedulerConfig(order="steps"), "cpu").runs_wavefront
-    assert not WindowScheduler(SchedulerConfig(), "cpu", Distributed(rank=0, world_size=2)).runs_wavefront
+def test_several_devices_under_torchrun_are_refused():
+    with pytest.raises(InputError, match="each rank runs one device"):
+        WindowScheduler(SchedulerConfig(), "cpu", Distributed(rank=0, world_size=2), devices=["cpu", "cpu"])
 
 
 def test_an_unknown_order_is_refused():

@@ -49,6 +49,16 @@ class TorchGraph(Graph):
             self.call = compiled
         return compiled is not None
 
+    def replicate(self, device: torch.device | str, mode=None) -> TorchGraph:
+        """A copy of this graph with its own weights on ``device`` (a UNet replica for another GPU), compiled as
+        ``mode`` says (:meth:`compile`)."""
+        import copy
+
+        replica = TorchGraph(self.spec, copy.deepcopy(self.module).to(device), torch.device(device))
+        if self.call is not self.module:
+            replica.compile("UNet", mode=mode)
+        return replica
+
     def run(self, inputs: list[torch.Tensor], values: Mapping[str, int]) -> list[torch.Tensor]:
         if self.home is not None:
             self.module.to(self.device)

@@ -11,7 +11,7 @@ import functools
 import json
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,10 @@ class Components:
         low_memory: the ``low_memory`` plan is on (:mod:`sonic_rt.pipeline.memory`): the graphs of
             :data:`~sonic_rt.pipeline.memory.OFFLOADED_GRAPHS` wait in host memory (torch backend on CUDA),
             the UNet's feed-forward runs in chunks, the VAE decodes fewer frames per call.
+        devices: the devices the window scheduler runs UNet calls on, the first being :attr:`device` (where
+            every other graph and the latents live).
+        unets: the UNet on each of :attr:`devices` (the graph of ``graphs`` on the first; a device named twice
+            shares one replica).
     """
 
     graphs: Graphs
@@ -55,6 +59,12 @@ class Components:
     source: Path
     demo: dict[str, Any] | None
     low_memory: bool = False
+    devices: list[torch.device] = field(default_factory=list)
+    unets: list[Any] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.devices = self.devices or [self.device]
+        self.unets = self.unets or [self.graphs.unet] * len(self.devices)
 
     @property
     def backend(self) -> str:
@@ -146,8 +156,10 @@ def load_components(
     attention: str | None = None,
     compile: bool | str | None = None,
     low_memory: bool = False,
+    devices: list[torch.device] | None = None,
 ) -> Components:
-    """Load a weights directory (torch backend) or an engine directory (the backend its manifest names).
+    """Load a weights directory (torch backend) or an engine directory (the backend its manifest names), and a
+    UNet replica on each other device of ``devices`` (:func:`resolve_devices`; the first is where everything loads).
 
     Args: as :class:`sonic_rt.Runtime`.
 
@@ -158,6 +170,15 @@ def load_components(
         mode = CompileMode.parse(compile)
     except ValueError as exc:
         raise InputError(str(exc)) from None
+    if devices:
+        device = devices[0]
+    components = _load(model_dir, device, dtype, trust_pickle, providers, attention, compile, mode, low_memory)
+    if devices:
+        components.devices, components.unets = list(devices), _unet_replicas(components, devices, mode)
+    return components
+
+
+def _load(model_dir, device, dtype, trust_pickle, providers, attention, compile, mode, low_memory) -> Components:
     if is_engine_dir(model_dir):
         if attention not in (None, "auto"):
             raise InputError(
@@ -171,6 +192,65 @@ def load_components(
             )
         return _load_engines(model_dir, device, dtype, providers, low_memory)
     return _load_weights(model_dir, device, dtype, trust_pickle, attention, mode, low_memory)
+
+
+def _unet_replicas(c: Components, devices: list[torch.device], mode: CompileMode) -> list:
+    """The UNet graph on each device: the loaded one on the first device (and wherever a device repeats), a copy
+    of the torch module on each other device.
+
+    Raises:
+        InputError: a second device for exported engines (each engine is built for one device).
+    """
+    replicas = {devices[0]: c.graphs.unet}
+    for device in devices[1:]:
+        if device in replicas:
+            continue
+        if c.backend != "torch":
+            raise InputError(
+                f"{c.source} holds {c.backend} engines, which run on the device they were loaded on; UNet "
+                f"replicas on {device} need the torch backend (a weights directory)"
+            )
+        replicas[device] = c.graphs.unet.replicate(device, mode)
+    return [replicas[d] for d in devices]
+
+
+def resolve_devices(
+    devices: str | torch.device | list[str | torch.device] | tuple | None, device: str | torch.device | None = None
+) -> list[torch.device] | None:
+    """The devices of ``Runtime(devices=...)``: a list (``["cuda:0", "cuda:1"]``; ``["cpu", "cpu"]`` for two CPU
+    replicas splitting the cores), a comma-separated string (the CLI's ``--devices``), or ``"all"`` (every CUDA GPU;
+    the CPU alone where there is none). None: only ``device``.
+
+    Raises:
+        InputError: an unknown or missing device, a mix of CPU and CUDA, or a ``device`` that is not the first.
+    """
+    if devices is None:
+        return None
+    if isinstance(devices, str) and devices.strip().lower() == "all":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        names: list = [f"cuda:{i}" for i in range(count)] or ["cpu"]
+    elif isinstance(devices, str):
+        names = [d.strip() for d in devices.split(",") if d.strip()]
+    elif isinstance(devices, torch.device):
+        names = [devices]
+    else:
+        names = list(devices)
+    if not names:
+        raise InputError("devices is empty: name at least one device (e.g. cuda:0,cuda:1), or 'all'")
+    try:
+        resolved = [torch.device(d) for d in names]
+    except (RuntimeError, TypeError) as exc:
+        raise InputError(f"devices: {exc}") from None
+    resolved = [torch.device("cuda", 0) if d.type == "cuda" and d.index is None else d for d in resolved]
+    if len({d.type for d in resolved}) > 1 or resolved[0].type not in ("cpu", "cuda"):
+        raise InputError(f"devices must be all CUDA GPUs or all CPU, got {', '.join(map(str, resolved))}")
+    for d in resolved:
+        default_device(d)  # CUDA present
+        if d.type == "cuda" and d.index >= torch.cuda.device_count():
+            raise InputError(f"device {d} does not exist: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    if device is not None and default_device(device) != resolved[0]:
+        raise InputError(f"device={device} is not the first of devices ({resolved[0]}): give one or the other")
+    return resolved
 
 
 def _load_engines(model_dir, device, dtype, providers, low_memory) -> Components:
@@ -233,6 +313,13 @@ def default_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
+def rank_device() -> torch.device:
+    """A torchrun rank's device: ``cuda:$LOCAL_RANK`` where CUDA is present, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
 def default_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """The weights' dtype: ``dtype`` (a name or torch dtype, :meth:`Precision.parse`), or fp16 on CUDA (official)
     and fp32 on the CPU when None.
@@ -292,4 +379,11 @@ def cpu_speedup_over_fp32(dtype: torch.dtype, repeats: int = 3) -> float:
     return seconds(torch.float32) / seconds(dtype)
 
 
-__all__ = ["Components", "load_components", "default_device", "default_dtype", "cpu_speedup_over_fp32"]
+__all__ = [
+    "Components",
+    "load_components",
+    "resolve_devices",
+    "default_device",
+    "default_dtype",
+    "cpu_speedup_over_fp32",
+]

@@ -46,10 +46,13 @@ class UNetRows:
 
 class GuidedDenoiser:
     """``denoiser(x, windows) -> v``: the guided v-prediction of g windows, the ``denoise`` callable of
-    :func:`sonic_rt.sampling.sample`.
+    :func:`sonic_rt.sampling.sample`; also :class:`~sonic_rt.scheduler.Placeable`: it runs on any of its UNet
+    replicas (one per scheduler device) and by guidance rows, the inputs built on the first device and the v
+    returned there.
 
     Args:
-        unet: the UNet graph ``(sample, timestep, clip, audio, time_ids, *face_masks) -> v``.
+        unet: the UNet graph ``(sample, timestep, clip, audio, time_ids, *face_masks) -> v``, or one per device
+            (the first where the latents live).
         image_latents: [1, 4, h, w] VAE latents of the reference (distribution mean, unscaled), working dtype.
         clip_embeds: [1, D_clip] CLIP image embedding, working dtype.
         cond_tokens: [1, N, 32, D] audio tokens of every frame; uncond_tokens: [1, 1, 32, D] (audio2token of
@@ -61,6 +64,8 @@ class GuidedDenoiser:
         memory: the out-of-memory policy of a UNet call (fewer windows per call on failure: same result),
             or None to call the UNet once per group.
     """
+
+    guidance_rows = 3  # [uncond, drop_audio, cond]
 
     def __init__(
         self,
@@ -78,14 +83,20 @@ class GuidedDenoiser:
         memory: MemoryFallback | None = None,
     ):
         dtype, device = image_latents.dtype, image_latents.device
-        self.unet, self.dtype, self.memory = unet, dtype, memory
+        self.unets = list(unet) if isinstance(unet, (list, tuple)) else [unet]
+        self.unet, self.dtype, self.device, self.memory = self.unets[0], dtype, device, memory
         self.scales = (image_guidance_scale, audio_guidance_scale)
         # CFG rows [uncond, drop_audio, cond]: image latents and CLIP are zero for uncond only
         self.image_rows = torch.cat([torch.zeros_like(image_latents), image_latents, image_latents])  # [3, 4, h, w]
         self.clip_rows = torch.cat([torch.zeros_like(clip_embeds), clip_embeds, clip_embeds]).unsqueeze(1)  # [3,1,D]
         self.cond_tokens, self.uncond_tokens = cond_tokens.to(dtype), uncond_tokens.to(dtype)
-        self.buckets, self.face_masks = buckets, face_masks
+        self.buckets = buckets
+        self.face_masks = [[m.to(getattr(u, "device", device)) for m in face_masks] for u in self.unets]  # per replica
         self.fps_id = torch.tensor([fps], device=device)
+
+    @property
+    def replicas(self) -> int:
+        return len(self.unets)
 
     def rows(self, x: torch.Tensor, windows: list[Window]) -> UNetRows:
         """The UNet inputs of windows ``windows`` whose latents are ``x`` [g, T, 4, h, w] (same step)."""
@@ -103,18 +114,39 @@ class GuidedDenoiser:
             sample, windows[0].timestep.reshape(1).float(), self.clip_rows.repeat_interleave(n, dim=0), audio, time_ids
         )
 
-    def guided_v(self, x: torch.Tensor, windows: list[Window]) -> torch.Tensor:
+    def unguided_v(self, rows: UNetRows, replica: int = 0, part: slice = slice(None)) -> torch.Tensor:
+        """One UNet call on replica ``replica`` over the rows ``part`` of ``rows``: v ``[rows, T, 4, h, w]`` on the
+        first device (moved there from the replica's)."""
+        r = rows
+        v = self.unets[replica](
+            r.sample[part], r.timestep, r.clip[part], r.audio[part], r.time_ids[part], *self.face_masks[replica]
+        )
+        return v.to(self.device, non_blocking=True)
+
+    def combine(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """The guided v ``u + g1 (d - u) + g2 (c - d)`` from the v of every row ([3g, ...] in all, row order)."""
+        return combine_guidance(torch.cat(parts) if len(parts) > 1 else parts[0], *self.scales)
+
+    def guided_v(self, x: torch.Tensor, windows: list[Window], replica: int = 0) -> torch.Tensor:
         """One UNet call on the 3g rows of ``windows``, combined: [g, T, 4, h, w] in the UNet's dtype."""
-        r = self.rows(x, windows)
-        v = self.unet(r.sample, r.timestep, r.clip, r.audio, r.time_ids, *self.face_masks)
-        return combine_guidance(v, *self.scales)
+        return self.combine([self.unguided_v(self.rows(x, windows), replica)])
+
+    def guided(self, x: torch.Tensor, windows: list[Window], replica: int) -> torch.Tensor:
+        """:meth:`guided_v` on replica ``replica``, in fewer windows per call after an out-of-memory error (windows
+        are independent: same result)."""
+        if self.memory is None:
+            return self.guided_v(x, windows, replica)
+        return self.memory.run(len(windows), lambda part: self.guided_v(x[part], windows[part], replica))
+
+    def partial(self, x: torch.Tensor, windows: list[Window], rows: range, replica: int) -> torch.Tensor:
+        """The v of guidance rows ``rows`` (of 0 uncond, 1 drop-audio, 2 cond) of ``windows`` on replica ``replica``:
+        ``[len(rows) g, T, 4, h, w]`` on the first device (the row split of the scheduler)."""
+        g = len(windows)
+        return self.unguided_v(self.rows(x, windows), replica, slice(rows.start * g, rows.stop * g))
 
     def __call__(self, x: torch.Tensor, windows: list[Window]) -> torch.Tensor:
-        """:meth:`guided_v`, in fewer windows per call after an out-of-memory error (windows are independent:
-        same result)."""
-        if self.memory is None:
-            return self.guided_v(x, windows)
-        return self.memory.run(len(windows), lambda part: self.guided_v(x[part], windows[part]))
+        """:meth:`guided` on the first device."""
+        return self.guided(x, windows, 0)
 
 
 __all__ = ["GuidedDenoiser", "UNetRows"]

@@ -129,8 +129,8 @@ def encode_audio(
 def guided_denoiser(
     c: Components, inputs: PreparedInputs, reference: ReferenceLatents, audio: AudioConditioning, say: Notify
 ) -> GuidedDenoiser:
-    """Step 5: the guided UNet of this video: its CFG rows, the face mask of every UNet level (once per
-    resolution; official: per layer and call), the out-of-memory policy (fewer windows per call) and, under
+    """Step 5: the guided UNet of this video on each device: its CFG rows, the face mask of every UNet level (once
+    per resolution; official: per layer and call), the out-of-memory policy (fewer windows per call) and, under
     ``low_memory``, the UNet's feed-forward chunking for this window length."""
     config = inputs.config
     c.prepare_unet(config.frames_per_window)  # low_memory: the feed-forward in chunks of frames
@@ -148,7 +148,7 @@ def guided_denoiser(
         say,
     )
     return GuidedDenoiser(
-        c.graphs.unet,
+        c.unets,  # the UNet on each of the scheduler's devices
         image_latents=reference.image_latents,
         clip_embeds=reference.clip_embeds,
         cond_tokens=audio.cond_tokens,

@@ -1,9 +1,14 @@
-"""Run by tests/test_scheduler.py under torchrun: the sampler with windows sharded over the ranks (gloo).
+"""Run by the tests under torchrun (or as plain processes): the sampler over the ranks, each owning a range of frames.
 
-Usage: torchrun --nproc_per_node R tests/scripts/distributed_sample.py OUT.pt N [FAIL_RANK]
-Rank 0 saves the final latents to OUT.pt. FAIL_RANK (optional) makes that rank's denoiser raise.
+Usage: torchrun --nproc_per_node R tests/scripts/distributed_sample.py OUT.pt N [--fail-rank K] [--kill-rank K]
+       [--lanes L] [--windows-per-call W] [--order O] [--steps S]
+Rank 0 saves the final latents to OUT.pt. ``--fail-rank`` makes that rank's denoiser raise on its second call;
+``--kill-rank`` makes that rank kill itself (SIGKILL) there instead.
 """
 
+import argparse
+import os
+import signal
 import sys
 
 import torch
@@ -16,20 +21,34 @@ from toy import toy_denoise, toy_problem  # noqa: E402
 
 
 def main() -> None:
-    out, num_frames = sys.argv[1], int(sys.argv[2])
-    fail_rank = int(sys.argv[3]) if len(sys.argv) > 3 else -1
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    parser.add_argument("frames", type=int)
+    parser.add_argument("--fail-rank", type=int, default=-1)
+    parser.add_argument("--kill-rank", type=int, default=-1)
+    parser.add_argument("--lanes", type=int, default=1)
+    parser.add_argument("--windows-per-call", type=int, default=1)
+    parser.add_argument("--order", default="wavefront")
+    parser.add_argument("--steps", type=int, default=4)
+    args = parser.parse_args()
     distributed = Distributed.from_environment(torch.device("cpu"))
-    latents, sigmas, timesteps = toy_problem(num_frames)
+    latents, sigmas, timesteps = toy_problem(args.frames, args.steps)
+    calls = []
 
     def denoise(x, windows):
-        if distributed.rank == fail_rank:
-            raise ValueError(f"rank {fail_rank} failed on purpose")
+        calls.append(len(windows))
+        if len(calls) == 2 and distributed.rank == args.fail_rank:
+            raise ValueError(f"rank {args.fail_rank} failed on purpose")
+        if len(calls) == 2 and distributed.rank == args.kill_rank:
+            os.kill(os.getpid(), signal.SIGKILL)
         return toy_denoise(x, windows)
 
-    scheduler = WindowScheduler(SchedulerConfig(), "cpu", distributed)
+    config = SchedulerConfig(lanes=args.lanes, windows_per_call=args.windows_per_call, order=args.order)
+    scheduler = WindowScheduler(config, "cpu", distributed)
     result = sample(latents, sigmas, timesteps, SamplingConfig(steps=len(timesteps)), denoise, scheduler=scheduler)
     if distributed.rank == 0:
-        torch.save(result, out)
+        torch.save(result, args.out)
+    scheduler.close()
     distributed.shutdown()
 
 
