@@ -20,8 +20,9 @@ the threads (spatial convolutions, GroupNorm, LayerNorm, SDPA and large matmuls)
 oneDNN chooses kernels by shape and thread count, so this is a property checked at those shapes, not a proof for
 every shape: the Sonic-shaped UNet at 64 pixels (its deepest level 1x1) still differs by ~1e-6 between a row alone
 and in a batch, and 4 threads differ from 2 at a 2x2 deepest level. The scheduler's promise is therefore made for
-equal threads per worker (:mod:`sonic_rt.scheduler`). The cost is small (the padded matmuls are tiny; the temporal convolutions are ~5% of a UNet call and run at
-the same speed as ``conv3d``). Applied on the CPU only, and never while tracing for export (the graph must not bake
+equal threads per worker (:mod:`sonic_rt.scheduler`). The cost is small: the padded matmuls are tiny, and the temporal convolutions (~5% of a UNet call) run about as
+fast as ``conv3d`` (a Sonic-shaped UNet call at 192x192 pixels, best of 5 interleaved on a 2-core EPYC: 4.76 s
+against 4.70 s with ``conv3d`` and the old strided matmuls). Applied on the CPU only, and never while tracing for export (the graph must not bake
 a row count).
 """
 
