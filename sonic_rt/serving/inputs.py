@@ -54,6 +54,19 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "max_output_side": (64, 4096),
 }
 MAX_REDIRECTS = 5
+# What a file input or a webhook may be, as regular expressions (ECMA-262 and Python alike): the schema declares
+# them (``/openapi.json``) and :func:`parse_input` and the routes check them, so the two cannot disagree.
+# An http(s) URL: optional user info, a host name or an IPv4 address or a bracketed IPv6 address, an optional port.
+HTTP_URL = re.compile(
+    r"^https?://(?:[A-Za-z0-9._~%!$&'()*+,;=:-]*@)?(?:[A-Za-z0-9][A-Za-z0-9.-]*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?"
+    r"(?:[/?#]\S*)?$"
+)
+# A data: URL (RFC 2397): base64 (valid base64, padded) or percent-encoded.
+DATA_URL = re.compile(
+    r"^data:[^,]*;base64,(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
+    r"|^data:[^,;]*(?:;(?!base64[;,])[^,;]*)*,[\s\S]*$"
+)
+FILE_URL = re.compile(f"(?:{DATA_URL.pattern})|(?:{HTTP_URL.pattern})")
 _EXTENSIONS = {"image/jpeg": ".jpg", "audio/mpeg": ".mp3", "audio/wav": ".wav", "audio/x-wav": ".wav"}
 
 
@@ -117,7 +130,7 @@ def input_model():
     from pydantic import ConfigDict, Field, create_model, model_validator
 
     fields: dict[str, Any] = {
-        name: (str, Field(description=text, json_schema_extra={"format": "uri", "x-file": True}))
+        name: (str, Field(description=text, json_schema_extra={"pattern": FILE_URL.pattern, "x-file": True}))
         for name, text in FILE_INPUTS.items()
     }
     for info in AnimateOptions.describe():
@@ -186,8 +199,8 @@ def parse_input(raw: Any, folder: Path, *, max_file_bytes: int, uploads: dict[st
         checked = input_model().model_validate(given)
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "input"
-        raise BadInput(f"input.{where}: {first['msg']}") from None
+        where = ".".join(["input", *(str(p) for p in first["loc"])])
+        raise BadInput(f"{where}: {first['msg']}") from None
     options = {COG_SONIC_NAMES.get(name, name): getattr(checked, name) for name in checked.model_fields_set}
     options = {k: v for k, v in options.items() if k not in FILE_INPUTS}
     notes = []
@@ -206,19 +219,18 @@ def parse_input(raw: Any, folder: Path, *, max_file_bytes: int, uploads: dict[st
             echo[name] = f"upload:{uploads[name].name} ({uploads[name].stat().st_size} bytes)"
             continue
         value = getattr(checked, name)
-        scheme = value.split(":", 1)[0].lower() if ":" in value else ""
-        if scheme == "data":
+        if DATA_URL.fullmatch(value):
             path, size = save_data_url(value, folder, name, max_file_bytes)
             files[name] = {"path": str(path)}
             echo[name] = f"{value[: value.find(',') + 1]}... ({size} bytes)"
-        elif scheme in ("http", "https"):
-            if not urllib.parse.urlsplit(value).hostname:
-                raise BadInput(f"input.{name}: {value!r} has no host")
+        elif HTTP_URL.fullmatch(value):
             files[name] = {"url": value}
         else:
+            scheme = value.split(":", 1)[0] if ":" in value else ""
+            what = f"the URL scheme {scheme!r}" if scheme.lower() not in ("", "data", "http", "https") else "this value"
             raise BadInput(
-                f"input.{name}: unsupported {'URL scheme ' + repr(scheme) if scheme else 'value'} "
-                "(give a data: URL, an http(s) URL, or a multipart file)"
+                f"input.{name}: {what} is not supported (give a data: URL with valid base64 or percent-encoding, an "
+                "http(s) URL, or a multipart file)"
             )
     return ParsedInput(options=options, files=files, echo=echo, notes=notes)
 
