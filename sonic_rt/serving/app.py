@@ -72,6 +72,7 @@ def build_app(
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
+    from fastapi.routing import APIRoute
 
     from .metrics import RejectionCounter
     from .predictions import BadRequest, router
@@ -92,6 +93,19 @@ def build_app(
     @app.exception_handler(BadRequest)
     async def bad_request(_request, exc: BadRequest):
         return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(405)
+    async def method_not_allowed(request, _exc):
+        # every method of the path, not only those of the first route whose path matched (RFC 9110 15.5.6)
+        allowed = sorted(
+            {
+                m
+                for r in app.routes
+                if isinstance(r, APIRoute) and r.path_regex.match(request.url.path)
+                for m in r.methods
+            }
+        )
+        return JSONResponse({"detail": "Method Not Allowed"}, status_code=405, headers={"Allow": ", ".join(allowed)})
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request, exc: RequestValidationError):

@@ -349,7 +349,8 @@ class Jobs:
                 "was stopped; send it again",
             )
             return
-        self._log(live, f"the server restarted while this prediction was {was}: it runs again")
+        # in the logs, not an event of its own: a waiting prediction's first event after `start` is its run's
+        pred.logs += f"the server restarted while this prediction was {was}: it runs again\n"
         self.store.put(pred)
         logs.event("recovered", pred.id, was=was, attempts=pred.attempts)
         self.waiting += 1

@@ -137,16 +137,27 @@ CREATE_RESPONSES = {
     429: _error("the waiting line is full (--max-queue)", retry_after=True),
     503: _error("the model did not load, or the server is stopping", retry_after=True),
 }
+_EVENT = f"(?:{'|'.join(WEBHOOK_EVENTS)})"
 _MULTIPART = {
     "type": "object",
     "required": ["image", "audio"],
     "properties": {
-        name: {"type": "string", "format": "binary", "description": text}
-        for name, text in input_files.FILE_INPUTS.items()
+        **{
+            name: {"type": "string", "format": "binary", "description": text}
+            for name, text in input_files.FILE_INPUTS.items()
+        },
+        "id": {"type": "string", "pattern": ID_PATTERN.pattern},
+        "webhook": {"type": "string", "pattern": input_files.HTTP_URL.pattern, "maxLength": MAX_WEBHOOK_URL},
+        "webhook_events_filter": {
+            "type": "string",
+            "pattern": f"^(?:{_EVENT}(?:,{_EVENT})*)?$",
+            "description": "comma-separated (a JSON list is read too)",
+        },
+        "output_as": {"type": "string", "enum": list(OUTPUT_AS)},
     },
     "additionalProperties": False,
-    "description": "the file parts image and audio; every other input and request field may follow as a form field "
-    "of its name (its value read as JSON when it parses, else as text)",
+    "description": "the file parts image and audio and the request's fields; every other input may follow as a form "
+    "field of its name (its value read as JSON when it parses, else as text: steps=10, crop=false)",
 }
 CREATE_BODY = {
     "requestBody": {
@@ -376,9 +387,6 @@ async def _create(request: Request, jobs: Jobs, path_id: str | None):
     body, uploads, folder = await _read_body(request, jobs)
     try:
         pred_id = _request_id(body, path_id)
-        if pred_id is not None and jobs.get(pred_id) is not None:  # idempotent: the existing one, nothing new
-            _discard(folder)
-            return await _respond(request, jobs, pred_id)
         webhook, events, output_as = _request_options(body)
         if folder is None:
             folder = jobs.input_folder()
@@ -386,6 +394,9 @@ async def _create(request: Request, jobs: Jobs, path_id: str | None):
             body.get("input"), folder, max_file_bytes=jobs.settings.max_upload_bytes, uploads=uploads
         )
         await _check_destinations(webhook, parsed, jobs.settings.allow_private_urls)
+        if pred_id is not None and jobs.get(pred_id) is not None:  # idempotent: the existing one, nothing new
+            _discard(folder)
+            return await _respond(request, jobs, pred_id)
         new = NewPrediction(
             id=pred_id,
             parsed=parsed,
@@ -495,8 +506,8 @@ def _json_or(text: str, fallback: Any) -> Any:
 
 
 def _request_id(body: dict[str, Any], path_id: str | None) -> str | None:
-    body_id = body.get("id")
-    if body_id is not None and (not isinstance(body_id, str) or not ID_PATTERN.match(body_id)):
+    body_id = body.get("id")  # null: none
+    if body_id is not None and (not isinstance(body_id, str) or not ID_PATTERN.fullmatch(body_id)):
         raise BadRequest("id: 1-128 characters of A-Z, a-z, 0-9, _ and -")
     if path_id is not None and body_id is not None and body_id != path_id:
         raise BadRequest(f"the body's id {body_id!r} is not the path's {path_id!r}", 409)
@@ -530,7 +541,8 @@ def _request_options(body: dict[str, Any]) -> tuple[str | None, list[str] | None
             raise BadRequest(
                 f"webhook_events_filter: unknown event {unknown[0]!r}; the events are {', '.join(WEBHOOK_EVENTS)}"
             )
-    output_as = body.get("output_as", "url")
+    output_as = body.get("output_as")
+    output_as = "url" if output_as is None else output_as
     if output_as not in OUTPUT_AS:
         raise BadRequest(f"output_as: one of {', '.join(OUTPUT_AS)}")
     return webhook, events, output_as
@@ -598,20 +610,20 @@ def openapi_document(routes) -> dict[str, Any]:
                 "additionalProperties": False,
                 "properties": {
                     "input": {"$ref": "#/components/schemas/Input"},
-                    "id": {"type": "string", "pattern": ID_PATTERN.pattern},
+                    "id": {"type": ["string", "null"], "pattern": ID_PATTERN.pattern},
                     "webhook": {
-                        "type": "string",
+                        "type": ["string", "null"],
                         "pattern": input_files.HTTP_URL.pattern,
                         "maxLength": MAX_WEBHOOK_URL,
                         "description": "where the prediction is POSTed at each event; a public address unless the "
                         "server runs with --allow-private-urls (else 422)",
                     },
                     "webhook_events_filter": {
-                        "type": "array",
+                        "type": ["array", "null"],
                         "items": {"type": "string", "enum": list(WEBHOOK_EVENTS)},
                         "default": list(WEBHOOK_EVENTS),
                     },
-                    "output_as": {"type": "string", "enum": list(OUTPUT_AS), "default": "url"},
+                    "output_as": {"type": ["string", "null"], "enum": [*OUTPUT_AS, None], "default": "url"},
                 },
             },
             "PredictionResponse": {

@@ -177,8 +177,8 @@ async def checked_address(host: str, port: int, allow_private: bool) -> str:
 
 
 async def destination_refusal(url: str, allow_private: bool) -> str | None:
-    """Why the public-address rule refuses to reach ``url`` (an ``http(s)`` URL), or None: it is allowed, or its
-    name does not resolve now (the request itself will say so; DNS may answer by then). What a prediction's
+    """Why the public-address rule refuses to reach ``url`` (an ``http(s)`` URL), or None: it is allowed, or it
+    names no address now (its name does not resolve, or it does not parse: the request itself will say so). What a prediction's
     ``webhook`` and ``http(s)`` inputs are checked with when it is created."""
     import httpx
 
@@ -187,8 +187,8 @@ async def destination_refusal(url: str, allow_private: bool) -> str | None:
     try:
         parts = httpx.URL(url)
         host, port = parts.host, parts.port or (443 if parts.scheme == "https" else 80)
-    except (httpx.InvalidURL, ValueError) as exc:
-        return f"not a valid URL ({exc})"
+    except (httpx.InvalidURL, ValueError):
+        return None  # nothing to connect to: the request itself fails and says so
     try:
         await checked_address(host, port, allow_private)
     except Unresolvable:
