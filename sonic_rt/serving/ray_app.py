@@ -55,7 +55,6 @@ PARTIAL = ".partial"  # under the outputs folder: one folder per attempt, remove
 INGRESS_MAX_ONGOING = 1000
 INGRESS_MAX_QUEUED = 200
 INGRESS_RETRY_AFTER_S = 1.0
-LOOPBACK = "127.0.0.1"  # the node address of a cluster this command starts itself (one machine)
 
 
 class ReplicaLost(SonicError):
@@ -528,28 +527,6 @@ def remove(grace_s: float = 0.0) -> None:
         serve.delete(name)
 
 
-def init_ray(address: str | None):
-    """Connect to the Ray cluster at ``address``, or (None) to this machine's running cluster; with none running,
-    start one here whose node address is :data:`LOOPBACK`, so that it opens no port beyond this machine (a
-    cluster of several machines is started with ``ray start``, docs/serve.md)."""
-    ray = import_ray()
-    local = address is None and not os.environ.get("RAY_ADDRESS") and not _running_cluster()
-    if local:
-        ray.init(_node_ip_address=LOOPBACK, log_to_driver=False)
-    else:
-        ray.init(address=address, log_to_driver=False)
-    return ray
-
-
-def _running_cluster() -> bool:
-    try:
-        from ray._private.services import find_gcs_addresses
-
-        return bool(find_gcs_addresses())
-    except Exception:  # a Ray without this helper: let ray.init decide
-        return True
-
-
 # -------------------------------------------------------------------------------------------------------- CLI
 def add_flags(parser: argparse.ArgumentParser) -> None:
     """The ``serve`` flags of the Ray mode."""
@@ -592,7 +569,7 @@ def run(args: argparse.Namespace) -> int:
     from . import logs
     from .security import check_bind
 
-    import_ray()
+    ray = import_ray()
     args.api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     warning = check_bind(args.host, args.api_key, args.insecure)
     for name in ("replicas", "max_attempts", "max_queue"):
@@ -600,7 +577,7 @@ def run(args: argparse.Namespace) -> int:
             raise SonicError(f"--{name.replace('_', '-')} must be at least 1")
     if args.model is not None and not Path(args.model).is_dir():
         raise SonicError("not a directory (give an official-layout checkpoint folder)", args.model)
-    ray = init_ray(args.ray or None)
+    ray.init(address=args.ray or None, log_to_driver=False)
     logs.configure(args.log_format)
     gpus = ray.cluster_resources().get("GPU", 0)
     nodes = [n for n in ray.nodes() if n.get("Alive")]
@@ -681,7 +658,6 @@ __all__ = [
     "add_flags",
     "deploy",
     "import_ray",
-    "init_ray",
     "place_once",
     "placement",
     "remove",
