@@ -539,6 +539,42 @@ def test_a_restarted_server_runs_the_jobs_it_did_not_finish_again_under_their_id
         assert not folders["was-running"].exists() and not folders["was-waiting"].exists()
 
 
+def test_a_job_still_running_when_the_grace_ends_runs_again_at_the_next_start(tmp_path, portrait, speech):
+    """SIGTERM's drain: no new prediction (Stopping, health STOPPING); the running job outlasts the grace, so it is
+    interrupted with its record left `processing`; the next server runs it again under its id."""
+    from sonic_rt.serving.inputs import parse_input
+    from sonic_rt.serving.jobs import NewPrediction, Stopping
+
+    raw = {"image": data_url(portrait, "image/png"), "audio": data_url(speech, "audio/wav")}
+
+    async def stopped_during_the_job():
+        gate = threading.Event()
+        jobs = Jobs(FileRunner(gate), tmp_path)
+        await jobs.start()
+        folder = jobs.input_folder()
+        parsed = parse_input(raw, folder, max_file_bytes=10**8)
+        await jobs.create(NewPrediction(id="slow", parsed=parsed, folder=folder))
+        while jobs.get("slow").status != PROCESSING:
+            await asyncio.sleep(0.01)
+        await jobs.drain(0.2)
+        assert jobs.health()["status"] == "STOPPING"
+        late = jobs.input_folder()
+        with pytest.raises(Stopping):
+            await jobs.create(
+                NewPrediction(id="late", parsed=parse_input(raw, late, max_file_bytes=10**8), folder=late)
+            )
+        await jobs.close()
+        gate.set()  # the stand-in's thread returns; the job was interrupted already
+
+    asyncio.run(stopped_during_the_job())
+    runner = FileRunner()
+    with serving(runner, tmp_path) as api:
+        assert [p.id for p in api.jobs.recovered] == ["slow"]
+        body = api.wait("slow")
+        assert body["status"] == SUCCEEDED and body["attempts"] == 2 and runner.calls == 1
+        assert requests.get(f"{api.url}/predictions/late", timeout=10).status_code == 404
+
+
 def test_a_second_server_on_the_same_workdir_is_refused(tmp_path):
     from sonic_rt import SonicError
 

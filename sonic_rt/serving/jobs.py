@@ -330,7 +330,7 @@ class Jobs:
         was = "running" if pred.status == PROCESSING else "waiting"
         folder = Path(pred.input_folder) if pred.input_folder else None
         live = _Live(pred, folder)
-        pred.status, pred.progress, pred.stream = STARTING, {}, None
+        pred.status, pred.progress, pred.stream, pred.started_at = STARTING, {}, None, None
         pred.output = pred.output_token = pred.expires_at = None
         self._live[pred.id] = live
         if pred.webhook:
@@ -979,8 +979,12 @@ class Jobs:
                 path.unlink(missing_ok=True)
         owned = {pred.input_folder for pred in self.recovered}
         for folder in self.inputs.iterdir():
-            if str(folder) not in owned:
-                shutil.rmtree(folder, ignore_errors=True) if folder.is_dir() else folder.unlink(missing_ok=True)
+            if str(folder) in owned:
+                continue
+            if folder.is_dir():
+                shutil.rmtree(folder, ignore_errors=True)
+            else:
+                folder.unlink(missing_ok=True)
 
 
 def _copy_into(path: Path, folder: Path) -> Path:

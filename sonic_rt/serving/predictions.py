@@ -309,6 +309,7 @@ async def metrics(jobs: JobsDep):
     responses={
         200: {"description": "the mp4", "content": {"video/mp4": {"schema": {"type": "string", "format": "binary"}}}},
         404: _error("no such output (it may have expired)"),
+        422: _error("not a token"),
     },
     response_class=Response,
 )
@@ -339,6 +340,7 @@ async def output(token: str, jobs: JobsDep):
             },
         },
         404: _error("no such stream file (not finished yet, or removed)"),
+        422: _error("not a token or a file name"),
     },
     response_class=Response,
 )
@@ -557,7 +559,7 @@ def _discard(folder: Path | None) -> None:
 def openapi_document(routes) -> dict[str, Any]:
     """OpenAPI 3 of the routes, with Cog's component names: ``Input`` (from AnimateOptions, through
     :func:`sonic_rt.serving.inputs.input_schema`), ``Output``, ``Status``, ``PredictionRequest``,
-    ``PredictionResponse``."""
+    ``PredictionResponse``, and ``Error`` (every refusal's body) and ``HealthCheck``."""
     from fastapi.openapi.utils import get_openapi
 
     doc = get_openapi(
@@ -566,128 +568,139 @@ def openapi_document(routes) -> dict[str, Any]:
         description="Sonic talking-head predictions: Cog's HTTP API (portrait + speech -> mp4)",
         routes=routes,
     )
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    schemas.update(_service_schemas())
+    schemas.update(_prediction_schemas())
+    return doc
+
+
+def _service_schemas() -> dict[str, Any]:
+    """``Input``, ``Error``, ``HealthCheck``."""
+    return {
+        "Input": input_files.input_schema(),
+        "Error": {
+            "title": "Error",
+            "type": "object",
+            "required": ["detail"],
+            "properties": {"detail": {"type": "string", "description": "one line naming the field or the limit"}},
+        },
+        "HealthCheck": {
+            "title": "HealthCheck",
+            "type": "object",
+            "required": ["status", "setup"],
+            "properties": {
+                "status": {"type": "string", "enum": list(HEALTH_STATUSES)},
+                "setup": {
+                    "type": "object",
+                    "properties": {
+                        "started_at": {"type": ["string", "null"]},
+                        "completed_at": {"type": ["string", "null"]},
+                        "status": {"type": "string"},
+                        "logs": {"type": "string"},
+                    },
+                },
+                "queue": {"type": "object"},
+                "model": {"type": "object"},
+            },
+        },
+    }
+
+
+def _prediction_schemas() -> dict[str, Any]:
+    """``Output``, ``Status``, ``PredictionRequest``, ``PredictionResponse``."""
     statuses = ["starting", "processing", "succeeded", "failed", "canceled"]
-    doc.setdefault("components", {}).setdefault("schemas", {}).update(
-        {
-            "Input": input_files.input_schema(),
-            "Error": {
-                "title": "Error",
-                "type": "object",
-                "required": ["detail"],
-                "properties": {"detail": {"type": "string", "description": "one line naming the field or the limit"}},
-            },
-            "HealthCheck": {
-                "title": "HealthCheck",
-                "type": "object",
-                "required": ["status", "setup"],
-                "properties": {
-                    "status": {"type": "string", "enum": list(HEALTH_STATUSES)},
-                    "setup": {
-                        "type": "object",
-                        "properties": {
-                            "started_at": {"type": ["string", "null"]},
-                            "completed_at": {"type": ["string", "null"]},
-                            "status": {"type": "string"},
-                            "logs": {"type": "string"},
-                        },
-                    },
-                    "queue": {"type": "object"},
-                    "model": {"type": "object"},
+    return {
+        "Output": {
+            "title": "Output",
+            "type": "string",
+            "format": "uri",
+            "description": "the mp4 (H.264 + AAC; 25 fps, or 12.5 without interpolation): a link on this "
+            "server, kept --keep-outputs, or a data: URL with output_as data_url",
+        },
+        "Status": {"title": "Status", "type": "string", "enum": statuses},
+        "PredictionRequest": {
+            "title": "PredictionRequest",
+            "type": "object",
+            "required": ["input"],
+            "additionalProperties": False,
+            "properties": {
+                "input": {"$ref": "#/components/schemas/Input"},
+                "id": {"type": ["string", "null"], "pattern": ID_PATTERN.pattern},
+                "webhook": {
+                    "type": ["string", "null"],
+                    "pattern": input_files.HTTP_URL.pattern,
+                    "maxLength": MAX_WEBHOOK_URL,
+                    "description": "where the prediction is POSTed at each event; a public address unless the "
+                    "server runs with --allow-private-urls (else 422)",
                 },
-            },
-            "Output": {
-                "title": "Output",
-                "type": "string",
-                "format": "uri",
-                "description": "the mp4 (H.264 + AAC; 25 fps, or 12.5 without interpolation): a link on this "
-                "server, kept --keep-outputs, or a data: URL with output_as data_url",
-            },
-            "Status": {"title": "Status", "type": "string", "enum": statuses},
-            "PredictionRequest": {
-                "title": "PredictionRequest",
-                "type": "object",
-                "required": ["input"],
-                "additionalProperties": False,
-                "properties": {
-                    "input": {"$ref": "#/components/schemas/Input"},
-                    "id": {"type": ["string", "null"], "pattern": ID_PATTERN.pattern},
-                    "webhook": {
-                        "type": ["string", "null"],
-                        "pattern": input_files.HTTP_URL.pattern,
-                        "maxLength": MAX_WEBHOOK_URL,
-                        "description": "where the prediction is POSTed at each event; a public address unless the "
-                        "server runs with --allow-private-urls (else 422)",
-                    },
-                    "webhook_events_filter": {
-                        "type": ["array", "null"],
-                        "items": {"type": "string", "enum": list(WEBHOOK_EVENTS)},
-                        "default": list(WEBHOOK_EVENTS),
-                    },
-                    "output_as": {"type": ["string", "null"], "enum": [*OUTPUT_AS, None], "default": "url"},
+                "webhook_events_filter": {
+                    "type": ["array", "null"],
+                    "items": {"type": "string", "enum": list(WEBHOOK_EVENTS)},
+                    "default": list(WEBHOOK_EVENTS),
                 },
+                "output_as": {"type": ["string", "null"], "enum": [*OUTPUT_AS, None], "default": "url"},
             },
-            "PredictionResponse": {
-                "title": "PredictionResponse",
-                "type": "object",
-                "required": ["id", "status", "input", "output", "error", "logs", "metrics", "created_at"],
-                "properties": {
-                    "id": {"type": "string"},
-                    "status": {"$ref": "#/components/schemas/Status"},
-                    "input": {
-                        "type": "object",
-                        "description": "the input as sent, file contents shortened ('data:image/png;base64,... "
-                        "(12345 bytes)')",
+        },
+        "PredictionResponse": {
+            "title": "PredictionResponse",
+            "type": "object",
+            "required": ["id", "status", "input", "output", "error", "logs", "metrics", "created_at"],
+            "properties": {
+                "id": {"type": "string"},
+                "status": {"$ref": "#/components/schemas/Status"},
+                "input": {
+                    "type": "object",
+                    "description": "the input as sent, file contents shortened ('data:image/png;base64,... "
+                    "(12345 bytes)')",
+                },
+                "output": {"anyOf": [{"$ref": "#/components/schemas/Output"}, {"type": "null"}]},
+                "error": {"type": ["string", "null"]},
+                "logs": {"type": "string"},
+                "metrics": {"type": "object", "properties": {"predict_time": {"type": "number"}}},
+                "created_at": {"type": "string", "format": "date-time"},
+                "started_at": {"type": ["string", "null"], "format": "date-time"},
+                "completed_at": {"type": ["string", "null"], "format": "date-time"},
+                "progress": {
+                    "type": "object",
+                    "properties": {
+                        "windows_done": {"type": "integer"},
+                        "windows_total": {"type": "integer"},
+                        "video_seconds": {"type": "number"},
+                        "eta_seconds": {"type": ["number", "null"]},
                     },
-                    "output": {"anyOf": [{"$ref": "#/components/schemas/Output"}, {"type": "null"}]},
-                    "error": {"type": ["string", "null"]},
-                    "logs": {"type": "string"},
-                    "metrics": {"type": "object", "properties": {"predict_time": {"type": "number"}}},
-                    "created_at": {"type": "string", "format": "date-time"},
-                    "started_at": {"type": ["string", "null"], "format": "date-time"},
-                    "completed_at": {"type": ["string", "null"], "format": "date-time"},
-                    "progress": {
-                        "type": "object",
-                        "properties": {
-                            "windows_done": {"type": "integer"},
-                            "windows_total": {"type": "integer"},
-                            "video_seconds": {"type": "number"},
-                            "eta_seconds": {"type": ["number", "null"]},
-                        },
-                    },
-                    "attempts": {"type": "integer"},
-                    "data_removed": {"type": "boolean"},
-                    "stream": {
-                        "description": "the live stream while the video is made: the HLS playlist and each "
-                        "finished segment (a self-contained mp4) with the seconds of video it covers",
-                        "anyOf": [
-                            {
-                                "type": "object",
-                                "properties": {
-                                    "playlist": {"type": "string", "format": "uri"},
-                                    "segments": {
-                                        "type": "array",
-                                        "items": {
-                                            "type": "object",
-                                            "properties": {
-                                                "index": {"type": "integer"},
-                                                "url": {"type": "string", "format": "uri"},
-                                                "start_seconds": {"type": "number"},
-                                                "end_seconds": {"type": "number"},
-                                            },
+                },
+                "attempts": {"type": "integer"},
+                "data_removed": {"type": "boolean"},
+                "stream": {
+                    "description": "the live stream while the video is made: the HLS playlist and each "
+                    "finished segment (a self-contained mp4) with the seconds of video it covers",
+                    "anyOf": [
+                        {
+                            "type": "object",
+                            "properties": {
+                                "playlist": {"type": "string", "format": "uri"},
+                                "segments": {
+                                    "type": "array",
+                                    "items": {
+                                        "type": "object",
+                                        "properties": {
+                                            "index": {"type": "integer"},
+                                            "url": {"type": "string", "format": "uri"},
+                                            "start_seconds": {"type": "number"},
+                                            "end_seconds": {"type": "number"},
                                         },
                                     },
-                                    "ended": {"type": "boolean"},
                                 },
+                                "ended": {"type": "boolean"},
                             },
-                            {"type": "null"},
-                        ],
-                    },
-                    "urls": {"type": "object"},
+                        },
+                        {"type": "null"},
+                    ],
                 },
+                "urls": {"type": "object"},
             },
-        }
-    )
-    return doc
+        },
+    }
 
 
 HEALTH_STATUSES = ("STARTING", "READY", "BUSY", "SETUP_FAILED", "UNHEALTHY", "STOPPING")
