@@ -221,6 +221,8 @@ class Load:
         self.counter = 0
 
     def run(self, locust, users: int, time_limit: float) -> dict:
+        import time
+
         import gevent
         from locust import HttpUser, constant, task
         from locust.env import Environment
@@ -234,8 +236,7 @@ class Load:
             @task
             def predict(self):
                 if len(load.accepted) >= load.jobs:
-                    self.environment.runner.quit()
-                    return
+                    return  # the watcher below stops the run
                 load.counter += 1
                 pred_id = f"load{load.counter:05d}"
                 with self.client.put(
@@ -250,9 +251,15 @@ class Load:
         environment = Environment(user_classes=[Client], events=locust.events)
         runner = environment.create_local_runner()
         runner.start(users, spawn_rate=users)
-        deadline = gevent.spawn_later(time_limit, runner.quit)
+
+        def watch() -> None:  # not from a user's greenlet: quitting kills those
+            started = time.monotonic()
+            while len(load.accepted) < load.jobs and time.monotonic() - started < time_limit:
+                gevent.sleep(0.2)
+            runner.quit()
+
+        gevent.spawn(watch)
         runner.greenlet.join()
-        deadline.kill()
         entry = environment.stats.get("PUT /predictions/{id}", "PUT")
         return {
             "requests": entry.num_requests,
