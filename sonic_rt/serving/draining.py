@@ -31,20 +31,30 @@ class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, jobs, grace_s: float):
         super().__init__(config)
         self.jobs, self.grace_s = jobs, grace_s
-        self._draining: asyncio.Task | None = None
+        self._draining: asyncio.Task | bool | None = None  # True from the signal until the task exists
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def handle_exit(self, sig: int, frame) -> None:
-        """uvicorn's signal handler (called on the event loop's thread)."""
+        """uvicorn's signal handler: it only sets flags or hands the work to the event loop (a signal handler runs
+        between two bytecodes of whatever the main thread was doing, the event loop's own code included)."""
         if self._draining is not None or self.should_exit:
             self.should_exit = self.force_exit = True
             return
+        self._draining = True
+        self._loop.call_soon_threadsafe(self._begin_drain, sig)
+
+    def _begin_drain(self, sig: int) -> None:
         print(
             f"sonic_rt serve: {signal.Signals(sig).name}: taking no new predictions; the running ones may finish for "
             f"{self.grace_s:g} s (a second signal stops at once; nothing is lost)",
             file=sys.stderr,
             flush=True,
         )
-        self._draining = asyncio.get_event_loop().create_task(self._drain())
+        self._draining = asyncio.get_running_loop().create_task(self._drain())
+
+    async def serve(self, sockets=None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
 
     async def _drain(self) -> None:
         try:
