@@ -19,8 +19,10 @@ from typing import Any
 SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200)
 RATE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 25, 50, 100)
 BYTES_BUCKETS = tuple(2**k for k in range(26, 38))  # 64 MiB .. 128 GiB
-# The statuses counted as rejected requests (label ``code``).
+# The statuses counted as rejected requests (label ``code``), on every path but those whose 503 is an answer, not a
+# refusal (a load balancer's probe while the model loads).
 REJECTED = (401, 411, 413, 422, 429, 503)
+NOT_REFUSALS = ("/healthz",)
 
 
 @dataclass(frozen=True)
@@ -172,7 +174,7 @@ class RejectionCounter:
         self.app, self.metrics = app, metrics
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope.get("path") in NOT_REFUSALS:
             return await self.app(scope, receive, send)
         status: list[int] = []
         body = bytearray()
