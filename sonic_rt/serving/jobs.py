@@ -383,6 +383,8 @@ class Jobs:
                 await asyncio.wait([live.task])
         if self._senders:
             await asyncio.wait([asyncio.create_task(s.drain()) for s in self._senders], timeout=webhook_grace_s)
+        for sender in list(self._senders):  # not out in time: a `completed` among them is sent at the next start
+            await sender.stop()
         await asyncio.to_thread(self.runner.close)
         self.store.close()
 

@@ -88,6 +88,11 @@ class WebhookSender:
         """Wait until every queued event is delivered or given up."""
         await asyncio.wait([self._task])
 
+    async def stop(self) -> None:
+        """Give up what is still queued or being tried (the server is closing), and wait until it has stopped."""
+        self._task.cancel()
+        await asyncio.wait([self._task])
+
     async def _run(self) -> None:
         while True:
             item = await self._queue.get()
