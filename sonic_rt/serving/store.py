@@ -215,12 +215,16 @@ class JobStore:
 
     def pending_completed_webhooks(self) -> list[Prediction]:
         """Ended records whose ``completed`` webhook is due and was neither delivered nor given up (the server
-        stopped first)."""
+        stopped first). Only records that say so: those of servers that kept ``webhooks_done`` (they have a
+        ``last_event_id``); an older record's webhook is not sent again."""
         ended = self._select("status IN ({}) ORDER BY created, rowid".format(",".join(f"'{s}'" for s in TERMINAL)))
         return [
             p
             for p in ended
-            if p.webhook and "completed" in p.webhook_events_filter and "completed" not in p.webhooks_done
+            if p.webhook
+            and p.last_event_id is not None
+            and "completed" in p.webhook_events_filter
+            and "completed" not in p.webhooks_done
         ]
 
     def _select(self, where: str) -> list[Prediction]:
