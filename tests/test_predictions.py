@@ -575,6 +575,28 @@ def test_a_job_still_running_when_the_grace_ends_runs_again_at_the_next_start(tm
         assert requests.get(f"{api.url}/predictions/late", timeout=10).status_code == 404
 
 
+def test_a_completed_webhook_the_stopped_server_did_not_get_out_is_sent_once_at_the_next_start(tmp_path):
+    receiver = Receiver()
+    store = JobStore(tmp_path / "jobs.sqlite")
+    ended = dict(status=SUCCEEDED, webhook=receiver.url, last_event_id="a-9")
+    store.add(Prediction(id="pending", webhooks_done=["start"], **ended))
+    store.add(Prediction(id="delivered", webhooks_done=["start", "completed"], **ended))
+    store.add(Prediction(id="older", status=SUCCEEDED, webhook=receiver.url))  # a record that tracked nothing
+    store.close()
+    try:
+        with serving(FileRunner(), tmp_path, allow_private_urls=True) as api:
+            receiver.wait_for("succeeded")
+            deadline = time.monotonic() + DEADLINE_S
+            while "completed" not in api.jobs.store.get("pending").webhooks_done:
+                assert time.monotonic() < deadline, "the delivery was not recorded"
+                time.sleep(0.05)
+        with serving(FileRunner(), tmp_path, allow_private_urls=True):
+            time.sleep(0.5)  # a second start sends nothing more
+    finally:
+        receiver.close()
+    assert [b["id"] for b in receiver.bodies] == ["pending"]
+
+
 def test_a_second_server_on_the_same_workdir_is_refused(tmp_path):
     from sonic_rt import SonicError
 
