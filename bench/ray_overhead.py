@@ -5,7 +5,8 @@ Both servers run on this machine at once, the demo checkpoint loaded in each, an
 
 * **one-process**: ``sonic_rt.serving`` in this process (uvicorn on a thread, no page) over a
   :class:`~sonic_rt.serving.local.LocalRunner`, as ``python -m sonic_rt serve`` runs it;
-* **ray**: the Serve application of ``sonic_rt.serving.ray_app`` on a local Ray cluster (``ray.init`` here), the
+* **ray**: the Serve application of ``sonic_rt.serving.ray_app`` on a local Ray cluster (``ray.init`` here, on
+  127.0.0.1 only), the
   ingress and one model replica with as many CPUs as this process has torch threads, so that both runtimes use
   the same thread count.
 
@@ -29,6 +30,7 @@ import argparse
 import base64
 import json
 import os
+import secrets
 import socket
 import statistics
 import sys
@@ -99,6 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS / "ray_overhead-demo-cpu.json")
     args = p.parse_args(argv)
 
+    # a local cluster on loopback only: Ray reads this when it is imported (and turns an explicit 127.0.0.1 into
+    # the machine's interface address otherwise); a token of this run's, so that Ray writes none to ~/.ray
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    if not any(os.environ.get(name) for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE")):
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
     import ray
     import requests
     import torch
@@ -130,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # the Ray application on a local cluster
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     port = free_port()
 
     def deploy(replicas: int) -> str:

@@ -23,6 +23,11 @@ if "TRITON_INTERPRET" not in os.environ:
         os.environ["TRITON_INTERPRET"] = "1"
 
 
+# Ray: a local cluster started by the tests registers its node as 127.0.0.1, so that it opens no port beyond this
+# machine. Ray reads this at import and otherwise uses the machine's interface address (ray.init turns an explicit
+# 127.0.0.1 into that address too); it must be set before any test module imports ray.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
 # torch.compile's on-disk cache (sonic_rt.compiling): the default mode runs compiled the shapes found there, so the
 # tests get an empty cache of their own rather than whatever the user's ~/.cache holds.
 os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="sonic_rt_tests_inductor_")
@@ -94,13 +99,38 @@ def engine_dir(demo_dir, tmp_path_factory) -> Path:
     return out
 
 
+HOME_RAY = Path.home() / ".ray"
+HOME_RAY_AT_START = HOME_RAY.exists()  # before any test ran (tests/test_ray_serve.py checks that none made it)
+
+
+@pytest.fixture(scope="session")
+def home_ray_at_start() -> bool:
+    """Whether ``~/.ray`` existed when the test session started."""
+    return HOME_RAY_AT_START
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A local Ray cluster, started once per session (tests/test_ray_serve.py, tests/test_batch.py): 8 logical
     CPUs on this machine's cores and 2 logical GPUs, so that GPU placement is checked without a GPU (Ray's
-    resources are logical; a replica given a GPU here still runs the runtime on the CPU)."""
+    resources are logical; a replica given a GPU here still runs the runtime on the CPU).
+
+    On loopback only (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, set above; ``_node_ip_address``). Token
+    authentication stays on (Ray's default for a new local cluster), with a token of this session's in the
+    environment (``RAY_AUTH_TOKEN``): without one, ``ray.init`` writes a new token to ``~/.ray/auth_token``, which a
+    cluster the user later starts with ``ray start`` would then require (and ``serve --ray`` would not have)."""
+    import secrets
+
     ray = pytest.importorskip("ray", reason="ray is not installed (pip install -e '.[cluster]')")
+    saved = {name: os.environ.get(name) for name in ("RAY_USAGE_STATS_ENABLED", "RAY_AUTH_TOKEN")}
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=8, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    if not any(os.environ.get(name) for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE")):
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)  # as Ray draws one: 256 bits
+    ray.init(num_cpus=8, num_gpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     yield ray
     ray.shutdown()
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import threading
 import time
 from contextlib import contextmanager
@@ -27,10 +28,10 @@ uvicorn = pytest.importorskip("uvicorn", reason="uvicorn is not installed")
 
 from sonic_rt import AnimateOptions, InputError  # noqa: E402
 from sonic_rt.serving.inputs import COG_SONIC_NAMES, RANGES, SERVER_ONLY_OPTIONS  # noqa: E402
-from sonic_rt.serving.jobs import LOST_REASON, JobResult, Jobs, Settings  # noqa: E402
+from sonic_rt.serving.jobs import JobResult, Jobs, Settings  # noqa: E402
 from sonic_rt.serving.local import LocalRunner  # noqa: E402
 from sonic_rt.serving.server import build_app  # noqa: E402
-from sonic_rt.serving.store import FAILED, PROCESSING, STARTING, JobStore, Prediction  # noqa: E402
+from sonic_rt.serving.store import PROCESSING, STARTING, SUCCEEDED, JobStore, Prediction  # noqa: E402
 
 DEADLINE_S = 120  # a job that has not ended by then has hung (a failure, not a speed claim)
 SMALL = {"steps": 1, "min_resolution": 64}
@@ -382,10 +383,7 @@ def test_bad_inputs_fail_with_one_line_and_the_server_keeps_serving(strict_api, 
         "corrupt image": ({"image": data_url(corrupt, "image/png")}, r"^image\.png: "),
         "no face": ({"image": data_url(_grey(tmp_path), "image/png")}, r"^image\.png: .*face"),
         "10 ms of silence": ({"audio": data_url(silence, "audio/wav")}, r"^audio\.wav: .*shorter than one"),
-        "a loopback URL": ({"audio": "http://127.0.0.1:9/speech.wav"}, r"^audio: http://127\.0\.0\.1:9/.*loopback"),
-        "a private URL": ({"image": "http://10.0.0.1/face.png"}, r"^image: .*private address"),
     }
-    import re
 
     for case, (override, pattern) in cases.items():
         body = {"input": {**inputs(portrait, speech, **SMALL), **override}}
@@ -399,15 +397,21 @@ def test_bad_inputs_fail_with_one_line_and_the_server_keeps_serving(strict_api, 
     status, detail = declare_a_body(api.url, "/predictions", 2 * 1024**3)  # 2 GB announced, none sent
     assert status == 413 and "accepts up to" in detail
     refused = {
-        "unknown input": {"steps_typo": 3},
-        "out of range": {"steps": 0},
-        "both names": {"steps": 2, "inference_steps": 3},
-        "not a URL": {"image": "face.png"},
+        "unknown input": ({"steps_typo": 3}, r"^input\.steps_typo: Extra inputs are not permitted"),
+        "out of range": ({"steps": 0}, r"^input\.steps: "),
+        "both names": ({"steps": 2, "inference_steps": 3}, r"^input: .*inference_steps"),
+        "not a URL": ({"image": "face.png"}, r"^input\.image: "),
+        "a loopback URL": (
+            {"audio": "http://127.0.0.1:9/speech.wav"},
+            r"^input\.audio: .*loopback.*--allow-private-urls",
+        ),
+        "a private URL": ({"image": "http://10.0.0.1/face.png"}, r"^input\.image: .*private address.*--allow-private"),
+        "a link-local URL": ({"image": "http://169.254.169.254/x"}, r"^input\.image: .*link-local"),
     }
-    for case, override in refused.items():
+    for case, (override, pattern) in refused.items():
         body = {"input": {**inputs(portrait, speech, **SMALL), **override}}
         r = requests.post(f"{api.url}/predictions", json=body, headers=KEY, timeout=30)
-        assert r.status_code == 422 and r.json()["detail"].startswith("input."), (case, r.text)
+        assert r.status_code == 422 and re.search(pattern, r.json()["detail"]), (case, r.text)
     assert requests.get(f"{api.url}/health-check", timeout=10).json()["status"] == "READY"
     assert not list(api.jobs.inputs.iterdir()), "refused or failed requests left their inputs behind"
 
@@ -465,7 +469,11 @@ def test_the_api_minimums_are_where_the_runtime_starts_refusing(runtime, portrai
 
 # --------------------------------------------------------------------------------- the job layer's own rules
 class FileRunner:
-    """A stand-in runner: writes a few bytes as the "video" (after ``gate`` is set, when given)."""
+    """A stand-in runner: writes a few bytes as the "video" (after ``gate`` is set, when given); 2 windows in 0.5 s
+    of denoising, 1 frame at 25 fps, 1 MiB of peak memory. An image file whose bytes are ``bad`` fails the job as
+    bad input does."""
+
+    TIMINGS = {"preprocess": 0.1, "denoise": 0.5, "decode": 0.2, "encode": 0.1, "total": 0.9}
 
     def __init__(self, gate: threading.Event | None = None):
         self.gate, self.calls = gate, 0
@@ -477,31 +485,116 @@ class FileRunner:
         return {"model": "stand-in"}
 
     async def run(self, job, report):
+        from sonic_rt import ImageError
+
         self.calls += 1
-        report("plan", {"windows_total": 1})
+        report("plan", {"windows_total": 2})
+        if job.image.read_bytes() == b"bad":
+            raise ImageError("not a recognised image file", job.image)
         if self.gate is not None:
             await asyncio.to_thread(self.gate.wait, 60)
         job.out.write_bytes(b"\x00\x00\x00\x18ftypmp42")
-        return JobResult(num_frames=1, fps=25.0, width=64, height=64)
+        return JobResult(
+            num_frames=1,
+            fps=25.0,
+            width=64,
+            height=64,
+            timings=dict(self.TIMINGS),
+            windows=2,
+            peak_memory_bytes=2**20,
+            device="cpu",
+        )
 
     def close(self):
         pass
 
 
-def test_a_restarted_server_marks_the_jobs_it_lost_failed_with_the_reason(tmp_path):
+def test_a_restarted_server_runs_the_jobs_it_did_not_finish_again_under_their_ids(tmp_path, portrait, speech):
+    """Records a crashed server left running and waiting (their inputs in their folders) run again at the next
+    start, oldest first, each once; a leftover partial output and an unowned input folder are deleted."""
     store = JobStore(tmp_path / "jobs.sqlite")
-    store.add(Prediction(id="was-running", status=PROCESSING, started_at="2026-01-01T00:00:00+00:00"))
-    store.add(Prediction(id="was-waiting", status=STARTING))
+    folders = {}
+    for pred_id, status in (("was-running", PROCESSING), ("was-waiting", STARTING)):
+        folder = tmp_path / "inputs" / pred_id
+        folder.mkdir(parents=True)
+        files = {"image": {"path": str(folder / "image.png")}, "audio": {"path": str(folder / "audio.wav")}}
+        (folder / "image.png").write_bytes(portrait.read_bytes())
+        (folder / "audio.wav").write_bytes(speech.read_bytes())
+        attempts = 1 if status == PROCESSING else 0
+        store.add(Prediction(id=pred_id, status=status, files=files, input_folder=str(folder), attempts=attempts))
+        folders[pred_id] = folder
     store.close()  # the process died: nothing else was written
-    jobs = Jobs(FileRunner(), tmp_path)
+    (tmp_path / "outputs").mkdir()
+    partial = tmp_path / "outputs" / ".token.abc123.partial.mp4"
+    partial.write_bytes(b"half a video")
+    (tmp_path / "inputs" / "orphan").mkdir()
+    runner = FileRunner()
+    with serving(runner, tmp_path) as api:
+        assert not partial.exists() and not (tmp_path / "inputs" / "orphan").exists()
+        running, waiting = api.wait("was-running"), api.wait("was-waiting")
+        assert running["status"] == waiting["status"] == SUCCEEDED
+        assert running["attempts"] == 2 and waiting["attempts"] == 1
+        assert "the server restarted while this prediction was running: it runs again" in running["logs"]
+        assert runner.calls == 2 and len(api.outputs()) == 2
+        assert not folders["was-running"].exists() and not folders["was-waiting"].exists()
+
+
+def test_a_job_still_running_when_the_grace_ends_runs_again_at_the_next_start(tmp_path, portrait, speech):
+    """SIGTERM's drain: no new prediction (Stopping, health STOPPING); the running job outlasts the grace, so it is
+    interrupted with its record left `processing`; the next server runs it again under its id."""
+    from sonic_rt.serving.inputs import parse_input
+    from sonic_rt.serving.jobs import NewPrediction, Stopping
+
+    raw = {"image": data_url(portrait, "image/png"), "audio": data_url(speech, "audio/wav")}
+
+    async def stopped_during_the_job():
+        gate = threading.Event()
+        jobs = Jobs(FileRunner(gate), tmp_path)
+        await jobs.start()
+        folder = jobs.input_folder()
+        parsed = parse_input(raw, folder, max_file_bytes=10**8)
+        await jobs.create(NewPrediction(id="slow", parsed=parsed, folder=folder))
+        while jobs.get("slow").status != PROCESSING:
+            await asyncio.sleep(0.01)
+        await jobs.drain(0.2)
+        assert jobs.health()["status"] == "STOPPING"
+        late = jobs.input_folder()
+        with pytest.raises(Stopping):
+            await jobs.create(
+                NewPrediction(id="late", parsed=parse_input(raw, late, max_file_bytes=10**8), folder=late)
+            )
+        await jobs.close()
+        gate.set()  # the stand-in's thread returns; the job was interrupted already
+
+    asyncio.run(stopped_during_the_job())
+    runner = FileRunner()
+    with serving(runner, tmp_path) as api:
+        assert [p.id for p in api.jobs.recovered] == ["slow"]
+        body = api.wait("slow")
+        assert body["status"] == SUCCEEDED and body["attempts"] == 2 and runner.calls == 1
+        assert requests.get(f"{api.url}/predictions/late", timeout=10).status_code == 404
+
+
+def test_a_completed_webhook_the_stopped_server_did_not_get_out_is_sent_once_at_the_next_start(tmp_path):
+    receiver = Receiver()
+    store = JobStore(tmp_path / "jobs.sqlite")
+    ended = dict(status=SUCCEEDED, webhook=receiver.url, last_event_id="a-9")
+    store.add(Prediction(id="pending", webhooks_done=["start"], **ended))
+    store.add(Prediction(id="delivered", webhooks_done=["start", "completed"], **ended))
+    store.add(Prediction(id="older", status=SUCCEEDED, webhook=receiver.url))  # a record that tracked nothing
+    store.close()
     try:
-        running, waiting = jobs.get("was-running"), jobs.get("was-waiting")
-        assert running.status == waiting.status == FAILED
-        assert running.error == f"{LOST_REASON} while this prediction was running"
-        assert waiting.error == f"{LOST_REASON} while this prediction was waiting"
-        assert {p.id for p in jobs.lost} == {"was-running", "was-waiting"}
+        with serving(FileRunner(), tmp_path, allow_private_urls=True) as api:
+            receiver.wait_for("succeeded")
+            deadline = time.monotonic() + DEADLINE_S
+            while "completed" not in api.jobs.store.get("pending").webhooks_done:
+                assert time.monotonic() < deadline, "the delivery was not recorded"
+                time.sleep(0.05)
+        with serving(FileRunner(), tmp_path, allow_private_urls=True):
+            time.sleep(0.5)  # a second start sends nothing more
     finally:
-        jobs.store.close()
+        receiver.close()
+    assert [b["id"] for b in receiver.bodies] == ["pending"]
 
 
 def test_a_second_server_on_the_same_workdir_is_refused(tmp_path):
@@ -551,6 +644,180 @@ def test_outputs_are_deleted_after_keep_outputs_and_the_record_says_data_removed
         assert after["data_removed"] is True and after["output"] is None and after["status"] == "succeeded"
         assert requests.get(pred["output"], timeout=10).status_code == 404
         assert not api.outputs()
+
+
+def metric_samples(text: str) -> dict[tuple, float]:
+    """``{(sample name, ((label, value), ...)): value}`` of a Prometheus text page, read by prometheus_client's own
+    parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_metrics_parse_and_count_what_the_jobs_did(tmp_path, portrait, speech):
+    """One job succeeds (with a webhook), one is canceled while it waits, one fails on its input; a full line (429),
+    an unknown input (422) and a missing key (401) are refused: /metrics says exactly that."""
+    gate, receiver = threading.Event(), Receiver()
+    async_ = {**KEY, "Prefer": "respond-async"}
+    body = {"input": inputs(portrait, speech)}
+    try:
+        with serving(FileRunner(gate), tmp_path, api_key="s3cret", max_queue=1, allow_private_urls=True) as api:
+            hooked = {**body, "webhook": receiver.url}
+            assert requests.put(f"{api.url}/predictions/ok", json=hooked, headers=async_, timeout=30).status_code == 202
+            deadline = time.monotonic() + DEADLINE_S
+            while api.jobs.get("ok").status != "processing":
+                assert time.monotonic() < deadline, "the job did not start"
+                time.sleep(0.02)
+            assert requests.put(f"{api.url}/predictions/wait", json=body, headers=async_, timeout=30).status_code == 202
+            full = requests.put(f"{api.url}/predictions/full", json=body, headers=async_, timeout=30)
+            assert full.status_code == 429 and int(full.headers["Retry-After"]) >= 1
+            assert requests.post(f"{api.url}/predictions/wait/cancel", headers=KEY, timeout=30).json()["status"] == (
+                "canceled"
+            )
+            gate.set()
+            assert api.wait("ok", KEY)["status"] == "succeeded"
+            bad = {"input": {**inputs(portrait, speech), "image": "data:image/png;base64,YmFk"}}  # b"bad"
+            assert requests.post(f"{api.url}/predictions", json=bad, headers=KEY, timeout=30).json()["status"] == (
+                "failed"
+            )
+            unknown = {"input": {**inputs(portrait, speech), "stepz": 1}}
+            assert requests.post(f"{api.url}/predictions", json=unknown, headers=KEY, timeout=30).status_code == 422
+            assert requests.get(f"{api.url}/predictions/ok", timeout=10).status_code == 401
+            receiver.wait_for("succeeded")
+            delivered = 'sonic_rt_webhook_deliveries_total{event="completed",result="delivered"} 1.0'
+            deadline = time.monotonic() + DEADLINE_S
+            while delivered not in (page := requests.get(f"{api.url}/metrics", headers=KEY, timeout=10)).text:
+                assert time.monotonic() < deadline, "the completed webhook was not counted"
+                time.sleep(0.05)
+            assert page.status_code == 200 and page.headers["content-type"].startswith("text/plain")
+            assert requests.get(f"{api.url}/metrics", timeout=10).status_code == 401  # behind the key
+    finally:
+        receiver.close()
+    values = metric_samples(page.text)
+
+    def value(name, **labels):
+        return values.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    for status, count in (("succeeded", 1), ("canceled", 1), ("failed", 1)):
+        assert value("sonic_rt_predictions_total", status=status) == count, status
+    for code in ("429", "422", "401"):
+        assert value("sonic_rt_rejected_requests_total", code=code) == 1, code
+    assert value("sonic_rt_queue_depth") == value("sonic_rt_jobs_running") == 0
+    assert value("sonic_rt_queue_wait_seconds_count") == 2  # ok and bad started; wait was canceled first
+    assert value("sonic_rt_run_seconds_count") == 2
+    assert value("sonic_rt_stage_seconds_count", stage="denoise") == 1
+    assert value("sonic_rt_stage_seconds_sum", stage="denoise") == pytest.approx(0.5)
+    assert value("sonic_rt_stage_seconds_count", stage="load") == 1
+    assert value("sonic_rt_stage_seconds_count", stage="total") == 0  # the sum of the others, not a stage
+    assert value("sonic_rt_windows_per_second_sum") == pytest.approx(4.0)  # 2 windows in 0.5 s
+    assert value("sonic_rt_realtime_factor_count") == 1
+    assert value("sonic_rt_peak_memory_bytes_sum", device="cpu") == 2**20
+    assert value("sonic_rt_webhook_deliveries_total", event="start", result="delivered") == 1
+    assert value("sonic_rt_webhook_deliveries_total", event="completed", result="delivered") == 1
+
+
+def test_a_loopback_webhook_is_refused_at_creation_naming_the_flag(strict_api, portrait, speech):
+    api = strict_api
+    receiver = Receiver()  # a usual local receiver
+    try:
+        for url in (receiver.url, receiver.url.replace("127.0.0.1", "localhost"), "http://[::1]:9/hook"):
+            body = {"input": inputs(portrait, speech, **SMALL), "webhook": url}
+            r = requests.put(f"{api.url}/predictions/hook-refused", json=body, headers=KEY, timeout=30)
+            assert r.status_code == 422, r.text
+            detail = r.json()["detail"]
+            assert detail.startswith("webhook: refused: ") and "loopback" in detail, detail
+            assert "--allow-private-urls" in detail
+        bad_filter = {"input": inputs(portrait, speech, **SMALL), "webhook_events_filter": ["start", "finished"]}
+        r = requests.put(f"{api.url}/predictions/hook-refused", json=bad_filter, headers=KEY, timeout=30)
+        assert r.status_code == 422 and r.json()["detail"].startswith("webhook_events_filter: unknown event 'finished'")
+        assert requests.get(f"{api.url}/predictions/hook-refused", headers=KEY, timeout=10).status_code == 404
+        assert not receiver.bodies and not list(api.jobs.inputs.iterdir())
+    finally:
+        receiver.close()
+
+
+class SteppedRunner(FileRunner):
+    """A stand-in runner that reports the plan, waits for ``first``, reports a window, waits for ``second``."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = threading.Event(), threading.Event()
+
+    async def run(self, job, report):
+        report("plan", {"windows_total": 2})
+        await asyncio.to_thread(self.first.wait, 60)
+        report("window", {"step": 0, "index": [0]})
+        await asyncio.to_thread(self.second.wait, 60)
+        job.out.write_bytes(b"\x00\x00\x00\x18ftypmp42")
+        return JobResult(num_frames=1, fps=25.0, width=64, height=64)
+
+
+def read_sse(lines, until) -> list[tuple[str | None, str, object]]:
+    """``(id, event, data)`` of each event, and ``(None, "comment", text)`` of each comment, from ``lines`` (a
+    response's ``iter_lines``), until ``until(items)``."""
+    items, event_id, name = [], None, None
+    for line in lines:
+        if line.startswith(":"):
+            items.append((None, "comment", line[1:].strip()))
+        elif line.startswith("id: "):
+            event_id = line[4:]
+        elif line.startswith("event: "):
+            name = line[7:]
+        elif line.startswith("data: "):
+            items.append((event_id, name, json.loads(line[6:])))
+            event_id = name = None
+        if until(items):
+            break
+    return items
+
+
+def test_an_event_stream_resumes_after_last_event_id_and_sends_heartbeats(tmp_path, portrait, speech, monkeypatch):
+    from sonic_rt.serving import jobs as jobs_module
+
+    monkeypatch.setattr(jobs_module, "HEARTBEAT_S", 0.2)
+    runner = SteppedRunner()
+    sse = {"Accept": "text/event-stream"}
+    with serving(runner, tmp_path) as api:
+        r = requests.put(
+            f"{api.url}/predictions/resume",
+            json={"input": inputs(portrait, speech)},
+            timeout=30,
+            headers={"Prefer": "respond-async"},
+        )
+        assert r.status_code == 202
+        url = f"{api.url}/predictions/resume"
+        deadline = time.monotonic() + DEADLINE_S
+        while api.jobs.get("resume").progress.get("windows_total") != 2:
+            assert time.monotonic() < deadline, "the job did not start"
+            time.sleep(0.02)
+        with requests.get(url, headers=sse, stream=True, timeout=30) as first:
+            seen = read_sse(
+                first.iter_lines(decode_unicode=True), lambda items: any(kind == "comment" for _, kind, _ in items)
+            )
+        assert [kind for _, kind, _ in seen][:2] == ["start", "progress"] and seen[-1] == (None, "comment", "heartbeat")
+        last_id = [event_id for event_id, _, _ in seen if event_id][-1]
+        runner.first.set()  # a window is done while no one listens
+        while api.jobs.get("resume").progress.get("windows_done") != 1:
+            time.sleep(0.02)
+        with requests.get(url, headers={**sse, "Last-Event-ID": last_id}, stream=True, timeout=30) as resumed:
+            lines = resumed.iter_lines(decode_unicode=True)
+            missed = read_sse(lines, lambda items: any(kind == "comment" for _, kind, _ in items))
+            runner.second.set()
+            rest = read_sse(lines, lambda items: items and items[-1][1] == "completed")
+        events = [(kind, data) for _, kind, data in missed + rest if kind != "comment"]
+        assert events[0] == ("progress", {**events[0][1], "windows_done": 1}), "the missed event did not come first"
+        assert "start" not in [kind for kind, _ in events], "the resumed stream started over"
+        assert events[-1][0] == "completed" and events[-1][1]["status"] == "succeeded"
+        completed_id = (missed + rest)[-1][0]
+        assert completed_id and int(completed_id.rsplit("-", 1)[1]) > int(last_id.rsplit("-", 1)[1])
+        after = requests.get(url, headers={**sse, "Last-Event-ID": completed_id}, timeout=30)
+        assert after.status_code == 204  # an EventSource stops reconnecting
+        again = requests.get(url, headers=sse, timeout=30)  # a new subscriber: the ended prediction at once
+        assert again.status_code == 200 and "event: completed" in again.text
 
 
 def test_health_says_starting_then_ready_or_setup_failed(tmp_path):

@@ -270,6 +270,44 @@ def test_twelve_predictions_over_two_replicas_each_run_once_with_the_videos_of_o
     assert len(set(expected.values())) == 4, "different seeds gave the same frames"
 
 
+def test_the_tests_cluster_is_on_loopback_and_leaves_nothing_in_home(ray_cluster, home_ray_at_start):
+    ray = ray_cluster
+    assert ray.util.get_node_ip_address() == "127.0.0.1"
+    assert {node["NodeManagerAddress"] for node in ray.nodes()} == {"127.0.0.1"}
+    assert (Path.home() / ".ray").exists() == home_ray_at_start, "the Ray tests wrote ~/.ray"
+
+
+@pytest.mark.slow
+def test_metrics_reach_prometheus_through_the_ingress_and_ray(ray_api, portrait, speech):
+    """The ingress's /metrics and Ray's metrics endpoint of the node (the same names, with Ray's ray_ prefix and
+    Serve's tags) count the predictions that ended."""
+    import ray
+    from test_predictions import metric_samples
+
+    api = ray_api
+    for pred_id in ("metrics-a", "metrics-b"):
+        api.put(pred_id, {"input": inputs(portrait, speech, **SMALL)})
+    assert {api.wait(p)["status"] for p in ("metrics-a", "metrics-b")} == {"succeeded"}
+    own = metric_samples(requests.get(f"{api.url}/metrics", timeout=10).text)
+    succeeded = own[("sonic_rt_predictions_total", (("status", "succeeded"),))]
+    assert succeeded >= 2 and own[("sonic_rt_stage_seconds_count", (("stage", "denoise"),))] >= 2
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    deadline = time.monotonic() + 60  # Ray exports every few seconds
+    while True:
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        found = [
+            (labels, value)
+            for (name, labels), value in metric_samples(text).items()
+            if name == "ray_sonic_rt_predictions_total" and ("status", "succeeded") in labels
+        ]
+        if found and sum(value for _, value in found) >= succeeded:
+            break
+        assert time.monotonic() < deadline, f"Ray did not export the predictions: {found}"
+        time.sleep(1)
+    labels = dict(found[0][0])
+    assert labels["deployment"] == "SonicIngress" and labels["application"] == "sonic"
+
+
 @pytest.mark.slow
 def test_two_replicas_with_one_gpu_each_get_different_gpu_ids(ray_api, portrait, speech):
     api = ray_api

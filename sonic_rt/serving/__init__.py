@@ -11,8 +11,11 @@ A layer above the runtime (nothing in :mod:`sonic_rt.pipeline` or :mod:`sonic_rt
 * :mod:`.webhooks`: Cog's webhooks, throttled and retried,
 * :mod:`.predictions`: Cog's HTTP routes (FastAPI) over a Jobs,
 * :mod:`.security`: API keys, the public-address rule for outbound requests, safe response headers and limits,
+* :mod:`.metrics`, :mod:`.logs`: the Prometheus metrics and the log line of each prediction event,
 * :mod:`.page`: the gradio page, one more client of the Jobs,
-* :mod:`.server`: ``python -m sonic_rt serve``.
+* :mod:`.app`: the ASGI app both modes serve (and the settings both read from the flags),
+* :mod:`.server`, :mod:`.draining`: ``python -m sonic_rt serve`` and its graceful stop on SIGTERM,
+* :mod:`.ray_app`, :mod:`.batch`: ``serve --ray`` and ``python -m sonic_rt batch``.
 
 docs/serve.md describes the API, its safety defaults and the flags.
 """

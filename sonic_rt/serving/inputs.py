@@ -54,6 +54,30 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "max_output_side": (64, 4096),
 }
 MAX_REDIRECTS = 5
+# What a file input or a webhook may be, as regular expressions (ECMA-262 and Python alike): the schema declares
+# them (``/openapi.json``) and :func:`parse_input` and the routes check them, so the two cannot disagree.
+# An http(s) URL: optional user info, a host name, an IPv4 address or a bracketed IPv6 address (RFC 4291 2.2's
+# forms without an embedded IPv4 address), an optional port (0-65535), then any path, query and fragment.
+_H4 = "[0-9A-Fa-f]{1,4}"
+_IPV6 = "|".join(
+    (
+        f"(?:{_H4}:){{7}}{_H4}",
+        f"(?:{_H4}:){{1,7}}:",
+        *(f"(?:{_H4}:){{1,{6 - k}}}(?::{_H4}){{1,{k + 1}}}" for k in range(6)),
+        f":(?:(?::{_H4}){{1,7}}|:)",
+    )
+)
+_PORT = "(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4})"
+HTTP_URL = re.compile(
+    rf"^https?://(?:[A-Za-z0-9._~%!$&'()*+,;=:-]*@)?(?:[A-Za-z0-9][A-Za-z0-9.-]*|\[(?:{_IPV6})\])(?::{_PORT})?"
+    r"(?:[/?#][^\x00-\x20\x7f]*)?$"
+)
+# A data: URL (RFC 2397): base64 (valid base64, padded) or percent-encoded.
+DATA_URL = re.compile(
+    r"^data:[^,]*;base64,(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
+    r"|^data:[^,;]*(?:;(?!base64[;,])[^,;]*)*,[\s\S]*$"
+)
+FILE_URL = re.compile(f"(?:{DATA_URL.pattern})|(?:{HTTP_URL.pattern})")
 _EXTENSIONS = {"image/jpeg": ".jpg", "audio/mpeg": ".mp3", "audio/wav": ".wav", "audio/x-wav": ".wav"}
 
 
@@ -84,7 +108,23 @@ class ParsedInput:
 
 
 # ------------------------------------------------------------------------------------------------------ schema
-def _python_type(info) -> Any:
+def _whole(value: Any) -> Any:
+    """JSON Schema's integers include 25.0 (a number with no fraction); pydantic's strict int does not."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _whole_int(name: str):
+    """An int that also takes a whole float, with the range of option ``name`` (:data:`RANGES`) on the int itself
+    (so that the schema of ``int | None`` carries it)."""
+    from typing import Annotated
+
+    from pydantic import BeforeValidator, Field
+
+    return Annotated[int, Field(**_range(name)), BeforeValidator(_whole)]
+
+
+def _python_type(info, name: str | None = None) -> Any:
+    """The pydantic type of an option (ints with the range of ``name``, by default the option's own)."""
     base = info.type.removesuffix(" | None")
     if info.name == "face_box":
         from typing import Annotated
@@ -92,7 +132,7 @@ def _python_type(info) -> Any:
         from pydantic import Field as F
 
         return Annotated[list[float], F(min_length=4, max_length=4)] | str | None
-    kind = {"int": int, "float": float, "bool": bool, "str": str}[base]
+    kind = {"int": _whole_int(name or info.name), "float": float, "bool": bool, "str": str}[base]
     return kind | None if info.type.endswith("| None") else kind
 
 
@@ -103,6 +143,11 @@ def _describe(info) -> str:
     if info.source:
         parts.append(f"official: {info.source}")
     return "; ".join(parts)
+
+
+def _outer_range(info) -> dict[str, float]:
+    """The range on the field (floats); an int carries its own (:func:`_whole_int`)."""
+    return {} if info.type.removesuffix(" | None") == "int" else _range(info.name)
 
 
 def _range(name: str) -> dict[str, float]:
@@ -117,7 +162,7 @@ def input_model():
     from pydantic import ConfigDict, Field, create_model, model_validator
 
     fields: dict[str, Any] = {
-        name: (str, Field(description=text, json_schema_extra={"format": "uri", "x-file": True}))
+        name: (str, Field(description=text, json_schema_extra={"pattern": FILE_URL.pattern, "x-file": True}))
         for name, text in FILE_INPUTS.items()
     }
     for info in AnimateOptions.describe():
@@ -125,29 +170,38 @@ def input_model():
             continue
         kind, description = _python_type(info), _describe(info)
         if info.name == "seed":  # cog-sonic: an empty seed draws one
-            kind, description = int | None, description + "; null: a random seed (said in the logs)"
+            kind, description = _whole_int("seed") | None, description + "; null: a random seed (said in the logs)"
         extra = {"x-unit": info.unit} if info.unit else {}
         fields[info.name] = (
             kind,
-            Field(info.default, description=description, json_schema_extra=extra or None, **_range(info.name)),
+            Field(info.default, description=description, json_schema_extra=extra or None, **_outer_range(info)),
         )
     by_name = {info.name: info for info in AnimateOptions.describe()}
     for alias, target in COG_SONIC_NAMES.items():
         fields[alias] = (
-            _python_type(by_name[target]) | None,
-            Field(None, description=f"cog-sonic's name for {target} (give one of the two)", **_range(target)),
+            _python_type(by_name[target], target) | None,
+            Field(
+                None,
+                description=f"cog-sonic's name for {target} (give one of the two)",
+                **_outer_range(by_name[target]),
+            ),
         )
 
     def one_name_each(cls, data):
         if isinstance(data, dict):
             for alias, target in COG_SONIC_NAMES.items():
-                if alias in data and target in data:
+                if data.get(alias) is not None and target in data:
                     raise ValueError(f"give {alias} (cog-sonic's name) or {target}, not both")
         return data
 
+    # the same rule in the schema: not both names, unless cog-sonic's is null (null: not given)
+    not_both = [
+        {"not": {"required": [alias, target], "properties": {alias: {"not": {"type": "null"}}}}}
+        for alias, target in COG_SONIC_NAMES.items()
+    ]
     return create_model(
         "Input",
-        __config__=ConfigDict(extra="forbid", strict=True, title="Input"),
+        __config__=ConfigDict(extra="forbid", strict=True, title="Input", json_schema_extra={"allOf": not_both}),
         __validators__={"one_name_each": model_validator(mode="before")(one_name_each)},
         **fields,
     )
@@ -186,9 +240,11 @@ def parse_input(raw: Any, folder: Path, *, max_file_bytes: int, uploads: dict[st
         checked = input_model().model_validate(given)
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "input"
-        raise BadInput(f"input.{where}: {first['msg']}") from None
-    options = {COG_SONIC_NAMES.get(name, name): getattr(checked, name) for name in checked.model_fields_set}
+        where = ".".join(["input", *(str(p) for p in first["loc"])])
+        raise BadInput(f"{where}: {first['msg']}") from None
+    given = {name: getattr(checked, name) for name in checked.model_fields_set}
+    given = {name: value for name, value in given.items() if not (name in COG_SONIC_NAMES and value is None)}
+    options = {COG_SONIC_NAMES.get(name, name): value for name, value in given.items()}
     options = {k: v for k, v in options.items() if k not in FILE_INPUTS}
     notes = []
     if "seed" in options and options["seed"] is None:
@@ -206,19 +262,18 @@ def parse_input(raw: Any, folder: Path, *, max_file_bytes: int, uploads: dict[st
             echo[name] = f"upload:{uploads[name].name} ({uploads[name].stat().st_size} bytes)"
             continue
         value = getattr(checked, name)
-        scheme = value.split(":", 1)[0].lower() if ":" in value else ""
-        if scheme == "data":
+        if DATA_URL.fullmatch(value):
             path, size = save_data_url(value, folder, name, max_file_bytes)
             files[name] = {"path": str(path)}
             echo[name] = f"{value[: value.find(',') + 1]}... ({size} bytes)"
-        elif scheme in ("http", "https"):
-            if not urllib.parse.urlsplit(value).hostname:
-                raise BadInput(f"input.{name}: {value!r} has no host")
+        elif HTTP_URL.fullmatch(value):
             files[name] = {"url": value}
         else:
+            scheme = value.split(":", 1)[0] if ":" in value else ""
+            what = f"the URL scheme {scheme!r}" if scheme.lower() not in ("", "data", "http", "https") else "this value"
             raise BadInput(
-                f"input.{name}: unsupported {'URL scheme ' + repr(scheme) if scheme else 'value'} "
-                "(give a data: URL, an http(s) URL, or a multipart file)"
+                f"input.{name}: {what} is not supported (give a data: URL with valid base64 or percent-encoding, an "
+                "http(s) URL, or a multipart file)"
             )
     return ParsedInput(options=options, files=files, echo=echo, notes=notes)
 

@@ -73,6 +73,8 @@ class LocalRunner:
         except asyncio.CancelledError:
             stop.set()  # the runtime raises at its next window; wait for it to clean up
             await asyncio.wait([future])
+            if not future.cancelled():
+                future.exception()  # retrieved (Cancelled, the stop): asyncio does not report it as lost
             job.out.unlink(missing_ok=True)  # it finished just before the stop: its file goes too
             raise
 
@@ -80,12 +82,15 @@ class LocalRunner:
         from ..audio_features import num_generated_frames
         from ..sampling import window_starts
 
-        options = job.options
+        options, windows = job.options, 0
         if options.frames_per_window >= 1:  # otherwise animate() refuses the options with its one line
             frames = max(num_generated_frames(job.audio_samples), 1)
             per_step = len(window_starts(frames, options.frames_per_window, 0, options.shift_offset))
-            events("plan", {"windows_total": options.steps * per_step})
+            windows = options.steps * per_step
+            events("plan", {"windows_total": windows})
         self.calls += 1
+        device = str(getattr(self.runtime, "device", "cpu"))
+        reset_peak_memory(device)
         result = self.runtime.animate(job.image, job.audio, job.out, options, events=events)
         return JobResult(
             num_frames=result.num_frames,
@@ -94,6 +99,9 @@ class LocalRunner:
             height=result.height,
             timings=dict(result.timings),
             notes=tuple(result.notes),
+            peak_memory_bytes=peak_memory(device),
+            device=device.split(":")[0],
+            windows=windows,
         )
 
     def close(self) -> None:
@@ -103,4 +111,36 @@ class LocalRunner:
             self.runtime.close()
 
 
-__all__ = ["LocalRunner", "Cancelled"]
+def reset_peak_memory(device: str) -> None:
+    """Start measuring a job's peak memory: the GPU's peak allocated memory (cuda), or the process's peak
+    resident set (Linux, ``/proc/self/clear_refs``; elsewhere nothing is measured)."""
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM, the peak resident set size (Linux >= 4.0, proc(5))
+    except OSError:
+        pass
+
+
+def peak_memory(device: str) -> int | None:
+    """Bytes: the peak since :func:`reset_peak_memory` (``torch.cuda.max_memory_allocated``, or ``VmHWM`` of
+    ``/proc/self/status``), or None where it cannot be read."""
+    if device.startswith("cuda"):
+        import torch
+
+        return int(torch.cuda.max_memory_allocated(device))
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    return None
+
+
+__all__ = ["LocalRunner", "Cancelled", "reset_peak_memory", "peak_memory"]

@@ -264,7 +264,7 @@ def _job_runner(gr, jobs, names: list[str]):
 
     async def follow(pred, steps, progress):
         try:
-            async for event, data in jobs.events(pred.id):
+            async for event, data, _ in jobs.events(pred.id):
                 if event == "start":
                     ahead = jobs.position(pred.id)
                     if ahead:

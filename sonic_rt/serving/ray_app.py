@@ -7,7 +7,7 @@ Two Serve applications on one Ray cluster:
   (``max_ongoing_requests=1``); ``ray_actor_options={"num_gpus": 1}`` gives each replica a GPU of its own. Its
   :meth:`SonicModel.run` is a generator: it yields the runtime's progress events as they happen, then the result.
 * ``sonic`` (deployment ``SonicIngress``, one replica on the head node, route ``/``): the same Cog routes as the
-  one-process server (:func:`sonic_rt.serving.server.build_app` without the page) over a
+  one-process server (:func:`sonic_rt.serving.app.build_app` without the page) over a
   :class:`~sonic_rt.serving.jobs.Jobs` whose runner is a :class:`RayRunner`: a
   :class:`~ray.serve.handle.DeploymentHandle` to ``SonicModel``.
 
@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 from ..errors import SonicError
+from .app import API_KEY_ENV, build_app, default_workdir, settings_from_args
 
 if TYPE_CHECKING:
     from .jobs import JobResult, JobSpec, Settings
@@ -274,7 +275,7 @@ class RayRunner:
         files = {}
         for name, path in (("image", job.image), ("audio", job.audio)):
             files[name] = (path.name, await asyncio.to_thread(path.read_bytes))
-        attempt = 1
+        attempt = first = job.attempt  # a job run again after a restart goes on counting: its folders differ
         while True:
             folder = self.partial / f"{job.id}-{attempt}"
             produced = folder / job.out.name
@@ -293,12 +294,12 @@ class RayRunner:
                     report("log", {"line": "a second result of this job came in and was discarded"})
                 return result
             except _Lost as lost:
-                if attempt >= self.max_attempts:
+                if attempt - first + 1 >= self.max_attempts:
                     raise ReplicaLost(
-                        f"gave up after {attempt} attempts (--max-attempts {self.max_attempts}): {lost}"
+                        f"gave up after {attempt - first + 1} attempts (--max-attempts {self.max_attempts}): {lost}"
                     ) from None
                 report("retry", {"reason": f"{lost}; sending it again"})
-                await asyncio.sleep(self.retry_backoff_s * 2 ** (attempt - 1))
+                await asyncio.sleep(self.retry_backoff_s * 2 ** (attempt - first))
                 attempt += 1
             finally:
                 await asyncio.to_thread(shutil.rmtree, folder, True)
@@ -369,15 +370,22 @@ class SonicIngress:
     Args:
         config: ``workdir`` (job records and inputs, on this node), ``outputs`` (shared), ``settings``
             (:class:`~sonic_rt.serving.jobs.Settings`), ``api_key``, ``max_upload_mb``, ``max_attempts``,
-            ``retry_backoff_s``, ``model_app`` (the model's Serve application name).
+            ``retry_backoff_s``, ``model_app`` (the model's Serve application name), ``log_format``.
+
+    Its metrics go to its ``/metrics`` and through Ray Serve's metrics API (:mod:`sonic_rt.serving.metrics`).
+    Serve restarts a dead ingress on the head node: the new one runs the jobs its predecessor did not finish
+    again, as a restarted one-process server does.
     """
 
     def __init__(self, config: dict[str, Any]):
         from ray import serve
 
+        from . import logs
         from .jobs import Jobs
+        from .metrics import Metrics
 
         self.config = config
+        logs.configure(config.get("log_format", "text"))
         handle = serve.get_deployment_handle(MODEL_DEPLOYMENT, app_name=config.get("model_app", MODEL_APP))
         runner = RayRunner(
             handle,
@@ -385,17 +393,19 @@ class SonicIngress:
             max_attempts=config.get("max_attempts", 3),
             retry_backoff_s=config.get("retry_backoff_s", 1.0),
         )
-        self.jobs = Jobs(runner, config["workdir"], config["settings"], outputs=config["outputs"])
-        if self.jobs.lost:
-            print(f"sonic_rt serve: {len(self.jobs.lost)} job(s) of a previous ingress were lost", file=sys.stderr)
+        metrics = Metrics(ray=True)
+        self.jobs = Jobs(runner, config["workdir"], config["settings"], outputs=config["outputs"], metrics=metrics)
 
     def __serve_build_asgi_app__(self):
         """The ASGI app Serve runs (its lifespan starts and closes the Jobs)."""
-        from .server import build_app
-
         return build_app(
             self.jobs, api_key=self.config.get("api_key"), page=False, max_upload_mb=self.config["max_upload_mb"]
         )
+
+    async def drain(self, grace_s: float) -> None:
+        """Stop taking predictions and let the running ones finish for ``grace_s`` seconds (``serve --ray`` calls
+        it through a deployment handle on SIGTERM, before it removes the applications)."""
+        await self.jobs.drain(grace_s)
 
 
 # ------------------------------------------------------------------------------------------------- deployment
@@ -456,6 +466,7 @@ def deploy(
     max_upload_mb: float = 50.0,
     host: str = "127.0.0.1",
     port: int = 8000,
+    log_format: str = "text",
 ) -> str:
     """Start Serve on the connected Ray cluster (HTTP on the head node at ``host:port``), deploy the model
     application (returns once every replica has loaded its Runtime), then the ingress (pinned to the head node,
@@ -486,6 +497,7 @@ def deploy(
         "max_attempts": options.max_attempts,
         "retry_backoff_s": options.retry_backoff_s,
         "model_app": MODEL_APP,
+        "log_format": log_format,
     }
     _run_app(ingress.bind(config), API_APP, "/")
     shown = f"[{host}]" if ":" in host else host
@@ -501,10 +513,16 @@ def _run_app(app, name: str, route_prefix: str | None) -> None:
         raise SonicError(f"the Serve application {name!r} failed to deploy: {_last_line(exc)}") from None
 
 
-def remove() -> None:
-    """Delete both applications (running jobs end; their records say the server shut down)."""
+def remove(grace_s: float = 0.0) -> None:
+    """Let the ingress drain for ``grace_s`` seconds (no new predictions; the running ones may finish), then delete
+    both applications: what still runs or waits stays in the records and runs at the next start."""
     from ray import serve
 
+    if grace_s > 0:
+        try:
+            serve.get_app_handle(API_APP).drain.remote(grace_s).result(timeout_s=grace_s + 30)
+        except Exception as exc:  # the ingress is gone already: nothing to drain
+            print(f"sonic_rt serve --ray: the ingress did not drain ({_last_line(exc)})", file=sys.stderr, flush=True)
     for name in (API_APP, MODEL_APP):
         serve.delete(name)
 
@@ -548,9 +566,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """``serve --ray``: connect to (or start) the cluster, deploy, serve until interrupted, then remove the
     applications."""
-    from .jobs import Settings
+    from . import logs
     from .security import check_bind
-    from .server import API_KEY_ENV, default_workdir
 
     ray = import_ray()
     args.api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
@@ -561,6 +578,7 @@ def run(args: argparse.Namespace) -> int:
     if args.model is not None and not Path(args.model).is_dir():
         raise SonicError("not a directory (give an official-layout checkpoint folder)", args.model)
     ray.init(address=args.ray or None, log_to_driver=False)
+    logs.configure(args.log_format)
     gpus = ray.cluster_resources().get("GPU", 0)
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     workdir = (Path(args.workdir) if args.workdir is not None else default_workdir()).resolve()
@@ -577,17 +595,7 @@ def run(args: argparse.Namespace) -> int:
         autoscaling=args.autoscaling,
         max_attempts=args.max_attempts,
     )
-    settings = Settings(
-        concurrency=args.concurrency or options.max_replicas,
-        max_queue=args.max_queue,
-        max_audio_seconds=args.max_audio_seconds,
-        max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
-        keep_outputs_s=args.keep_outputs,
-        keep_records_s=args.keep_records,
-        fetch_timeout_s=args.fetch_timeout,
-        allow_private_urls=args.allow_private_urls,
-        public_url=(args.public_url.rstrip("/") + "/") if args.public_url else None,
-    )
+    settings = settings_from_args(args, args.concurrency or options.max_replicas)
     workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
     outputs.mkdir(parents=True, exist_ok=True)
     load = RuntimeLoader(
@@ -615,6 +623,7 @@ def run(args: argparse.Namespace) -> int:
         max_upload_mb=args.max_upload_mb,
         host=args.host,
         port=args.port,
+        log_format=args.log_format,
     )
     if warning:
         bar = "!" * min(len(warning), 100)
@@ -625,11 +634,17 @@ def run(args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
+    grace = 0.0
     try:
         while True:
             time.sleep(3600)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (the CLI turns it into one): drain first
+        grace = args.grace_seconds
+        print(
+            f"sonic_rt serve --ray: stopping; the running jobs may finish for {grace:g} s", file=sys.stderr, flush=True
+        )
     finally:
-        remove()
+        remove(grace)
     return 0
 
 

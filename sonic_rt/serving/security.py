@@ -2,7 +2,7 @@
 
 * **Binding**: anything but a loopback address needs an API key (``--api-key`` or ``SONIC_RT_API_KEY``) unless
   ``--insecure`` says otherwise (:func:`check_bind`). The API takes the key as ``Authorization: Bearer KEY``
-  (:func:`bearer_guard`), the page as the password of its login form (:func:`page_login`).
+  (:func:`require_api_key`), the page as the password of its login form (:func:`page_login`).
 * **Outbound requests** (file inputs given as ``http(s)`` URLs, webhooks) go only to public addresses unless
   ``--allow-private-urls``: every address the host name resolves to is checked, the connection goes to the
   checked address (no second lookup an attacker's DNS could answer differently), and each redirect is checked
@@ -70,6 +70,10 @@ class RefusedAddress(SonicError):
     """An outbound request to a private, loopback, link-local or otherwise non-public address was refused."""
 
 
+class Unresolvable(RefusedAddress):
+    """The host name of an outbound request does not resolve (now: DNS may answer later)."""
+
+
 # ----------------------------------------------------------------------------------------------- binding, keys
 def is_loopback_host(host: str) -> bool:
     """Whether binding ``host`` keeps the server on this machine (``127.0.0.0/8``, ``::1``, ``localhost``)."""
@@ -108,20 +112,18 @@ def key_matches(given: str | None, key: str) -> bool:
     return given is not None and hmac.compare_digest(given.encode(), key.encode())
 
 
-def bearer_guard(api_key: str | None) -> Callable:
-    """A FastAPI dependency that refuses a request without ``Authorization: Bearer <api_key>`` (401, with
-    ``WWW-Authenticate: Bearer``, RFC 6750); it lets every request through when ``api_key`` is None."""
-
-    def guard(request: Request) -> None:
-        if api_key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not key_matches(token.strip(), api_key):
-            raise HTTPException(
-                401, "missing or wrong API key: send 'Authorization: Bearer <key>'", {"WWW-Authenticate": "Bearer"}
-            )
-
-    return guard
+def require_api_key(request: Request) -> None:
+    """The API's key check, a FastAPI dependency: refuses a request without ``Authorization: Bearer <key>`` (401,
+    with ``WWW-Authenticate: Bearer``, RFC 6750) when the app has a key (``app.state.api_key``); lets every request
+    through when it has none."""
+    api_key = getattr(request.app.state, "api_key", None)
+    if api_key is None:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not key_matches(token.strip(), api_key):
+        raise HTTPException(
+            401, "missing or wrong API key: send 'Authorization: Bearer <key>'", {"WWW-Authenticate": "Bearer"}
+        )
 
 
 def page_login(api_key: str) -> Callable[[str, str], bool]:
@@ -153,15 +155,16 @@ async def checked_address(host: str, port: int, allow_private: bool) -> str:
     """Resolve ``host`` and return the address to connect to, after checking every address it resolves to.
 
     Raises:
-        RefusedAddress: one of the addresses is not public (unless ``allow_private``), or the name does not resolve.
+        RefusedAddress: one of the addresses is not public (unless ``allow_private``).
+        Unresolvable: the name does not resolve.
     """
     try:
         infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:
-        raise RefusedAddress(f"cannot resolve {host!r} ({exc})") from None
+        raise Unresolvable(f"cannot resolve {host!r} ({exc})") from None
     addresses = list(dict.fromkeys(info[4][0] for info in infos))
     if not addresses:
-        raise RefusedAddress(f"{host!r} resolves to no address")
+        raise Unresolvable(f"{host!r} resolves to no address")
     if not allow_private:
         for address in addresses:
             why = refusal(address)
@@ -171,6 +174,28 @@ async def checked_address(host: str, port: int, allow_private: bool) -> str:
                     f"refused: {named} is {why} (start the server with --allow-private-urls to reach private networks)"
                 )
     return addresses[0]
+
+
+async def destination_refusal(url: str, allow_private: bool) -> str | None:
+    """Why the public-address rule refuses to reach ``url`` (an ``http(s)`` URL), or None: it is allowed, or it
+    names no address now (its name does not resolve, or it does not parse: the request itself will say so). What a prediction's
+    ``webhook`` and ``http(s)`` inputs are checked with when it is created."""
+    import httpx
+
+    if allow_private:
+        return None
+    try:
+        parts = httpx.URL(url)
+        host, port = parts.host, parts.port or (443 if parts.scheme == "https" else 80)
+    except (httpx.InvalidURL, ValueError):
+        return None  # nothing to connect to: the request itself fails and says so
+    try:
+        await checked_address(host, port, allow_private)
+    except Unresolvable:
+        return None
+    except RefusedAddress as exc:
+        return str(exc)
+    return None
 
 
 def pinned_transport(address: str):
@@ -286,8 +311,10 @@ async def _send_json(send, status: int, detail: str) -> None:
 __all__ = [
     "SafetyMiddleware",
     "RefusedAddress",
+    "Unresolvable",
+    "destination_refusal",
     "check_bind",
-    "bearer_guard",
+    "require_api_key",
     "page_login",
     "key_matches",
     "is_loopback_host",

@@ -1,10 +1,15 @@
 """``python -m sonic_rt serve``: the predictions API and the web page over one Runtime, in one process.
 
-One FastAPI app served by uvicorn: Cog's prediction routes (:mod:`sonic_rt.serving.predictions`), ``/healthz``
-for load balancers, and the gradio page at ``/`` (:mod:`sonic_rt.serving.page`; left out with ``--no-page``), all
-over one :class:`~sonic_rt.serving.jobs.Jobs` whose runner is a :class:`~sonic_rt.serving.local.LocalRunner`.
-The port answers at once; the model loads in the background (``/health-check`` says ``STARTING``, then ``READY``
-or ``SETUP_FAILED``). :class:`~sonic_rt.serving.security.SafetyMiddleware` wraps everything.
+One FastAPI app (:func:`sonic_rt.serving.app.build_app`) served by uvicorn: Cog's prediction routes
+(:mod:`sonic_rt.serving.predictions`), ``/healthz``, ``/metrics``, and the gradio page at ``/``
+(:mod:`sonic_rt.serving.page`; left out with ``--no-page``), all over one :class:`~sonic_rt.serving.jobs.Jobs`
+whose runner is a :class:`~sonic_rt.serving.local.LocalRunner`. The port answers at once; the model loads in the
+background (``/health-check`` says ``STARTING``, then ``READY`` or ``SETUP_FAILED``).
+
+SIGTERM (or Ctrl-C) stops it gracefully (:class:`~sonic_rt.serving.draining.DrainingServer`): new predictions get 503 with ``Retry-After``
+and health says ``STOPPING``; the running job may finish for ``--grace-seconds``; then it exits 0, and whatever
+still ran or waited runs at the next start on the same ``--workdir`` under the same ids. A second signal stops at
+once (the same: nothing is lost). Logs: one line per prediction event (``--log-format``, :mod:`.logs`).
 
 Files: job records, inputs and outputs in ``--workdir`` (default ``~/.cache/sonic_rt/serve``, mode 0700), kept
 across restarts; gradio's uploads and the page's example in a private temporary directory removed on exit.
@@ -13,18 +18,18 @@ across restarts; gradio's uploads and the page's example in a private temporary 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import re
 import shutil
 import sys
 import tempfile
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 from ..errors import SonicError
+from .app import API_KEY_ENV, build_app, default_workdir, settings_from_args
+from .logs import LOG_FORMATS
 
-API_KEY_ENV = "SONIC_RT_API_KEY"
+GRACE_S = 25.0  # seconds the running job may take to finish after SIGTERM (orchestrators kill at 30 s by default)
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -35,13 +40,6 @@ def duration(text: str) -> float:
     if not match:
         raise argparse.ArgumentTypeError(f"{text!r} is not a duration (e.g. 90s, 30m, 1h, 7d)")
     return float(match[1]) * _UNITS[match[2]]
-
-
-def default_workdir() -> Path:
-    """``$SONIC_RT_CACHE/serve`` (``~/.cache/sonic_rt/serve``)."""
-    from ..demo import default_cache_dir
-
-    return default_cache_dir() / "serve"
 
 
 def add_parser(sub) -> None:
@@ -111,95 +109,22 @@ def add_parser(sub) -> None:
         action="store_true",
         help="allow checkpoint pickles that need arbitrary code (only for files you trust)",
     )
+    p.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default="text",
+        help="one line per prediction event on stderr: text (key=value) or json (one object per line)",
+    )
+    p.add_argument(
+        "--grace-seconds",
+        type=float,
+        default=GRACE_S,
+        help="after SIGTERM, seconds the running jobs may take to finish before the server exits (what still "
+        "runs or waits then runs again at the next start)",
+    )
     from .ray_app import add_flags as add_ray_flags  # imports no Ray
 
     add_ray_flags(p)
-
-
-def max_body_bytes(max_upload_bytes: int) -> int:
-    """The largest request body: two file inputs as base64 ``data:`` URLs (4/3 of their size) plus 1 MiB for the
-    rest of the request and multipart framing."""
-    return math.ceil(2 * max_upload_bytes * 4 / 3) + 1024 * 1024
-
-
-def build_app(
-    jobs,
-    *,
-    api_key: str | None = None,
-    page: bool = True,
-    demo: bool = False,
-    upload_dir: Path | None = None,
-    max_upload_mb: float = 50.0,
-):
-    """The ASGI app: the API router, ``/healthz``, the page (unless ``page`` is False), inside
-    :class:`~sonic_rt.serving.security.SafetyMiddleware`. Its lifespan starts and closes ``jobs``.
-
-    Args:
-        jobs: the :class:`~sonic_rt.serving.jobs.Jobs` (not started yet).
-        api_key: the key of a shared server (Bearer on the API, the page's login password), or None.
-        page: mount the gradio page at ``/``.
-        demo: the page shows the random-weights banner from the start.
-        upload_dir: gradio's upload folder and the page's example (a private temporary directory).
-        max_upload_mb: the page's stated and enforced upload limit.
-    """
-    from fastapi import FastAPI
-    from fastapi.responses import JSONResponse
-
-    from .predictions import make_router
-    from .security import SafetyMiddleware, page_login
-
-    @asynccontextmanager
-    async def lifespan(_app):
-        await jobs.start()
-        try:
-            yield
-        finally:
-            await jobs.close()
-
-    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
-    app.include_router(make_router(jobs, api_key=api_key))
-
-    @app.get("/healthz")
-    def healthz():
-        """For load balancers: 200 once the model is loaded (503 before, or if it failed)."""
-        model = jobs.runner.describe()
-        body = {
-            "status": "ok" if jobs.ready else jobs.health()["status"].lower(),
-            "model": model.get("model"),
-            "demo": model.get("demo"),
-            "device": model.get("device"),
-            "backend": model.get("backend"),
-            "jobs_running": jobs.running,
-            "jobs_waiting": jobs.waiting,
-            "jobs_done": jobs.done,
-        }
-        return JSONResponse(body, status_code=200 if jobs.ready else 503)
-
-    if page:
-        from .page import build_page, import_gradio
-
-        gr = import_gradio()
-        examples = upload_dir / "examples" if upload_dir is not None else None
-        blocks, theme, css = build_page(jobs, demo=demo, max_upload_mb=max_upload_mb, examples_dir=examples)
-        app = gr.mount_gradio_app(
-            app,
-            blocks,
-            path="/",
-            # only the results and the example are "allowed" (served inline); uploads stay gradio's own files,
-            # which it serves as downloads unless their type is safe (and SafetyMiddleware makes sure of it)
-            allowed_paths=[str(jobs.outputs)] + ([str(examples)] if examples is not None else []),
-            auth=page_login(api_key) if api_key else None,
-            auth_message="This server is shared: the password is its API key." if api_key else None,
-            show_error=True,
-            max_file_size=int(max_upload_mb * 1024 * 1024),
-            ssr_mode=False,
-            pwa=False,
-            mcp_server=False,
-            theme=theme,
-            css=css,
-            footer_links=["api"],
-        )
-    return SafetyMiddleware(app, max_body_bytes=max_body_bytes(int(max_upload_mb * 1024 * 1024)))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -222,7 +147,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from .jobs import Jobs, Settings
+        from . import logs
+        from .jobs import Jobs
         from .local import LocalRunner
 
         if not args.no_page:
@@ -255,22 +181,12 @@ def run(args: argparse.Namespace) -> int:
             warm_for_serving(runtime, lambda line: print(f"sonic_rt serve: {line}", file=sys.stderr, flush=True))
             return runtime
 
-        settings = Settings(
-            concurrency=args.concurrency,
-            max_queue=args.max_queue,
-            max_audio_seconds=args.max_audio_seconds,
-            max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
-            keep_outputs_s=args.keep_outputs,
-            keep_records_s=args.keep_records,
-            fetch_timeout_s=args.fetch_timeout,
-            allow_private_urls=args.allow_private_urls,
-            public_url=(args.public_url.rstrip("/") + "/") if args.public_url else None,
-        )
+        logs.configure(args.log_format)
         runner = LocalRunner(load=load, threads=args.concurrency, name=model_dir.name)
-        jobs = Jobs(runner, workdir, settings)
-        if jobs.lost:
+        jobs = Jobs(runner, workdir, settings_from_args(args, args.concurrency))
+        if jobs.recovered:
             print(
-                f"sonic_rt serve: {len(jobs.lost)} job(s) of a previous server were lost and are now 'failed'",
+                f"sonic_rt serve: {len(jobs.recovered)} prediction(s) a previous server did not finish run again",
                 file=sys.stderr,
             )
         app = build_app(
@@ -287,14 +203,18 @@ def run(args: argparse.Namespace) -> int:
         shared = "API key required" if args.api_key else "no key (loopback only)" if not warning else "NO KEY"
         print(
             f"sonic_rt serve: http://{args.host}:{args.port}/ ({shared}; predictions: /predictions, health: "
-            f"/health-check and /healthz; records and outputs in {workdir}; uploads in {tmp}, removed on exit)",
+            f"/health-check and /healthz, metrics: /metrics; records and outputs in {workdir}; uploads in {tmp}, "
+            "removed on exit)",
             file=sys.stderr,
             flush=True,
         )
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=2)
+        from .draining import DrainingServer
+
+        DrainingServer(config, jobs, args.grace_seconds).run()
         return 0
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-__all__ = ["add_parser", "run", "build_app", "duration", "default_workdir", "max_body_bytes", "API_KEY_ENV"]
+__all__ = ["add_parser", "run", "build_app", "duration", "default_workdir", "API_KEY_ENV", "GRACE_S"]

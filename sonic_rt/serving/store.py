@@ -2,9 +2,10 @@
 
 A record is written when a prediction is created and at each change of status, so it outlives the HTTP connection
 that made it and the process that ran it: a client that disconnects reads it later by id, and a server that starts
-on a work directory whose records say ``starting`` or ``processing`` marks those ``failed`` with the reason
-(:meth:`JobStore.fail_unfinished`). One server owns a store at a time (SQLite's exclusive locking mode): a second
-server on the same work directory stops with a one-line error instead of failing the first one's jobs.
+on a work directory whose records say ``starting`` or ``processing`` runs those again under the same ids
+(:meth:`JobStore.unfinished`; the record keeps the job's input folder, which stays until the job ends). One server
+owns a store at a time (SQLite's exclusive locking mode): a second server on the same work directory stops with a
+one-line error instead of running the first one's jobs.
 """
 
 from __future__ import annotations
@@ -68,6 +69,10 @@ class Prediction:
         base_url: the URL prefix its output URL is built on (the request's, or ``--public-url``).
         output_token: the unguessable name of its output file (``/outputs/{token}.mp4``).
         expires_at: when its output file is deleted, seconds since the epoch (None while it has none).
+        input_folder: the folder under ``workdir/inputs`` holding its stored file inputs until it ends (None: none).
+        webhooks_done: the webhook events among ``start`` and ``completed`` that were delivered or given up, so
+            that a restarted server sends each of them once.
+        last_event_id: the SSE id of its ``completed`` event (a client resuming after it gets 204: nothing more).
     """
 
     id: str
@@ -93,6 +98,9 @@ class Prediction:
     base_url: str = ""
     output_token: str | None = None
     expires_at: float | None = None
+    input_folder: str | None = None
+    webhooks_done: list[str] = field(default_factory=list)
+    last_event_id: str | None = None
 
     PUBLIC = (
         "id",
@@ -201,22 +209,28 @@ class JobStore:
                 (prediction.status, prediction.to_json(), prediction.id),
             )
 
-    def fail_unfinished(self, reason: str) -> list[Prediction]:
-        """Mark every ``starting`` or ``processing`` record ``failed`` with ``reason`` (what a restarted server
-        says of the jobs it lost). Returns the records changed."""
+    def unfinished(self) -> list[Prediction]:
+        """The ``starting`` and ``processing`` records (what a server that stopped left to do), oldest first."""
+        return self._select(f"status IN ('{STARTING}', '{PROCESSING}') ORDER BY created, rowid")
+
+    def pending_completed_webhooks(self) -> list[Prediction]:
+        """Ended records whose ``completed`` webhook is due and was neither delivered nor given up (the server
+        stopped first). Only records that say so: those of servers that kept ``webhooks_done`` (they have a
+        ``last_event_id``); an older record's webhook is not sent again."""
+        ended = self._select("status IN ({}) ORDER BY created, rowid".format(",".join(f"'{s}'" for s in TERMINAL)))
+        return [
+            p
+            for p in ended
+            if p.webhook
+            and p.last_event_id is not None
+            and "completed" in p.webhook_events_filter
+            and "completed" not in p.webhooks_done
+        ]
+
+    def _select(self, where: str) -> list[Prediction]:
         with self._lock:
-            rows = self._db.execute(
-                "SELECT record FROM predictions WHERE status IN (?, ?)", (STARTING, PROCESSING)
-            ).fetchall()
-        lost = []
-        for (record,) in rows:
-            p = Prediction.from_json(record)
-            was = "running" if p.status == PROCESSING else "waiting"
-            p.status, p.error, p.completed_at = FAILED, f"{reason} while this prediction was {was}", now_iso()
-            p.progress, p.stream = {}, None
-            self.put(p)
-            lost.append(p)
-        return lost
+            rows = self._db.execute(f"SELECT record FROM predictions WHERE {where}").fetchall()
+        return [Prediction.from_json(record) for (record,) in rows]
 
     def with_output_before(self, when: float) -> list[Prediction]:
         """Records whose output file expires before ``when`` (seconds since the epoch)."""

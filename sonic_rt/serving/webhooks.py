@@ -6,14 +6,16 @@ Cog's response throttler does: the next one, and ``completed``, carry the newer 
 finished video, which a live segment's ``output`` may have just preceded and which is always sent. Only the event
 types in the prediction's ``webhook_events_filter`` are sent. A failed POST (connection error, timeout, HTTP 408,
 429 or 5xx) is retried with exponential backoff: ``completed`` up to :data:`TERMINAL_ATTEMPTS` times, the others
-:data:`ATTEMPTS` times; another 4xx, or an address refused by the public-address rule, ends the tries at once
-(said on stderr). The receiver may be on a private network only with ``--allow-private-urls``.
+:data:`ATTEMPTS` times; another 4xx, or an address refused by the public-address rule, ends the tries at once. Each
+event's result (``delivered``, ``failed``, ``refused``) goes to the sender's ``on_result`` callback (the job layer
+counts it, logs a failure and remembers a delivered ``start`` or ``completed``). The receiver may be on a private
+network only with ``--allow-private-urls`` (a webhook that the rule refuses is refused when the prediction is
+created, :mod:`sonic_rt.serving.predictions`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
 from typing import Any, Callable
 
@@ -35,10 +37,20 @@ class WebhookSender:
         url: the ``webhook`` URL (http or https).
         events: the event types to send (``webhook_events_filter``).
         allow_private: let the URL resolve to private, loopback or link-local addresses.
+        on_result: called with ``(event, result, problem)`` once per event: ``result`` ``delivered``, ``failed``
+            (retries spent, or a 4xx answer) or ``refused`` (the address rule); ``problem`` the last error ("").
     """
 
-    def __init__(self, url: str, events: set[str], *, allow_private: bool = False):
+    def __init__(
+        self,
+        url: str,
+        events: set[str],
+        *,
+        allow_private: bool = False,
+        on_result: Callable[[str, str, str], None] | None = None,
+    ):
         self.url, self.events, self.allow_private = url, set(events), allow_private
+        self.on_result = on_result
         self._queue: asyncio.Queue[tuple[str, dict] | None] = asyncio.Queue()
         self._last: dict[str, float] = {}
         self._task = asyncio.create_task(self._run(), name="sonic-webhook")
@@ -76,6 +88,11 @@ class WebhookSender:
         """Wait until every queued event is delivered or given up."""
         await asyncio.wait([self._task])
 
+    async def stop(self) -> None:
+        """Give up what is still queued or being tried (the server is closing), and wait until it has stopped."""
+        self._task.cancel()
+        await asyncio.wait([self._task])
+
     async def _run(self) -> None:
         while True:
             item = await self._queue.get()
@@ -87,7 +104,7 @@ class WebhookSender:
         import httpx
 
         attempts = TERMINAL_ATTEMPTS if event == "completed" else ATTEMPTS
-        problem = ""
+        problem, result = "", "failed"
         for attempt in range(attempts):
             if attempt:
                 await asyncio.sleep(BACKOFF_S * 2 ** (attempt - 1))
@@ -100,22 +117,20 @@ class WebhookSender:
                 ) as client:
                     response = await client.post(self.url, json=body, headers={"User-Agent": f"sonic_rt/{__version__}"})
             except RefusedAddress as exc:
-                problem = str(exc)
+                problem, result = str(exc), "refused"
                 break
             except (httpx.HTTPError, OSError) as exc:
                 problem = f"{type(exc).__name__}: {exc}"
                 continue
             if response.status_code < 300:
                 self.sent.append((event, response.status_code))
-                return
+                problem, result = "", "delivered"
+                break
             problem = f"HTTP {response.status_code}"
             if response.status_code < 500 and response.status_code not in (408, 429):
                 break
-        print(
-            f"sonic_rt serve: webhook {event} for {body.get('id')} not delivered to {self.url}: {problem}",
-            file=sys.stderr,
-            flush=True,
-        )
+        if self.on_result is not None:
+            self.on_result(event, result, problem and f"not delivered to {self.url}: {problem}")
 
 
 __all__ = ["WebhookSender", "THROTTLE_S", "ATTEMPTS", "TERMINAL_ATTEMPTS", "BACKOFF_S"]
