@@ -351,7 +351,15 @@ def add_parser(sub) -> None:
         "this machine's cluster or start one. Without --ray: in this process",
     )
     p.add_argument("--workers", type=int, default=None, help="Ray workers, one Runtime each (default: one per GPU)")
-    p.add_argument("--num-gpus", type=float, default=None, help="GPUs per Ray worker (default: 1 with GPUs, else 0)")
+    gpus = p.add_mutually_exclusive_group()
+    gpus.add_argument("--num-gpus", type=float, default=None, help="GPUs per Ray worker (default: 1 with GPUs, else 0)")
+    gpus.add_argument(
+        "--gpus-per-worker",
+        type=int,
+        default=None,
+        metavar="N",
+        help="give each Ray worker N GPUs and run each video over all of them (the same video as on one GPU)",
+    )
     p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per Ray worker (Ray's logical CPUs)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=["fp16", "bf16", "fp32"], help="as for animate")
@@ -369,12 +377,20 @@ def run(args: argparse.Namespace) -> int:
 
     if args.ray is not None:
         import_ray()  # a missing Ray fails now, in one line
-    if args.workers is not None and args.workers < 1:
-        raise SonicError("--workers must be at least 1")
+    for name in ("workers", "gpus_per_worker"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise SonicError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.gpus_per_worker is not None:
+        args.num_gpus = float(args.gpus_per_worker)
     if args.model is not None and not Path(args.model).is_dir():
         raise SonicError("not a directory (give an official-layout checkpoint folder)", args.model)
     load = RuntimeLoader(
-        str(Path(args.model).resolve()) if args.model else None, args.demo, args.device, args.dtype, args.trust_pickle
+        str(Path(args.model).resolve()) if args.model else None,
+        args.demo,
+        args.device,
+        args.dtype,
+        args.trust_pickle,
+        gpus=args.gpus_per_worker or 1,
     )
     if args.demo:
         print(

@@ -87,6 +87,8 @@ class RuntimeLoader:
         demo: the random-weight demo checkpoint, written on each node at first use.
         device, dtype, trust_pickle, compile: as for :class:`~sonic_rt.Runtime` (no background compile on a
             cluster: ``auto`` uses what the node's cache holds, ``on`` compiles at a replica's first job).
+        gpus: the GPUs Ray gives each replica or worker (``--gpus-per-replica``, ``--gpus-per-worker``); with more
+            than one, its Runtime runs each video over all of them (:func:`replica_devices`).
     """
 
     model: str | None = None
@@ -95,6 +97,7 @@ class RuntimeLoader:
     dtype: str | None = None
     trust_pickle: bool = False
     compile: str | None = None
+    gpus: int = 1
 
     @property
     def name(self) -> str:
@@ -112,10 +115,31 @@ class RuntimeLoader:
         from ..compiling import long_lived
 
         runtime = Runtime(
-            model_dir, device=self.device, dtype=self.dtype, trust_pickle=self.trust_pickle, compile=self.compile
+            model_dir,
+            device=self.device,
+            dtype=self.dtype,
+            trust_pickle=self.trust_pickle,
+            compile=self.compile,
+            devices=replica_devices(self.gpus),
         )
         long_lived(runtime)  # a replica or batch worker makes many videos: loading a cached compiled shape pays
         return runtime
+
+
+def replica_devices(gpus: int) -> list[str] | None:
+    """The devices of a Ray replica or worker that owns ``gpus`` GPUs (None for one: the Runtime's default).
+
+    Ray makes exactly the GPUs it gave the actor visible to it (``CUDA_VISIBLE_DEVICES``), so they are ``cuda:0`` ..
+    ``cuda:{gpus-1}`` there. Where the GPUs are Ray's logical resources on a machine without CUDA (a CPU node
+    started with ``--num-gpus``, the tests), the replica runs ``gpus`` CPU devices that split its cores instead,
+    placed and scheduled as the GPUs would be."""
+    if gpus <= 1:
+        return None
+    import torch
+
+    if torch.cuda.is_available():
+        return [f"cuda:{i}" for i in range(gpus)]
+    return ["cpu"] * gpus
 
 
 def placement() -> dict[str, Any]:
@@ -541,8 +565,17 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         "to this machine's cluster or start one",
     )
     g.add_argument("--replicas", type=int, default=1, help="model replicas, one Runtime each (with --ray)")
-    g.add_argument(
+    gpus = g.add_mutually_exclusive_group()
+    gpus.add_argument(
         "--num-gpus", type=float, default=None, help="GPUs per replica (default: 1 if the cluster has GPUs, else 0)"
+    )
+    gpus.add_argument(
+        "--gpus-per-replica",
+        type=int,
+        default=None,
+        metavar="N",
+        help="give each replica N GPUs and run each video over all of them (one UNet replica per GPU, windows "
+        "and guidance rows spread over them; the same video as on one GPU)",
     )
     g.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica (Ray's logical CPUs)")
     g.add_argument(
@@ -572,8 +605,10 @@ def run(args: argparse.Namespace) -> int:
     ray = import_ray()
     args.api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     warning = check_bind(args.host, args.api_key, args.insecure)
-    for name in ("replicas", "max_attempts", "max_queue"):
-        if getattr(args, name) < 1:
+    if args.gpus_per_replica is not None:
+        args.num_gpus = float(args.gpus_per_replica)
+    for name in ("replicas", "max_attempts", "max_queue", "gpus_per_replica"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise SonicError(f"--{name.replace('_', '-')} must be at least 1")
     if args.model is not None and not Path(args.model).is_dir():
         raise SonicError("not a directory (give an official-layout checkpoint folder)", args.model)
@@ -605,6 +640,7 @@ def run(args: argparse.Namespace) -> int:
         args.dtype,
         args.trust_pickle,
         getattr(args, "compile", None),
+        gpus=args.gpus_per_replica or 1,
     )
     layout = f"autoscaling {json.dumps(options.autoscaling)}" if options.autoscaling else f"{options.replicas}"
     print(
