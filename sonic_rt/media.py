@@ -393,6 +393,48 @@ def _video_rate(fps, width, height, crf) -> Fraction:
     return rate
 
 
+#: x264 constant rate factor of every video written (the official Sonic code re-encodes with ffmpeg ``-crf 18``).
+DEFAULT_CRF: int = 18
+
+#: x264 parameters of every H.264 stream written. ``cpu-independent=1``: x264's macroblock-tree rate control runs
+#: its C code instead of the assembly chosen for this CPU. With the AVX-512 assembly, the bundled libx264 wrote a
+#: different file for the same frames from one encode to the next (decoded frames up to 26 levels apart); with
+#: ``cpu-independent``, as with that assembly off, every encode was the same, and the file as small as before
+#: (``python -m bench.encoder``; docs/performance.md "The written video").
+X264_PARAMS: str = "cpu-independent=1"
+
+#: Encoder threads: a fixed count, so that the bitstream does not depend on how many cores the process may use
+#: (by default x264 takes its thread count from the CPU affinity, and the count changes the bitstream).
+X264_THREADS: int = 4
+
+
+def x264_options(crf: int = DEFAULT_CRF, *, key_interval: int | None = None) -> dict[str, str]:
+    """The libx264 options of a stream (PyAV ``add_stream(options=...)``): ``crf``, :data:`X264_PARAMS`,
+    :data:`X264_THREADS` and, for a live stream (``key_interval``: frames from one key frame to the next, each
+    starting a segment), ``tune=zerolatency`` (no look-ahead and no B-frames: each frame's packet is out as soon as
+    it is encoded), a fixed GOP and no scene-cut key frames."""
+    options = {"crf": str(int(crf)), "x264-params": X264_PARAMS, "threads": str(X264_THREADS)}
+    if key_interval is not None:
+        interval = str(int(key_interval))
+        options.update(tune="zerolatency", g=interval, keyint_min=interval, sc_threshold="0")
+    return options
+
+
+def x264_thread_type(live: bool) -> str:
+    """PyAV's thread type of the encoder: ``"SLICE"`` for a live stream (every thread on the same frame, so a frame
+    is out as soon as it is encoded), ``"FRAME"`` for a file (several frames at once, no slices: a smaller file)."""
+    return "SLICE" if live else "FRAME"
+
+
+def _add_h264_stream(container, rate: Fraction, width: int, height: int, crf: int, key_interval: int | None = None):
+    """Add a libx264 yuv420p stream with :func:`x264_options` to ``container``; time base ``1 / rate``."""
+    stream = container.add_stream("libx264", rate=rate, options=x264_options(crf, key_interval=key_interval))
+    stream.width, stream.height, stream.pix_fmt = int(width), int(height), "yuv420p"
+    stream.codec_context.thread_type = x264_thread_type(live=key_interval is not None)
+    stream.time_base = stream.codec_context.time_base = 1 / rate
+    return stream
+
+
 def _encode_rgb(container, stream, frames: np.ndarray, first_pts: int) -> int:
     """Encode and mux uint8 RGB ``frames`` (``[n, H, W, 3]`` or one ``[H, W, 3]``, shape checked against
     ``stream``) with pts ``first_pts, first_pts + 1, ...``; returns how many were written.
@@ -433,7 +475,8 @@ class VideoWriter:
     the temporary file and leaves ``out`` untouched. Without ``with``, call :meth:`close` or
     :meth:`abort` yourself.
 
-    Video: libx264, yuv420p, ``crf``; stream time base ``1/fps`` and frame ``i`` has pts ``i``, so the
+    Video: libx264, yuv420p, ``crf``, :func:`x264_options` (the same frames and audio give the same file, byte
+    for byte); stream time base ``1/fps`` and frame ``i`` has pts ``i``, so the
     frame count and frame rate read back exactly. Audio (optional): the first audio stream of ``audio``
     is re-encoded in full (not trimmed to the video) as AAC at the source rate (48000 Hz when AAC does
     not support it), mono or stereo (more channels are downmixed to stereo). Decoders see up to 1023
@@ -463,7 +506,7 @@ class VideoWriter:
         width: int,
         height: int,
         audio: PathLike | None = None,
-        crf: int = 18,
+        crf: int = DEFAULT_CRF,
     ) -> None:
         self._path = check_output_path(out)
         rate = _video_rate(fps, width, height, crf)
@@ -480,11 +523,7 @@ class VideoWriter:
         self._container: av.container.OutputContainer | None = None
         try:
             self._container = av.open(tmp, mode="w", format="mp4")
-            v = self._container.add_stream("libx264", rate=rate, options={"crf": str(int(crf))})
-            v.width, v.height, v.pix_fmt = self._width, self._height, "yuv420p"
-            v.time_base = 1 / rate
-            v.codec_context.time_base = 1 / rate
-            self._video = v
+            self._video = _add_h264_stream(self._container, rate, self._width, self._height, crf)
             self._audio = None
             if audio_info is not None:
                 out_rate = audio_info.sample_rate if audio_info.sample_rate in _aac_rates() else 48000
@@ -613,8 +652,9 @@ class HlsWriter:
     :meth:`close` adds ``#EXT-X-ENDLIST``. :meth:`abort` (or an exception inside a ``with`` block) removes the
     playlist and every segment.
 
-    Video: libx264, yuv420p, ``crf``, ``tune=zerolatency`` (no look-ahead, so a segment is out as soon as its
-    frames are written), a key frame every :data:`HLS_SEGMENT_SECONDS` (segments of that length).
+    Video: libx264, yuv420p, ``crf``, :func:`x264_options` with ``tune=zerolatency`` (no look-ahead, so a segment is
+    out as soon as its frames are written), a key frame every :data:`HLS_SEGMENT_SECONDS` (segments of that
+    length); the same frames and samples give the same files, byte for byte.
     Audio (optional): ``samples`` (float32 mono) as AAC, interleaved: each :meth:`write` also muxes the audio up
     to the end of the frames written so far, so every segment plays with its sound; :meth:`close` muxes the rest.
 
@@ -638,7 +678,7 @@ class HlsWriter:
         height: int,
         samples: np.ndarray | None = None,
         sample_rate: int = 16000,
-        crf: int = 18,
+        crf: int = DEFAULT_CRF,
     ) -> None:
         self._path = check_output_path(out, ".m3u8")
         rate = _video_rate(fps, width, height, crf)
@@ -653,7 +693,7 @@ class HlsWriter:
         self._fps, self._frames, self._done = rate, 0, False
         self._samples = None if samples is None else np.ascontiguousarray(samples, dtype=np.float32).reshape(-1)
         self._sample_rate, self._audio_pos = int(sample_rate), 0
-        key_interval = str(max(1, round(HLS_SEGMENT_SECONDS * rate)))
+        key_interval = max(1, round(HLS_SEGMENT_SECONDS * rate))
         self._container = av.open(
             os.fspath(self._path),
             mode="w",
@@ -669,20 +709,8 @@ class HlsWriter:
             },
         )
         try:
-            v = self._container.add_stream(
-                "libx264",
-                rate=rate,
-                options={
-                    "crf": str(int(crf)),
-                    "tune": "zerolatency",  # no look-ahead: each frame's packet is out as soon as it is encoded
-                    "g": key_interval,
-                    "keyint_min": key_interval,
-                    "sc_threshold": "0",
-                },
-            )
-            v.width, v.height, v.pix_fmt = int(width), int(height), "yuv420p"
-            v.time_base = v.codec_context.time_base = 1 / rate
-            self._video, self._audio, self._resampler = v, None, None
+            self._video = _add_h264_stream(self._container, rate, width, height, crf, key_interval)
+            self._audio, self._resampler = None, None
             if self._samples is not None:
                 a = self._container.add_stream("aac", rate=self._sample_rate, layout="mono")
                 a.time_base = Fraction(1, self._sample_rate)
