@@ -20,8 +20,8 @@ low_memory    ``python -m bench.low_memory --preset full --seconds 2 --steps 10`
               default runtime and ``low_memory=True`` loaded one after the other: peak
               CUDA memory (allocated, and in use on the device), seconds, frame difference
 throughput    ``python -m bench.throughput --preset full --seconds 2 --steps N            ``throughput.json``
-              --backends eager,torch``: whole 512x512 videos, per-stage seconds, peak
-              CUDA memory
+              --backends eager,torch,devices2``: whole 512x512 videos, per-stage
+              seconds, peak CUDA memory; devices2: two workers on the GPU
 ============  ==========================================================================  =====================
 
 plus ``summary.json`` (every part's status, seconds, command and headline numbers) and ``log.txt`` (each
@@ -236,7 +236,7 @@ def plan(args: argparse.Namespace, scratch: Path, cache: Path) -> list[Part]:
                 "bench.throughput",
                 *shape,
                 "--backends",
-                "eager,torch",
+                "eager,torch,devices2",
                 "--cache",
                 str(cache),
                 "--out",

@@ -82,7 +82,7 @@ from bench.presets import (
     speech_of_length,
 )
 
-BACKENDS = ("eager", "torch", "reference", "compile", "bf16", "onnxruntime", "tensorrt")
+BACKENDS = ("eager", "torch", "reference", "compile", "bf16", "devices2", "onnxruntime", "tensorrt")
 DEFAULT_BACKENDS = ("eager", "torch", "onnxruntime", "tensorrt")
 # The torch Runtime with one option changed from its defaults (name -> (Runtime keyword arguments, description)).
 OPTIONS = {
@@ -245,6 +245,10 @@ def load_backends(
             "simplified",
             torch_rt,
         )
+    if "devices2" in names:  # two workers sharing the device (the multi-device path one GPU can run)
+        rt = sonic_rt.Runtime(model_dir, devices=[device, device])
+        what = f"devices=[{device}, {device}] (two workers, lone windows split by guidance row)"
+        loaded["devices2"] = Backend("devices2", rt.animate, f"sonic_rt Runtime, defaults but {what}", "simplified", rt)
     for name, (kwargs, what) in OPTIONS.items():
         if name in names:
             rt = sonic_rt.Runtime(model_dir, device=device, **kwargs)
@@ -567,7 +571,8 @@ time and memory with audio length (fits printed, PNG plotted). One warm-up call 
 measured call per audio length, each writing a real mp4.
 
 backends: eager, torch (sonic_rt Runtime over the weights, default settings), one option changed from
-the defaults: reference (attention='reference'), compile (compile=True), bf16 (dtype='bf16'); onnxruntime,
+the defaults: reference (attention='reference'), compile (compile=True), bf16 (dtype='bf16'), devices2 (two
+workers on the device: devices=[device, device]); onnxruntime,
 tensorrt (engines built from the same weights with export.build_engines and cached; skipped with the reason
 where unavailable). The first call of each (the warm-up, compiling included) is timed and reported.
 

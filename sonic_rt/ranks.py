@@ -131,17 +131,39 @@ class RankPlan:
                             send(rank, to, key, len(fs))
 
 
+class Outbox:
+    """A rank's outgoing messages, each sent once every earlier message to the same rank (in :class:`RankPlan`
+    order) has been: ``send(to, tensor, seq)`` is called in that order."""
+
+    def __init__(self, plan: RankPlan, rank: int, send: Callable[[int, torch.Tensor, int], None]):
+        self.plan, self.rank, self._send = plan, rank, send
+        self.boxes: dict[int, dict[Key, torch.Tensor]] = {}
+        self.next_send = {b: 0 for (a, b) in plan.sends if a == rank}
+
+    def post(self, to: int, key: Key, tensor: torch.Tensor) -> None:
+        """Queue a message to ``to``; it leaves once every earlier message to ``to`` has."""
+        self.boxes.setdefault(to, {})[key] = tensor.contiguous()
+        order = self.plan.sends[(self.rank, to)]
+        box = self.boxes[to]
+        while self.next_send[to] < len(order) and order[self.next_send[to]] in box:
+            self._send(to, box.pop(order[self.next_send[to]]), self.next_send[to])
+            self.next_send[to] += 1
+
+    def unsent(self) -> bool:
+        return any(self.next_send[to] < len(self.plan.sends[(self.rank, to)]) for to in self.next_send)
+
+
 class _Channels:
-    """This rank's point-to-point traffic: one process group per direction, sends in :class:`RankPlan` order,
-    one receiving thread per peer. Received messages come out of :attr:`inbox` as ``(key, tensor)``."""
+    """This rank's point-to-point traffic: one process group per direction, sends in :class:`RankPlan` order
+    (:class:`Outbox`), one receiving thread per peer. Received messages come out of :attr:`inbox` as
+    ``(key, tensor)``."""
 
     def __init__(self, plan: RankPlan, distributed: Distributed, shape: tuple[int, ...], dtype, device):
         import torch.distributed as dist
 
         self.dist, self.plan, self.rank = dist, plan, distributed.rank
         self.groups = _pair_groups(distributed.world_size, distributed.timeout_s)
-        self.outbox: dict[int, dict[Key, torch.Tensor]] = {}
-        self.next_send = {b: 0 for (a, b) in plan.sends if a == self.rank}
+        self.outbox = Outbox(plan, self.rank, self._isend)
         self.pending: list = []  # (work, tensor) of sends in flight
         self.inbox: queue.Queue = queue.Queue()
         self.expected = sum(len(v) for (a, b), v in plan.receives.items() if b == self.rank)
@@ -159,18 +181,14 @@ class _Channels:
             thread.start()
 
     def post(self, to: int, key: Key, tensor: torch.Tensor) -> None:
-        """Queue a message; it leaves once every earlier message to ``to`` has."""
-        self.outbox.setdefault(to, {})[key] = tensor.contiguous()
-        self.flush()
+        self.outbox.post(to, key, tensor)
 
-    def flush(self) -> None:
-        for to, box in self.outbox.items():
-            order = self.plan.sends[(self.rank, to)]
-            while self.next_send[to] < len(order) and order[self.next_send[to]] in box:
-                tensor = box.pop(order[self.next_send[to]])
-                work = self.dist.isend(tensor, to, group=self.groups[(self.rank, to)], tag=self.next_send[to])
-                self.pending.append((work, tensor))
-                self.next_send[to] += 1
+    def unsent(self) -> bool:
+        return self.outbox.unsent()
+
+    def _isend(self, to: int, tensor: torch.Tensor, seq: int) -> None:
+        work = self.dist.isend(tensor, to, group=self.groups[(self.rank, to)], tag=seq)
+        self.pending.append((work, tensor))
         while len(self.pending) > MAX_SENDS_IN_FLIGHT:  # each keeps its tensor alive until it has left
             self.pending.pop(0)[0].wait()
 
@@ -179,9 +197,6 @@ class _Channels:
         for work, _ in self.pending:
             work.wait()
         self.pending = []
-
-    def unsent(self) -> bool:
-        return any(self.next_send[to] < len(self.plan.sends[(self.rank, to)]) for to in self.next_send)
 
     def _receive(self, source: int, messages: list[tuple[Key, int]], shape, dtype, device) -> None:
         group = self.groups[(source, self.rank)]
@@ -320,7 +335,6 @@ class RankExecutor:
     # --- waiting ----------------------------------------------------------------------------------------------
     def _poll(self, block: bool) -> bool:
         """Handle the messages that came (waiting for one when ``block``); returns whether more is to come."""
-        self.channels.flush()
         if self.received == self.channels.expected and not self.channels.unsent():
             return False
         deadline = time.monotonic() + (ABORT_POLL_S if block else 0.0)
@@ -336,7 +350,6 @@ class RankExecutor:
             self.received += 1
             self._quiet_since = time.monotonic()
             deadline = time.monotonic()  # take what else is there, then return
-        self.channels.flush()
         self._check_abort(force=block)
         if block and time.monotonic() - self._quiet_since > self.distributed.timeout_s:
             raise _rank_failed(f"rank {self.rank} heard nothing for {self.distributed.timeout_s:.0f} s")
@@ -381,4 +394,4 @@ def _store(distributed: Distributed):
         return None
 
 
-__all__ = ["RankPlan", "RankExecutor"]
+__all__ = ["RankPlan", "RankExecutor", "Outbox"]

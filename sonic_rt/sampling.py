@@ -201,12 +201,13 @@ class ShiftFusionWork:
         num_frames: N, frames at 12.5 fps; steps: denoising steps; frames_per_window: T; shift_offset: alpha.
 
     Attributes:
+        num_frames, steps, frames_per_window: N, the steps, T.
         windows: W, windows per step.
         indices: ``indices[s][j]``: the frames of unit (s, j) (a list of T ints, a frame repeated when N < T).
     """
 
     def __init__(self, num_frames: int, steps: int, frames_per_window: int, shift_offset: int):
-        self.num_frames, self.steps = num_frames, steps
+        self.num_frames, self.steps, self.frames_per_window = num_frames, steps, frames_per_window
         self.indices = [window_indices(num_frames, frames_per_window, s, shift_offset) for s in range(steps)]
         self.windows = len(self.indices[0])
         # owners[s][f]: the positions of the step-s windows holding frame f, ascending (one or two; one when N < T)
@@ -480,9 +481,22 @@ def sample(
     from .scheduler import WindowScheduler
 
     scheduler = scheduler or WindowScheduler(device=latents.device)
+    run = make_run(latents, sigmas, timesteps, config, denoise, scheduler.config.order)
+    return scheduler.run(run, on_window, on_final_frames)
+
+
+def make_run(
+    latents: torch.Tensor,
+    sigmas: torch.Tensor,
+    timesteps: torch.Tensor,
+    config: SamplingConfig,
+    denoise: Callable[[torch.Tensor, list[Window]], torch.Tensor] | None,
+    order: str = "wavefront",
+) -> ShiftFusionRun:
+    """The :class:`ShiftFusionRun` of :func:`sample` (its arguments; ``order``: ``"wavefront"`` or ``"steps"``). Every
+    index is built on the latents' device here, once (no host-to-device copy, so no host sync, in the loop)."""
     num_frames, device, steps = latents.shape[1], latents.device, len(timesteps)
     work = ShiftFusionWork(num_frames, steps, config.frames_per_window, config.shift_offset)
-    # built on the device once per run (no host-to-device copy, so no host sync, in the loop)
     device_timesteps = timesteps.to(device, non_blocking=True)
     step_index = [
         step_window_indices(num_frames, config.frames_per_window, s, config.shift_offset, device) for s in range(steps)
@@ -492,9 +506,8 @@ def sample(
         for u in work.units()
     }
     counts = [frame_counts(index, num_frames, latents.dtype) for index in step_index]
-    plan = work.plan() if scheduler.config.order == "wavefront" else work.units()
-    run = ShiftFusionRun(work, plan, windows, counts, latents, denoise)
-    return scheduler.run(run, on_window, on_final_frames)
+    plan = work.plan() if order == "wavefront" else work.units()
+    return ShiftFusionRun(work, plan, windows, counts, latents, denoise)
 
 
 def scale_model_input(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

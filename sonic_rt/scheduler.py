@@ -284,6 +284,39 @@ class Readiness:
         return group
 
 
+class LocalRun:
+    """One process's part of a run: every unit, every frame (:meth:`WindowScheduler.run` without ranks).
+
+    Attributes:
+        state: the latents (:class:`~sonic_rt.sampling.FrameLatents`); ready: which units may run; final: [N] bool,
+            the frames whose last-step latents are final.
+    """
+
+    def __init__(self, run: ShiftFusionRun, on_window=None, on_final_frames=None):
+        self.run, self.on_window, self.on_final_frames = run, on_window, on_final_frames
+        self.state = run.latents_of()
+        self.ready = Readiness(run.work, run.plan)
+        self.final = torch.zeros(run.work.num_frames, dtype=torch.bool)
+
+    def compute(self, group: list[Unit], denoise) -> torch.Tensor:
+        return self.run.step(self.state, group, denoise)
+
+    def on_done(self, group: list[Unit], stepped: torch.Tensor) -> None:
+        """``group`` finished (``stepped`` [g, T, C, h, w]): add, finalise, make units ready, report."""
+        newly_final = False
+        for k, unit in enumerate(group):
+            for step, frames in self.state.add(unit, stepped[k : k + 1]):
+                if step == self.run.steps:
+                    self.final[frames] = True
+                    newly_final = True
+                else:
+                    self.ready.frames_final(step, frames)
+            if self.on_window is not None:
+                self.on_window(self.run.windows[unit])
+        if newly_final and self.on_final_frames is not None:
+            self.on_final_frames(self.state.x, self.final)
+
+
 class WindowScheduler:
     """Runs the units of a shift-fusion run on workers and ranks; see the module docstring.
 
@@ -344,26 +377,9 @@ class WindowScheduler:
             from .ranks import RankExecutor
 
             return RankExecutor(self, run, self.distributed, on_window, on_final_frames).execute()
-        state = run.latents_of()
-        ready = Readiness(run.work, run.plan)
-        final = torch.zeros(run.work.num_frames, dtype=torch.bool)
-
-        def on_done(group: list[Unit], stepped: torch.Tensor) -> None:
-            newly_final = False
-            for k, unit in enumerate(group):
-                for step, frames in state.add(unit, stepped[k : k + 1]):
-                    if step == run.steps:
-                        final[frames] = True
-                        newly_final = True
-                    else:
-                        ready.frames_final(step, frames)
-                if on_window is not None:
-                    on_window(run.windows[unit])
-            if newly_final and on_final_frames is not None:
-                on_final_frames(state.x, final)
-
-        self.execute(ready, lambda group, denoise: run.step(state, group, denoise), on_done, run.denoise)
-        return state.x
+        loop = LocalRun(run, on_window, on_final_frames)
+        self.execute(loop.ready, loop.compute, loop.on_done, run.denoise)
+        return loop.state.x
 
     def execute(
         self,
@@ -382,9 +398,7 @@ class WindowScheduler:
         free, running, error = list(self.workers), {}, None
         try:
             while True:
-                while error is None and free and (group := ready.next_group(self.config.windows_per_call)):
-                    take = self._workers_for(denoiser, len(free), ready)
-                    assigned, free = free[:take], free[take:]
+                for group, assigned in self.start(free, ready, denoiser) if error is None else ():
                     future = assigned[0].submit(self._call, compute, group, denoiser, assigned)
                     running[future] = (group, assigned)
                 if not running:
@@ -410,6 +424,17 @@ class WindowScheduler:
                     poll(False)
         finally:
             _gather_quietly(list(running))
+
+    def start(self, free: list, ready: Readiness, denoiser) -> list[tuple[list[Unit], list]]:
+        """The placement rule: the groups to start now, each with the free workers it takes (removed from ``free``):
+        groups of ready units of one step, the earliest first, one worker each, or several to split its guidance
+        rows when nothing else is ready. ``bench/multi_device.py`` simulates the scheduler with this very rule."""
+        started = []
+        while free and (group := ready.next_group(self.config.windows_per_call)):
+            take = self._workers_for(denoiser, len(free), ready)
+            started.append((group, free[:take]))
+            del free[:take]
+        return started
 
     def _workers_for(self, denoiser, free: int, ready: Readiness) -> int:
         """How many free workers the next group takes: several to split its guidance rows when nothing else is
@@ -482,6 +507,7 @@ __all__ = [
     "Placeable",
     "Worker",
     "Readiness",
+    "LocalRun",
     "WindowScheduler",
     "join",
 ]

@@ -1,5 +1,5 @@
-"""On a real CUDA device (``pytest -m gpu``, run by bench/gpu_check.py): stream lanes, out-of-memory, host syncs,
-and the kernels' self-check.
+"""On a real CUDA device (``pytest -m gpu``, run by bench/gpu_check.py): stream lanes, several workers and GPUs,
+out-of-memory, host syncs, and the kernels' self-check.
 
 Inputs avoid what a bare GPU image lacks: the demo checkpoint (written here), the astronaut portrait (skimage)
 and a synthetic 16 kHz array as audio (no espeak-ng, no PyAV: ``out=None`` writes no mp4).
@@ -173,6 +173,29 @@ def test_low_memory_keeps_only_the_unet_on_the_device_and_lowers_the_peak(
     print(f"demo, fp16: footprint {low_peak / 2**20:.1f} MiB low_memory vs {default_peak / 2**20:.1f} MiB default")
     assert low_peak < default_peak
     assert levels(low_frames, default_frames) <= FP16_LEVELS
+
+
+def test_two_workers_on_one_gpu_give_the_sequential_frames(demo_dir, portrait, audio, sequential_frames):
+    """``devices=["cuda:0", "cuda:0"]``: one UNet shared by two workers on their own CUDA streams, lone windows split
+    by guidance row and joined with events (the multi-device path a one-GPU machine can run)."""
+    import sonic_rt
+
+    rt = sonic_rt.Runtime(demo_dir, dtype="fp16", devices=["cuda:0", "cuda:0"])
+    assert len(rt._scheduler.workers) == 2 and all(w.stream is not None for w in rt._scheduler.workers)
+    frames = rt.animate(portrait, audio, None, **FAST).frames
+    assert levels(frames, sequential_frames) <= FP16_LEVELS
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_every_gpu_holds_a_replica_and_gives_the_sequential_frames(demo_dir, portrait, audio, sequential_frames):
+    import sonic_rt
+
+    rt = sonic_rt.Runtime(demo_dir, dtype="fp16", devices="all")
+    assert [u.device for u in rt.components.unets] == [
+        torch.device("cuda", i) for i in range(torch.cuda.device_count())
+    ]
+    frames = rt.animate(portrait, audio, None, **FAST).frames
+    assert levels(frames, sequential_frames) <= FP16_LEVELS
 
 
 @pytest.mark.parametrize("order", ["wavefront", "steps"])

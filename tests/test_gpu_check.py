@@ -84,8 +84,9 @@ def test_rehearsal_runs_every_part_and_writes_every_file(demo_dir, tmp_path):
     assert all(r["frames"] == 6 and r["peak_rss_mb"] > 0 for r in low["runs"].values()) and low["peak_ratio"] > 0
 
     throughput = records["throughput"]["result"]
-    assert list(throughput["runs"]) == ["eager", "torch"] and throughput["settings"]["steps"] == 1
+    assert list(throughput["runs"]) == ["eager", "torch", "devices2"] and throughput["settings"]["steps"] == 1
     assert throughput["runs"]["torch"]["0.5"]["num_generated_frames"] == 6 and throughput["markdown"]
+    assert throughput["runs"]["devices2"]["0.5"]["num_generated_frames"] == 6  # two workers on the device
 
     table = proc.stdout.split("bench.gpu_check on")[-1]
     assert all(name in table for name in PARTS) and "kernel self-check passed; auto -> sdpa" in table
