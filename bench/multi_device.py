@@ -389,9 +389,9 @@ def project(args: argparse.Namespace, command: str) -> dict[str, Any]:
     for mode in ("devices", "ranks"):
         for link in LINKS:
             cost = h100_cost(args.efficiency, link, mode == "ranks")
-            for seconds in LENGTHS_S:
+            for seconds in args.lengths:
                 num_frames = int(seconds * 12.5)
-                for count in DEVICE_COUNTS:
+                for count in args.devices:
                     simulate = simulate_ranks if mode == "ranks" else simulate_devices
                     p = simulate(num_frames, 25, count, cost)
                     rows.append({"mode": mode, "link": link, "audio_s": seconds, "devices": count, **p.to_json()})
@@ -467,6 +467,8 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--out", type=Path, default=None, help="JSON path (default: results/multi_device-<preset>-cpu.json)")
     j = sub.add_parser("project", help="the H100 projection table")
     j.add_argument("--efficiency", type=float, default=0.4, help="share of the fp16 peak a UNet call reaches")
+    j.add_argument("--lengths", type=_numbers(float), default=LENGTHS_S, help="seconds of audio, comma-separated")
+    j.add_argument("--devices", type=_numbers(int), default=DEVICE_COUNTS, help="device counts, comma-separated")
     j.add_argument("--out", type=Path, default=RESULTS / "multi_device-h100-projection.json")
     for name, fn in (("run-one", run_one), ("calibrate-one", calibrate_one)):  # children of measure
         c = sub.add_parser(name)
@@ -478,6 +480,10 @@ def parser() -> argparse.ArgumentParser:
         c.add_argument("--devices", default=None)
         c.set_defaults(child=fn)
     return p
+
+
+def _numbers(kind):
+    return lambda text: tuple(kind(x) for x in text.split(","))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

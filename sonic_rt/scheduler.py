@@ -13,9 +13,10 @@ step order). Ready units of one step are batched into UNet calls of up to ``wind
 (``devices=["cuda:0", "cuda:1"]``) hold a UNet replica each; a device named twice, or ``lanes`` > 1, gives it
 several workers sharing its replica (CUDA streams on a GPU; on the CPU, threads that split the cores, so two CPU
 workers run one intra-op thread each on two cores). A unit goes to whichever worker is free. When fewer windows are
-ready than workers are free (the tip of the first frames' cone, a short video), a window's three guidance rows
-(unconditional, image-only, full) run on up to three workers and are gathered before the combine
-(``split_rows``; xDiT calls this CFG parallelism). The latents live on the first device; a worker on another device
+ready than workers are free (the tip of the first frames' cone, a short video, many devices), each ready window takes
+an equal share of the free workers and its three guidance rows (unconditional, image-only, full) run on up to three
+of them, gathered before the combine (``split_rows``; xDiT calls this CFG parallelism): the critical path of 25
+windows in a row gets shorter. The latents live on the first device; a worker on another device
 receives a window's inputs and returns its v (a few MB per call).
 
 **Ranks.** Under ``torchrun`` each rank owns a contiguous range of frames, runs the units centred in it with its
@@ -272,6 +273,10 @@ class Readiness:
     def has_ready(self) -> bool:
         return any(self._heaps.values())
 
+    def count(self) -> int:
+        """Units ready now."""
+        return sum(len(h) for h in self._heaps.values())
+
     def next_group(self, size: int) -> list[Unit] | None:
         """The ready unit earliest in priority and up to ``size - 1`` more ready units of its step (one UNet call has
         one timestep), earliest first; None when none is ready."""
@@ -427,8 +432,9 @@ class WindowScheduler:
 
     def start(self, free: list, ready: Readiness, denoiser) -> list[tuple[list[Unit], list]]:
         """The placement rule: the groups to start now, each with the free workers it takes (removed from ``free``):
-        groups of ready units of one step, the earliest first, one worker each, or several to split its guidance
-        rows when nothing else is ready. ``bench/multi_device.py`` simulates the scheduler with this very rule."""
+        groups of ready units of one step, the earliest first; when fewer groups are ready than workers are free,
+        each takes an equal share of them (up to one per guidance row) to split its rows, else one.
+        ``bench/simulator.py`` models the scheduler with this very rule."""
         started = []
         while free and (group := ready.next_group(self.config.windows_per_call)):
             take = self._workers_for(denoiser, len(free), ready)
@@ -437,12 +443,13 @@ class WindowScheduler:
         return started
 
     def _workers_for(self, denoiser, free: int, ready: Readiness) -> int:
-        """How many free workers the next group takes: several to split its guidance rows when nothing else is
-        ready (and the denoiser can), else one."""
+        """How many of the ``free`` workers the group just taken gets: its share of them among the groups still
+        ready (several split its guidance rows, when the denoiser can), at least one."""
         rows = getattr(denoiser, "guidance_rows", 1)
-        if not self.config.split_rows or rows < 2 or free < 2 or ready.has_ready():
+        if not self.config.split_rows or rows < 2 or free < 2:
             return 1
-        return min(free, rows)
+        groups = 1 + -(-ready.count() // self.config.windows_per_call)  # this one and those ready after it
+        return max(1, min(rows, -(-free // groups)))  # ceil: every free worker gets used
 
     def _call(self, compute, group: list[Unit], denoiser, assigned: list[Worker]) -> torch.Tensor:
         """On ``assigned[0]``'s thread: ``compute`` with the denoise of that worker, or of a row split."""
