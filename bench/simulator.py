@@ -17,6 +17,7 @@ cores are shared by every worker), ``"home"`` (the first device's calls only: a 
 
 from __future__ import annotations
 
+import copy
 import heapq
 import itertools
 from dataclasses import dataclass, field, replace
@@ -224,7 +225,7 @@ class _RankSimulation:
         self.pair_free: dict[tuple[int, int], float] = {}
         self.executors = []
         for r in range(ranks):
-            ex = RankExecutor(None, self.run_, Distributed(r, ranks), None, None)
+            ex = RankExecutor(None, copy.copy(self.run_), Distributed(r, ranks), None, None)  # it lets go of latents
             ex.ready = Readiness(self.run_.work, ex.units)
             ex.channels = Outbox(ex.plan, r, lambda to, tensor, number, r=r: self._send(r, to, tensor, number))
             self.executors.append(ex)

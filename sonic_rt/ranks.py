@@ -250,9 +250,9 @@ class RankExecutor:
         self.plan = RankPlan(run.work, run.plan, distributed.world_size)
         self.units = self.plan.units_of(self.rank, run.plan)
         self.state = run.latents_of(self.plan.held(self.rank, run.plan), self.plan.owned(self.rank), self.units)
+        run.latents = None  # the whole video's initial latents: this rank keeps its own frames and edges only
         self.abort_key = f"sonic_rt/run{next(self._runs)}/failed"
-        latents = run.latents
-        self.final = torch.zeros(latents.shape, dtype=latents.dtype) if self.rank == 0 else None  # host memory
+        self.final = torch.zeros(run.shape, dtype=run.dtype) if self.rank == 0 else None  # host memory
         self.is_final = torch.zeros(run.work.num_frames, dtype=torch.bool)
         self._index: dict[tuple[int, ...], torch.Tensor] = {}
         self._store, self._last_abort_check = _store(distributed), 0.0
@@ -266,8 +266,8 @@ class RankExecutor:
         """
         from .scheduler import Readiness
 
-        latents = self.run.latents
-        self.channels = _Channels(self.plan, self.distributed, tuple(latents.shape[2:]), latents.dtype, latents.device)
+        run = self.run
+        self.channels = _Channels(self.plan, self.distributed, run.shape[2:], run.dtype, run.device)
         self.ready = Readiness(self.run.work, self.units)
         self.received = 0
         self._quiet_since = time.monotonic()

@@ -408,7 +408,8 @@ class ShiftFusionRun:
     Attributes:
         work: the units and their dependencies; plan: every unit in priority order (:meth:`ShiftFusionWork.plan` for
             the wavefront, :meth:`ShiftFusionWork.units` for the step order); windows: each unit's
-            :class:`Window`; counts: ``counts[s]`` [1, N, 1, 1, 1]; latents: the initial ``[1, N, C, h, w]``;
+            :class:`Window`; counts: ``counts[s]`` [1, N, 1, 1, 1]; latents: the initial ``[1, N, C, h, w]`` (None
+            once a torchrun rank has kept its own frames); shape, dtype, device: theirs;
         denoise: the guided v-prediction (``denoise(x, windows) -> v``, or a placeable denoiser, see the scheduler).
     """
 
@@ -416,8 +417,11 @@ class ShiftFusionRun:
     plan: list[Unit]
     windows: dict[Unit, Window]
     counts: list[torch.Tensor]
-    latents: torch.Tensor
+    latents: torch.Tensor | None
     denoise: Callable[[torch.Tensor, list[Window]], torch.Tensor]
+
+    def __post_init__(self):
+        self.shape, self.dtype, self.device = tuple(self.latents.shape), self.latents.dtype, self.latents.device
 
     @property
     def steps(self) -> int:
@@ -482,6 +486,7 @@ def sample(
 
     scheduler = scheduler or WindowScheduler(device=latents.device)
     run = make_run(latents, sigmas, timesteps, config, denoise, scheduler.config.order)
+    del latents  # the run holds them (a torchrun rank lets go of the other ranks' frames)
     return scheduler.run(run, on_window, on_final_frames)
 
 

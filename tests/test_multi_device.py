@@ -13,9 +13,9 @@ import torch
 import sonic_rt
 from sonic_rt.errors import InputError
 from sonic_rt.pipeline.components import resolve_devices
-from sonic_rt.ranks import RankPlan
-from sonic_rt.sampling import SamplingConfig, ShiftFusionWork, Unit, sample
-from sonic_rt.scheduler import SchedulerConfig, WindowScheduler
+from sonic_rt.ranks import RankExecutor, RankPlan
+from sonic_rt.sampling import SamplingConfig, ShiftFusionWork, Unit, make_run, sample
+from sonic_rt.scheduler import Distributed, SchedulerConfig, WindowScheduler
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 from toy import ToyGuidance, toy_denoise, toy_problem  # noqa: E402
@@ -173,6 +173,17 @@ def test_ranks_message_only_their_neighbours_and_send_the_output_to_rank_0(num_f
                 assert b == 0 and a != 0
             else:
                 assert b in ((a - 1) % world, (a + 1) % world), (a, b, key)
+
+
+def test_a_rank_keeps_only_its_frames_and_edges_and_lets_go_of_the_rest():
+    latents, sigmas, timesteps = toy_problem(1000)
+    run = make_run(latents, sigmas, timesteps, SamplingConfig(steps=len(timesteps)), toy_denoise)
+    executor = RankExecutor(None, run, Distributed(rank=1, world_size=4), None, None)
+    assert run.latents is None  # the whole video's initial latents are let go
+    held = executor.state.frames
+    assert executor.state.x.shape[1] == executor.state.acc.shape[1] == len(held) <= 250 + 2 * 24
+    assert torch.equal(executor.state.x, latents[:, held])
+    assert executor.final is None  # rank 0 alone gathers the output
 
 
 def test_the_edge_traffic_per_step_does_not_grow_with_the_video():

@@ -90,10 +90,15 @@ class InitialLatents:
         seed: the seed the noise was drawn from, None when the caller gave the noise.
     """
 
-    latents: torch.Tensor
+    latents: torch.Tensor | None
     sigmas: torch.Tensor
     timesteps: torch.Tensor
     seed: int | None
+
+    def take_latents(self) -> torch.Tensor:
+        """The latents, handed over: this object no longer holds them (so whoever takes them can free them)."""
+        latents, self.latents = self.latents, None
+        return latents
 
 
 def audio_features(c: Components, samples: np.ndarray) -> AudioFeatures:
@@ -287,7 +292,7 @@ def denoise(
 
         started = time.perf_counter()
         final = sample(
-            init.latents,
+            init.take_latents(),  # the run owns them now: a torchrun rank keeps only its own frames' latents
             init.sigmas,
             init.timesteps,
             config,
