@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,7 +61,7 @@ class DevicesLedger:
         return result
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def two_gpu_replica(ray_cluster, demo_dir, tmp_path_factory):
     from ray import cloudpickle, serve
 
@@ -113,6 +114,7 @@ def test_a_batch_worker_with_two_gpus_writes_the_video_of_one_device(
 ):
     """``batch --ray --gpus-per-worker 2``: the Ray Data worker owns both logical GPUs, its Runtime runs the video over
     two CPU devices, and the written video decodes to one device's (same threads: Ray's one CPU per worker)."""
+    import ray
     import torch
 
     import sonic_rt
@@ -122,6 +124,10 @@ def test_a_batch_worker_with_two_gpus_writes_the_video_of_one_device(
     jobs = tmp_path / "jobs.jsonl"
     line = {"image": str(portrait), "audio": str(long_speech), "output": "two.mp4", "options": {**SMALL, "seed": 3}}
     jobs.write_text(json.dumps(line) + "\n")
+    deadline = time.monotonic() + 60  # an earlier test's replica gives its GPUs back as Ray tears it down
+    while ray.available_resources().get("GPU", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert ray.available_resources().get("GPU", 0) == 2, "another test's actor still holds the cluster's GPUs"
     load = RuntimeLoader(str(demo_dir), gpus=2)
     summary = run_batch(jobs, tmp_path / "out", load, ray_address="", workers=1, num_gpus=2, progress=False)
     assert summary.succeeded == 1 and summary.failed == 0
