@@ -120,3 +120,26 @@ def test_a_bad_hls_path_is_refused_before_any_model_runs(runtime, portrait, spee
     with pytest.raises(OutputPathError, match="must end in .m3u8"):
         runtime.animate(portrait, speech, None, hls=tmp_path / "live.mp4", events=lambda k, i: calls.append(k))
     assert calls == []
+
+
+def test_the_vae_decoder_graph_runs_its_silus_in_place_and_decodes_the_same_frames_bit_for_bit(runtime):
+    import torch
+
+    graph = runtime.graphs.vae_decoder
+    vae = graph.module.vae
+    silus = [m for m in vae.decoder.modules() if isinstance(m, torch.nn.SiLU)]
+    in_place = []
+    hooks = [m.register_forward_hook(lambda m, args, out: in_place.append(out is args[0])) for m in silus]
+    z = torch.randn(5, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.inference_mode():
+            frames = graph(z)
+            assert in_place and all(in_place)  # every SiLU wrote into its input
+            in_place.clear()
+            official = vae.decode(z, num_frames=5).sample  # diffusers' own call: new tensors, as before
+            assert in_place and not any(in_place)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert frames.shape == (5, 3, 128, 128) and torch.equal(frames, official)
+    assert not any(m.inplace for m in silus)
