@@ -120,3 +120,45 @@ def test_a_bad_hls_path_is_refused_before_any_model_runs(runtime, portrait, spee
     with pytest.raises(OutputPathError, match="must end in .m3u8"):
         runtime.animate(portrait, speech, None, hls=tmp_path / "live.mp4", events=lambda k, i: calls.append(k))
     assert calls == []
+
+
+def test_the_vae_decoder_graph_works_in_place_and_decodes_the_same_frames_bit_for_bit(runtime):
+    """The runtime's decode graph writes every SiLU, residual sum and spatial/temporal blend into a tensor it
+    already has (hooks see the output be the input, or the block's last convolution's output) and gives diffusers'
+    frames bit for bit; diffusers' own ``vae.decode`` (the eager baseline) still makes new tensors."""
+    import torch
+    from diffusers.models.resnet import AlphaBlender, ResnetBlock2D, TemporalResnetBlock
+
+    graph = runtime.graphs.vae_decoder
+    vae = graph.module.vae
+    seen: list[tuple[str, bool]] = []
+    last_conv: dict[int, torch.Tensor] = {}
+    hooks = []
+    for module in vae.decoder.modules():
+        if isinstance(module, torch.nn.SiLU):
+            hooks.append(module.register_forward_hook(lambda m, a, out: seen.append(("silu", out is a[0]))))
+        elif isinstance(module, (ResnetBlock2D, TemporalResnetBlock)):
+            conv = module.conv2
+            hooks.append(conv.register_forward_hook(lambda m, a, out, key=id(module): last_conv.update({key: out})))
+            hooks.append(
+                module.register_forward_hook(lambda m, a, out: seen.append(("residual", out is last_conv[id(m)])))
+            )
+        elif isinstance(module, AlphaBlender):
+            hooks.append(
+                module.register_forward_hook(
+                    lambda m, a, kw, out: seen.append(("blend", out is kw["x_temporal"])), with_kwargs=True
+                )
+            )
+    z = torch.randn(5, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.inference_mode():
+            frames = graph(z)
+            kinds = {kind for kind, _ in seen}
+            assert kinds == {"silu", "residual", "blend"} and all(ok for _, ok in seen)
+            seen.clear()
+            official = vae.decode(z, num_frames=5).sample  # diffusers' own call: new tensors, as before
+            assert seen and not any(ok for _, ok in seen)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert frames.shape == (5, 3, 128, 128) and torch.equal(frames, official)

@@ -65,7 +65,8 @@ class StreamingOutput:
         timer: where ``decode``, ``interpolate`` and ``encode`` time goes.
         interpolate: RIFE x2 or not.
         writers: where the output frames go: a :class:`sonic_rt.media.VideoWriter` (the mp4) and/or a
-            :class:`sonic_rt.media.HlsWriter`; empty to write nothing.
+            :class:`sonic_rt.media.HlsWriter`; empty to write nothing. :meth:`finish` closes them (timed as
+            ``encode``); after an error their owner aborts them.
         keep: a list the generated uint8 frames [n, H, W, 3] of each chunk are appended to, or None.
         events: the ``events(kind, info)`` callback, or None: ``("frames", {"generated", "written",
             "video_seconds", "elapsed_seconds"})`` per written chunk (frames generated and written so far, the
@@ -132,8 +133,13 @@ class StreamingOutput:
         self.seconds += time.perf_counter() - started
 
     def finish(self, latents: torch.Tensor) -> None:
-        """Decode every frame not decoded yet (``latents`` [1, N, 4, h, w] are all final)."""
+        """Decode every frame not decoded yet (``latents`` [1, N, 4, h, w] are all final), then close the writers:
+        the encoders' last frames, the audio, the file moved into place (timed as ``encode``)."""
         self.push(latents, torch.ones(latents.shape[1], dtype=torch.bool))
+        if self.writers:
+            with self.timer.stage("encode"):
+                for writer in self.writers:
+                    writer.close()
 
     def frames(self) -> np.ndarray | None:
         """The kept generated frames, uint8 [N, H, W, 3], or None when none were kept."""
@@ -144,21 +150,23 @@ class StreamingOutput:
         with timer.stage("decode"):
             z = (1 / g.config.vae_scaling_factor) * z  # official decode_latents: 1 / 0.18215 * z
             decoded = self.decode_memory.run(len(z), lambda part: g.vae_decoder(z[part]))  # [n, 3, H, W]
-            frames = (decoded.float() * 0.5 + 0.5).clamp(0, 1)
+            frames = decoded.float().mul_(0.5).add_(0.5).clamp_(0, 1)  # in place: the decoder's own output
+            as_generated = self.keep is not None or (self.writers and not self.interpolate and self.paste is None)
+            generated = to_uint8(frames) if as_generated else None
         out = self._interpolate(frames) if self.interpolate else frames
-        generated = to_uint8(frames) if (self.keep is not None or self.paste is None) else None
-        if self.paste is not None:
-            with timer.stage("encode"):  # compositing into the photo is counted with the encoding of the output
-                output = self.paste(out)  # uint8 [n', H0, W0, 3], the whole photo
-        else:
-            output = to_uint8(out) if self.interpolate else generated
         if self.keep is not None:
             self.keep.append(generated)
         if self.writers:
-            with timer.stage("encode"):
+            with timer.stage("encode"):  # as eager's: the frames made uint8, composited into the photo, encoded
+                if self.paste is not None:
+                    output = self.paste(out)  # uint8 [n', H0, W0, 3], the whole photo
+                else:
+                    output = to_uint8(out) if self.interpolate else generated
                 for writer in self.writers:
                     writer.write(output)
-        self.num_out += len(output)
+            self.num_out += len(output)
+        else:
+            self.num_out += len(out)
         if self.events is not None:
             self.events(
                 "frames",
