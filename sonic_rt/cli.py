@@ -101,6 +101,7 @@ def _add_animate(sub) -> None:
         "--no-split-rows",
         dest="split_rows",
         action="store_false",
+        default=argparse.SUPPRESS,  # on unless given: no "(default: True)" under a --no- flag
         help="never split a window's three guidance rows over free devices (by default they are split when "
         "fewer windows are ready than devices are free: the first frames' cone, short videos)",
     )
@@ -287,7 +288,10 @@ def _animate(args) -> int:
         low_memory=args.low_memory,
         devices=args.devices,
         scheduler=SchedulerConfig(
-            windows_per_call=args.windows_per_call, lanes=args.lanes, order=args.order, split_rows=args.split_rows
+            windows_per_call=args.windows_per_call,
+            lanes=args.lanes,
+            order=args.order,
+            split_rows=getattr(args, "split_rows", True),
         ),
     )
     progress = options.progress and runtime.distributed.rank == 0  # rank 0 reports

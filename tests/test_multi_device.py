@@ -116,6 +116,38 @@ def test_devices_are_resolved_and_bad_ones_refused_in_one_line():
             resolve_devices(bad)
 
 
+def test_the_cli_hands_devices_and_row_splits_to_the_runtime(monkeypatch, demo_dir, portrait, speech, tmp_path):
+    """``--devices cpu,cpu`` and ``--no-split-rows`` reach ``Runtime``; without the flag rows are split."""
+    from sonic_rt import cli, runtime
+
+    class Loaded(Exception):
+        pass
+
+    seen = []
+
+    def record(model_dir, **kwargs):
+        seen.append(kwargs)
+        raise Loaded
+
+    monkeypatch.setattr(runtime, "Runtime", record)
+    argv = [
+        "animate",
+        "--model",
+        str(demo_dir),
+        "--image",
+        str(portrait),
+        "--audio",
+        str(speech),
+        "--out",
+        str(tmp_path / "o.mp4"),
+    ]
+    for extra in (["--devices", "cpu,cpu", "--no-split-rows"], []):
+        with pytest.raises(Loaded):
+            cli.main(argv + extra)
+    assert seen[0]["devices"] == "cpu,cpu" and seen[0]["scheduler"].split_rows is False
+    assert seen[1]["devices"] is None and seen[1]["scheduler"].split_rows is True
+
+
 # --- through the demo UNet --------------------------------------------------------------------------------------
 
 
