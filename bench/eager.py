@@ -12,7 +12,8 @@ reduction order) but does the work the way the official ``sonic.py`` + ``SonicPi
 - **CLIP twice and the VAE encoder twice** on the same reference image (sections 2.4-2.5).
 - **Per-frame copies** of the conditioning: image latents ``[3, N, 4, h, w]``, CLIP embeddings
   ``[3, N, 1, D]`` and audio tokens ``[3, N, 32, D]`` for the whole video (section 5).
-- **Windows one after another**, one UNet call each (batch 3 x 25), with the diffusers-style attention
+- **Windows one after another**, one UNet call each (batch 3 x 25), with diffusers' own linear layers and
+  temporal ``conv3d`` (not the runtime's batch-invariant CPU forms), with the diffusers-style attention
   processors: full SDPA over the single CLIP token, the temporal audio context repeated and projected at
   every spatial position, and the face mask bicubic-downsampled in every spatial layer of every call
   (:class:`sonic_rt.models.unet.AudioAttention` REFERENCE with ``face_mask=``; section 2.3).
@@ -47,6 +48,7 @@ from sonic_rt.audio_features import (
     WHISPER_CHUNK_SAMPLES,
 )
 from sonic_rt.errors import InputError
+from sonic_rt.models.batch_invariant import plain_layers
 from sonic_rt.pipeline.options import AnimateOptions
 from sonic_rt.pipeline.output import audio_for_mux, output_fps, to_uint8
 from sonic_rt.pipeline.timing import StageTimer
@@ -198,14 +200,15 @@ class EagerPipeline:
                         inp = torch.cat([inp, image_latents_all[:, idx]], dim=2)  # [3, T, 8, h, w]
                         b = motion_buckets[0, idx].mean(dim=0)  # the window's 2 buckets
                         ids = torch.tensor([[config.fps, b[0], b[1]]], dtype=dtype, device=device)
-                        v = self.unet(
-                            inp,
-                            timesteps[i].reshape(1).to(device),
-                            image_embeddings[:, idx[0]],
-                            audio_prompts[:, idx],
-                            ids.float().repeat(3, 1),
-                            face_mask=face_mask,
-                        )
+                        with plain_layers():  # diffusers' own linear and conv3d, as the official code
+                            v = self.unet(
+                                inp,
+                                timesteps[i].reshape(1).to(device),
+                                image_embeddings[:, idx[0]],
+                                audio_prompts[:, idx],
+                                ids.float().repeat(3, 1),
+                                face_mask=face_mask,
+                            )
                         v = combine_guidance(v, config.image_guidance_scale, config.audio_guidance_scale)
                         stepped = euler_v_step(v, x, sigma, sigma_next).to(latents.dtype)
                         acc.index_add_(1, idx, stepped)

@@ -405,3 +405,31 @@ def test_a_guidance_row_gives_the_same_v_alone_or_batched_and_on_one_or_two_thre
         alone = _call_with_threads(model, _rows_of(args, slice(row, row + 1)), 1)
         assert torch.equal(alone, three[row : row + 1]), row
     assert torch.equal(_call_with_threads(model, _rows_of(args, slice(0, 3)), 1), three)
+
+
+def test_plain_layers_give_back_diffusers_linear_and_conv3d_for_the_eager_baseline(monkeypatch):
+    """Inside ``plain_layers()`` (the eager baseline's UNet calls) the batch-invariant layers run ``F.linear`` on the
+    input as given and one ``conv3d``; outside, the contiguous padded matmul and a ``conv2d`` per sample."""
+    import torch.nn.functional as F
+
+    from sonic_rt.models import batch_invariant
+    from sonic_rt.models.batch_invariant import make_batch_invariant, plain_layers
+
+    torch.manual_seed(0)
+    model = make_batch_invariant(
+        torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Conv3d(8, 8, (3, 1, 1), padding=(1, 0, 0)))
+    )
+    linear, conv = model[0], model[1]
+    calls = []
+    for name in ("linear", "conv2d", "conv3d"):
+        real = getattr(F, name)
+        monkeypatch.setattr(batch_invariant.F, name, lambda *a, _n=name, _f=real, **k: calls.append(_n) or _f(*a, **k))
+    x, video = torch.randn(3, 5, 8), torch.randn(3, 8, 4, 2, 2)
+    with plain_layers():
+        plain = linear(x), conv(video)
+    assert calls == ["linear", "conv3d"]
+    calls.clear()
+    invariant = linear(x), conv(video)
+    assert calls == ["linear", "conv2d", "conv2d", "conv2d"]
+    for a, b in zip(plain, invariant):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # the same function up to summation order

@@ -22,17 +22,39 @@ every shape: the Sonic-shaped UNet at 64 pixels (its deepest level 1x1) still di
 and in a batch, and 4 threads differ from 2 at a 2x2 deepest level. The scheduler's promise is therefore made for
 equal threads per worker (:mod:`sonic_rt.scheduler`). The cost is small: the padded matmuls are tiny, and the temporal convolutions (~5% of a UNet call) run about as
 fast as ``conv3d`` (a Sonic-shaped UNet call at 192x192 pixels, best of 5 interleaved on a 2-core EPYC: 4.76 s
-against 4.70 s with ``conv3d`` and the old strided matmuls). Applied on the CPU only, and never while tracing for export (the graph must not bake
-a row count).
+against 4.70 s with ``conv3d`` and the old strided matmuls). Applied on the CPU only, never while tracing for
+export (the graph must not bake a row count), and not inside :func:`plain_layers` (the eager baseline).
 """
 
 from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 MIN_ROWS = 256  # small-M matmuls are padded up to this many rows (checked sufficient by tests/test_scheduler.py)
+
+_PLAIN = contextvars.ContextVar("sonic_rt_plain_layers", default=False)
+
+
+@contextlib.contextmanager
+def plain_layers() -> Iterator[None]:
+    """Within this block (this thread or task only), :func:`linear`, :class:`BatchInvariantLinear` and
+    :class:`TemporalConv` compute as plain ``F.linear`` and ``nn.Conv3d`` do. The eager baseline (``bench/eager.py``)
+    runs its UNet calls so: it stands for the official code, which has none of this."""
+    token = _PLAIN.set(True)
+    try:
+        yield
+    finally:
+        _PLAIN.reset(token)
+
+
+def _plain(x: torch.Tensor) -> bool:
+    return x.device.type != "cpu" or torch.jit.is_tracing() or _PLAIN.get()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -45,7 +67,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
         ``[..., out]``, each row computed the same way whatever the number of rows and the layout of ``x``.
     """
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if rows == 0 or x.device.type != "cpu" or torch.jit.is_tracing():
+    if rows == 0 or _plain(x):
         return F.linear(x, weight, bias)
     flat = x.reshape(rows, x.shape[-1]).contiguous()  # a strided view takes another MKL path
     if rows < MIN_ROWS:
@@ -66,7 +88,7 @@ class TemporalConv(nn.Conv3d):
     on the batch or the thread count (module docstring). ``x``: ``[B, C, T, H, W]`` -> ``[B, C_out, T, H, W]``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or torch.jit.is_tracing():
+        if _plain(x):
             return super().forward(x)
         batch, channels, frames, height, width = x.shape
         weight = self.weight.reshape(self.out_channels, channels // self.groups, self.kernel_size[0], 1)
