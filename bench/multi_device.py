@@ -239,8 +239,13 @@ def cost_models(calibration: dict[str, Any], frame_bytes: int) -> dict[str, Cost
     u, s2, s1 = calibration["unet"], calibration["stages"]["2thr"], calibration["stages"]["1thr"]
     row_s = u["row_split_2rows_s"] / 2  # a 2 + 1 split ends with its 2-row part
     return {
-        "1dev-2thr": CostModel(u["unit_2thr_s"], u["unit_2thr_s"] / 3, s2["chunk_s"], s2["before_s"], name="1dev-2thr"),
-        "1dev-1thr": CostModel(u["unit_1thr_s"], u["unit_1thr_s"] / 3, s1["chunk_s"], s1["before_s"], name="1dev-1thr"),
+        # one device: its only worker is the calling thread, which also decodes, so the output holds up its calls
+        "1dev-2thr": CostModel(
+            u["unit_2thr_s"], u["unit_2thr_s"] / 3, s2["chunk_s"], s2["before_s"], output_blocks="all", name="1dev-2thr"
+        ),
+        "1dev-1thr": CostModel(
+            u["unit_1thr_s"], u["unit_1thr_s"] / 3, s1["chunk_s"], s1["before_s"], output_blocks="all", name="1dev-1thr"
+        ),
         # the main thread decodes on 2 threads while the replicas compute on the same 2 cores
         "2dev-1thr": CostModel(
             u["unit_1thr_pair_s"], row_s, s2["chunk_s"], s2["before_s"], output_blocks="all", name="2dev-1thr"
@@ -293,11 +298,18 @@ def measure(args: argparse.Namespace, command: str) -> dict[str, Any]:
     for name in args.runs.split(","):
         log(f"run {name}")
         runs[name] = measure_run(name, model, image, audio, args.steps, resolution)
-    num_frames = next(iter(runs.values()))["num_generated_frames"]
+    report["num_generated_frames"] = next(iter(runs.values()))["num_generated_frames"]
+    report["runs"] = runs
+    return predict_runs(report)
+
+
+def predict_runs(report: dict[str, Any]) -> dict[str, Any]:
+    """Each measured run's prediction from the report's calibration, its errors and frame comparisons (in place)."""
+    runs, num_frames, resolution = report["runs"], report["num_generated_frames"], report["resolution"]
     latent = resolution // 8
     models = cost_models(report["calibration"], frame_bytes=4 * latent * latent * 4)  # fp32 latents on the CPU
     for name, record in runs.items():
-        predicted = predict(name, models[name], num_frames, args.steps)
+        predicted = predict(name, models[name], num_frames, report["steps"])
         record["predicted"] = predicted.to_json()
         record["cost_model"] = vars(models[name])
         for key in ("total_s", "first_frame_s"):
@@ -308,8 +320,10 @@ def measure(args: argparse.Namespace, command: str) -> dict[str, Any]:
         for record in runs.values():
             record["same_frames_as_1dev_2thr"] = record["frames_sha256"] == base["frames_sha256"]
             record["speedup_vs_1dev_2thr"] = round(base["total_s"] / record["total_s"], 3)
-    report["num_generated_frames"] = num_frames
-    report["runs"] = runs
+    same_threads = runs.get("1dev-1thr")
+    if same_threads:  # workers of 1 intra-op thread each, as the 1-thread device
+        for record in runs.values():
+            record["same_frames_as_1dev_1thr"] = record["frames_sha256"] == same_threads["frames_sha256"]
     return report
 
 
@@ -322,7 +336,12 @@ def format_measure(report: dict[str, Any]) -> str:
         f"{report['resolution']}x{report['resolution']}; {report['machine']['cpu']}, "
         f"{report['machine']['cpus_usable']} cores; {report['date_utc']}",
         "",
-        f"Command: `{report['command']}`",
+        f"Command: `{report['command']}`"
+        + (
+            f"; predictions recomputed from its calibration by `{report['predicted_by']}`"
+            if "predicted_by" in report
+            else ""
+        ),
         "",
         "Each run alone on the machine, in its own process(es); seconds from the `animate` call (model loading apart). "
         "`predicted`: the discrete-event model (`bench/simulator.py`) on durations calibrated from single UNet calls "
@@ -330,7 +349,7 @@ def format_measure(report: dict[str, Any]) -> str:
         "",
     ]
     header = ["run", "first frame s", "predicted", "error", "total s", "predicted", "error", "speedup", "peak RSS MB",
-              "same frames"]  # fmt: skip
+              "frames = 1dev-2thr", "frames = 1dev-1thr"]  # fmt: skip
     rows = []
     for name, r in report["runs"].items():
         p = r["predicted"]
@@ -346,6 +365,7 @@ def format_measure(report: dict[str, Any]) -> str:
                 f"x{r.get('speedup_vs_1dev_2thr', 1):.2f}",
                 " + ".join(f"{m:.0f}" for m in r["peak_rss_mb_per_process"]),
                 "yes" if r.get("same_frames_as_1dev_2thr") else "no",
+                "yes" if r.get("same_frames_as_1dev_1thr") else "no",
             ]
         )
     lines += [fmt_table(header, rows), ""]
@@ -465,6 +485,8 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, of {', '.join(RUNS)}")
     m.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     m.add_argument("--out", type=Path, default=None, help="JSON path (default: results/multi_device-<preset>-cpu.json)")
+    r = sub.add_parser("repredict", help="the predictions of a measure report again, from its own calibration")
+    r.add_argument("report", type=Path, help="a measure JSON (rewritten, with its .md)")
     j = sub.add_parser("project", help="the H100 projection table")
     j.add_argument("--efficiency", type=float, default=0.4, help="share of the fp16 peak a UNet call reaches")
     j.add_argument("--lengths", type=_numbers(float), default=LENGTHS_S, help="seconds of audio, comma-separated")
@@ -495,6 +517,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "measure":
         report = measure(args, command)
         out = args.out or RESULTS / f"multi_device-{args.preset}-cpu.json"
+        text = format_measure(report)
+    elif args.command == "repredict":
+        out = args.report
+        report = predict_runs(json.loads(out.read_text()))
+        report["predicted_by"] = command  # the model as of this command; the runs and calibration as measured
         text = format_measure(report)
     else:
         report = project(args, command)

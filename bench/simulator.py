@@ -11,7 +11,7 @@ for every message or transfer between devices.
 
 The output stages run on the first device (rank 0 under torchrun), serially, as chunks become final. Where they
 share their hardware with the UNet calls, ``output_blocks`` says which calls they hold up: ``"all"`` (one CPU: the
-cores are shared by every worker), ``"home"`` (the first device's calls only: a GPU, or a rank's own cores), or
+cores are shared by every worker, and the calling thread, which hands out the calls, is busy decoding), ``"home"`` (the first device's calls only: a GPU, or a rank's own cores), or
 ``"none"``.
 """
 
@@ -196,6 +196,8 @@ def simulate_devices(
             work = output.advance(clock, loop.final)
             if work and cost.output_blocks != "none":
                 timeline.delay(work, home_only=cost.output_blocks == "home")
+            if work and cost.output_blocks == "all":
+                clock = output.free_at  # the calling thread decoded; only then does it hand out the next calls
     finally:
         scheduler.close()
     total = max(clock, output.free_at)
