@@ -6,8 +6,9 @@ spatial/temporal blend of every ``SpatioTemporalResBlock``. On a CPU each new la
 in. Inside :func:`in_place_decoding` (the runtime's ``VaeDecoderGraph`` under ``torch.inference_mode``; not when
 tracing, exporting or compiling) the classes here do the same operations, in the same order, writing into
 tensors nothing else reads: the same values bit for bit (IEEE addition and multiplication commute, and dividing
-by 1.0 is the identity). Measured on the structure preset's decoder, one 8-frame call: 25% less peak memory
-(2096 -> 1585 MB added at 512x512) and 17% less CPU time (docs/performance.md, "The output stages").
+by 1.0 is the identity). Measured on the structure preset's decoder, one 8-frame call at 512x512: 20% less CPU
+time and 11% less memory added at its peak (``python -m bench.vae_decode``; docs/performance.md, "The output
+stages and peak memory against eager's").
 Everywhere else, including the eager baseline's own ``vae.decode``, diffusers' forward runs unchanged.
 
 :func:`make_in_place` swaps the classes of a decoder's modules (same parameters, same state-dict keys).
