@@ -5,55 +5,27 @@ The eager baseline (``bench/eager.py``, the official pipeline's structure) decod
 sums and spatial/temporal blends in place (:mod:`sonic_rt.models.vae`). Both decode the same 8-frame chunk of
 latents (the official ``decode_chunk_size``) of the ``structure`` preset's VAE (official depth and widths), in this
 process, alternating, ``--repeats`` times each, under ``torch.inference_mode`` as the pipelines run them. For each:
-the median process CPU seconds and wall seconds of a call, the median RSS added at the call's peak (sampled every
-2 ms, after ``malloc_trim``), the median minor page faults, and whether the frames are equal bit for bit.
+the median process CPU seconds and wall seconds of a call, the median RSS added at the call's peak (``bench.throughput.PeakRss``:
+sampled every 5 ms, after ``malloc_trim``), the median minor page faults, and whether the frames are equal bit
+for bit.
 Writes ``--out`` (JSON) and a Markdown table beside it.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import resource
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Sequence
 
 from bench.common import RESULTS, command_line, fmt_table, load_average, log, machine_info, utc_now, write_json
 from bench.presets import DEFAULT_CACHE, SIZES, ensure_model
+from bench.throughput import PeakRss
 
 CHUNK = 8  # frames per decode call (official decode_chunk_size)
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-
-
-class PeakRss:
-    """Samples this process's RSS every 2 ms on a thread; ``peak`` is the highest since ``reset``."""
-
-    def __init__(self):
-        self.peak = _rss_mb()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.002):
-            self.peak = max(self.peak, _rss_mb())
-
-    def reset(self) -> float:
-        self.peak = now = _rss_mb()
-        return now
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def measure(resolution: int, repeats: int, cache: Path) -> dict:
@@ -70,30 +42,20 @@ def measure(resolution: int, repeats: int, cache: Path) -> dict:
         "eager (diffusers vae.decode)": lambda: vae.decode(latents, num_frames=CHUNK).sample,
         "default (runtime decode graph)": lambda: graph(latents),
     }
-    sampler, rows, frames = PeakRss(), {name: [] for name in calls}, {}
-    try:
-        with torch.inference_mode():
-            for _ in range(repeats):
-                for name, call in calls.items():
-                    gc.collect()
-                    ctypes.CDLL("libc.so.6").malloc_trim(0)
-                    before = sampler.reset()
-                    faults, cpu, wall = (
-                        resource.getrusage(resource.RUSAGE_SELF).ru_minflt,
-                        time.process_time(),
-                        time.perf_counter(),
-                    )
+    rows, frames = {name: [] for name in calls}, {}
+    with torch.inference_mode():
+        for _ in range(repeats):
+            for name, call in calls.items():
+                faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                with PeakRss() as rss:  # collects garbage and trims the heap first
+                    cpu, wall = time.process_time(), time.perf_counter()
                     out = call()
                     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-                    time.sleep(0.01)  # one more sample
-                    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
-                    rows[name].append(
-                        {"cpu_s": cpu, "wall_s": wall, "added_mb": sampler.peak - before, "faults": faults}
-                    )
-                    frames[name] = out
-                    del out
-    finally:
-        sampler.close()
+                faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+                added = (rss.peak - rss.before) / 2**20
+                rows[name].append({"cpu_s": cpu, "wall_s": wall, "added_mb": added, "faults": faults})
+                frames[name] = out
+                del out
     equal = torch.equal(*frames.values())
     summary = {
         name: {key: statistics.median(r[key] for r in runs) for key in ("cpu_s", "wall_s", "added_mb", "faults")}
