@@ -20,16 +20,19 @@ Every rank derives the same :class:`RankPlan` (ownership, placement, and each pa
 order in a sequential run of the plan). Messages from a to b travel on a process group of their own and are sent
 in that order (a message waits for the ones before it), and b receives them in that order on a thread of its
 own, so the exchange matches on NCCL (which pairs sends and receives by order) as on gloo, and cannot deadlock:
-that order follows every dependency. A rank that fails says so through the job's key-value store and the others
-raise :class:`~sonic_rt.scheduler.RankFailed` within a second; a rank that dies silently is noticed when a
-receive times out (the process group's timeout, :data:`~sonic_rt.scheduler.RANK_TIMEOUT_S`; ``torchrun`` itself
-stops the other ranks of a job whose worker died, usually much sooner).
+that order follows every dependency. A rank that fails logs it and says so through the job's key-value store (the
+first failure wins); the others log it and raise :class:`~sonic_rt.scheduler.RankFailed` with its message within
+a second (also where its closed connections reached them first), and no rank exits before every rank has logged
+it (at most :data:`ABORT_ACK_S`), so ``torchrun`` stopping the job cannot hide why. A rank that dies silently is
+noticed when a receive times out (the process group's timeout, :data:`~sonic_rt.scheduler.RANK_TIMEOUT_S`;
+``torchrun`` itself stops the other ranks of a job whose worker died, usually much sooner).
 """
 
 from __future__ import annotations
 
 import bisect
 import itertools
+import logging
 import os
 import queue
 import threading
@@ -44,8 +47,10 @@ from .sampling import ShiftFusionRun, ShiftFusionWork, Unit
 if TYPE_CHECKING:
     from .scheduler import Distributed, WindowScheduler
 
+logger = logging.getLogger(__name__)
 Key = tuple  # ("contribution", step, position) | ("edge", step, frames) | ("output", frames)
 ABORT_POLL_S = 0.5  # how often a waiting rank looks for another rank's failure in the store
+ABORT_ACK_S = 10.0  # how long a rank that failed, or learnt of a failure, waits for every rank to have said so
 MAX_SENDS_IN_FLIGHT = 16  # sends not yet known to have left (gloo reports a send done only when waited on)
 
 
@@ -264,7 +269,7 @@ class RankExecutor:
         Raises:
             RankFailed: another rank failed, or no message came for the process group's timeout.
         """
-        from .scheduler import Readiness
+        from .scheduler import RankFailed, Readiness
 
         run = self.run
         self.channels = _Channels(self.plan, self.distributed, run.shape[2:], run.dtype, run.device)
@@ -280,6 +285,12 @@ class RankExecutor:
                 poll=self._poll,
             )
             self.channels.finish()
+        except Exception as exc:
+            failed_elsewhere = None if isinstance(exc, RankFailed) else self._failure_elsewhere()
+            if failed_elsewhere is not None:  # a peer's exit surfaced here first (a closed connection): say why
+                raise _rank_failed(failed_elsewhere) from exc
+            self._say_failed(exc)
+            raise
         except BaseException as exc:
             self._say_failed(exc)
             raise
@@ -360,8 +371,21 @@ class RankExecutor:
         if self._store is None or (not force and now - self._last_abort_check < ABORT_POLL_S):
             return
         self._last_abort_check = now
-        if self._store.check([self.abort_key]):
-            raise _rank_failed(self._store.get(self.abort_key).decode(errors="replace"))
+        failed = self._failure_elsewhere()
+        if failed is not None:
+            raise _rank_failed(failed)
+
+    def _failure_elsewhere(self) -> str | None:
+        """Another rank's failure message from the store (logged and acknowledged here), or None."""
+        try:
+            if self._store is None or not self._store.check([self.abort_key]):
+                return None
+            message = self._store.get(self.abort_key).decode(errors="replace")
+        except Exception:  # noqa: BLE001 - the store went with the job: nothing more to learn from it
+            return None
+        logger.error("rank %d stops: %s", self.rank, message)
+        self._acknowledge()
+        return message
 
     def _say_failed(self, exc: BaseException) -> None:
         """Tell the other ranks (through the store) that this rank failed, unless it is itself reacting to that."""
@@ -369,9 +393,25 @@ class RankExecutor:
 
         if self._store is None or isinstance(exc, RankFailed):
             return
-        try:
-            self._store.set(self.abort_key, f"rank {self.rank} failed: {type(exc).__name__}: {exc}")
+        message = f"rank {self.rank} failed: {type(exc).__name__}: {exc}"
+        logger.error("%s", message)
+        try:  # the first failure is the one the other ranks report
+            self._store.compare_set(self.abort_key, "", message)
         except Exception:  # noqa: BLE001 - the store may be gone with the job; the others then time out
+            return
+        self._acknowledge()
+
+    def _acknowledge(self) -> None:
+        """Say in the store that this rank has logged the failure, and wait (at most :data:`ABORT_ACK_S`) until
+        every rank has: under ``torchrun`` the first rank to exit gets the others stopped ~0.1 s later, before
+        they could have read the store or said why."""
+        try:
+            self._store.set(f"{self.abort_key}/seen/{self.rank}", "1")
+            seen = [f"{self.abort_key}/seen/{r}" for r in range(self.distributed.world_size)]
+            deadline = time.monotonic() + ABORT_ACK_S
+            while not self._store.check(seen) and time.monotonic() < deadline:
+                time.sleep(0.02)
+        except Exception:  # noqa: BLE001 - the store went with the job: nobody is left to wait for
             pass
 
 

@@ -128,12 +128,18 @@ def test_gloo_ranks_give_bit_identical_latents(ranks, num_frames, flags, tmp_pat
     assert torch.equal(torch.load(out), _run(num_frames))
 
 
-def test_a_failure_on_one_rank_is_raised_on_every_rank(tmp_path):
-    run = _torchrun(2, str(SCRIPTS / "distributed_sample.py"), str(tmp_path / "x.pt"), "60", "--fail-rank", "1")
+@pytest.mark.parametrize("ranks,failing", [(2, 1), (3, 0)])
+def test_a_failure_on_one_rank_is_logged_by_every_rank(ranks, failing, tmp_path):
+    """Every rank logs the failing rank's message before any exits (torchrun stops the rest when one exits)."""
+    out = tmp_path / "x.pt"
+    run = _torchrun(ranks, str(SCRIPTS / "distributed_sample.py"), str(out), "60", "--fail-rank", str(failing))
     assert run.returncode != 0
-    assert "rank 1 failed on purpose" in run.stderr
-    assert "RankFailed: rank 1 failed: ValueError: rank 1 failed on purpose" in run.stderr  # rank 0 was told
-    assert not (tmp_path / "x.pt").exists()
+    failure = f"rank {failing} failed: ValueError: rank {failing} failed on purpose"
+    lines = run.stderr.splitlines()
+    assert failure in lines, run.stderr[-3000:]
+    for rank in set(range(ranks)) - {failing}:
+        assert f"rank {rank} stops: {failure}" in lines, run.stderr[-3000:]
+    assert not out.exists()
 
 
 def test_a_killed_rank_ends_the_job_with_an_error_in_bounded_time(tmp_path):
