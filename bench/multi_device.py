@@ -23,7 +23,7 @@ share of the 800 TFLOP/s fp16 peak, links at nominal NVLink (900 GB/s) or PCIe G
 
 Usage::
 
-    python -m bench.multi_device measure                 # ~1 h on a 2-core CPU: results/multi_device-structure-cpu.*
+    python -m bench.multi_device measure                 # ~1 h on a 2-core CPU: results/multi_device-structure-25steps-cpu.*
     python -m bench.multi_device measure --preset demo --seconds 4 --steps 2 --resolution 64   # a quick look
     python -m bench.multi_device project                 # results/multi_device-h100-projection.*
 """
@@ -478,13 +478,20 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.multi_device", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     m = sub.add_parser("measure", help="the four CPU runs, calibrated and predicted")
-    m.add_argument("--preset", default="structure", choices=sorted(SIZES))
+    m.add_argument(
+        "--preset", default="structure", choices=sorted(SIZES), help="model size (structure: Sonic's UNet layout)"
+    )
     m.add_argument("--seconds", type=float, default=10.0, help="seconds of speech")
-    m.add_argument("--steps", type=int, default=25)
+    m.add_argument("--steps", type=int, default=25, help="denoising steps (Sonic's: 25)")
     m.add_argument("--resolution", type=int, default=None, help="pixels (default: the preset's)")
     m.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, of {', '.join(RUNS)}")
-    m.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
-    m.add_argument("--out", type=Path, default=None, help="JSON path (default: results/multi_device-<preset>-cpu.json)")
+    m.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the bench checkpoint and inputs are kept")
+    m.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON path (default: results/multi_device-<preset>-<steps>steps-cpu.json)",
+    )
     r = sub.add_parser("repredict", help="the predictions of a measure report again, from its own calibration")
     r.add_argument("report", type=Path, help="a measure JSON (rewritten, with its .md)")
     j = sub.add_parser("project", help="the H100 projection table")
@@ -516,7 +523,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = command_line("bench.multi_device", argv)
     if args.command == "measure":
         report = measure(args, command)
-        out = args.out or RESULTS / f"multi_device-{args.preset}-cpu.json"
+        out = args.out or RESULTS / f"multi_device-{args.preset}-{args.steps}steps-cpu.json"
         text = format_measure(report)
     elif args.command == "repredict":
         out = args.report
