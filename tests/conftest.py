@@ -109,6 +109,22 @@ def home_ray_at_start() -> bool:
     return HOME_RAY_AT_START
 
 
+@pytest.fixture
+def own_cluster_env():
+    """The environment of a subprocess that starts a Ray cluster of its own (``serve --ray``, ``batch --ray``):
+    without this session's loopback setting (above) or a cluster address, so that the command's own code must put
+    its cluster on loopback; with a token of its own (so that Ray writes none to ``~/.ray``) and a short temporary
+    folder (Ray's socket paths must stay under 108 bytes), removed afterwards."""
+    import secrets
+
+    pytest.importorskip("ray", reason="ray is not installed (pip install -e '.[cluster]')")
+    ray_tmp = tempfile.mkdtemp(prefix="sonic_ray_", dir="/tmp")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS")}
+    env.update(RAY_TMPDIR=ray_tmp, RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_USAGE_STATS_ENABLED="0")
+    yield env
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A local Ray cluster, started once per session (tests/test_ray_serve.py, tests/test_batch.py): 8 logical

@@ -217,3 +217,42 @@ def test_ray_flags_without_ray_installed_say_how_to_install_it_in_one_line(comma
     assert r.returncode == 2
     assert r.stderr.strip() == "error: --ray needs Ray, which is not installed here: pip install -e '.[cluster]'"
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_the_command_with_a_bare_ray_flag_runs_on_a_cluster_of_its_own_on_loopback(
+    own_cluster_env, demo_dir, portrait, speech, tmp_path
+):
+    """``batch --ray`` with no address starts a local cluster, on 127.0.0.1 by its own doing, and runs the line
+    there."""
+    jobs = write_jobs(
+        tmp_path / "jobs.jsonl", [{"image": str(portrait), "audio": str(speech), "output": "a.mp4", "options": SMALL}]
+    )
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "sonic_rt", "batch", str(jobs), "--out", str(out), "--model", str(demo_dir)]
+    r = subprocess.run(
+        [*command, "--ray", "--no-progress"], capture_output=True, text=True, timeout=300, env=own_cluster_env
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "sonic_rt batch --ray: started a local Ray cluster on 127.0.0.1 " in r.stderr
+    assert [x["status"] for x in results(out)] == ["succeeded"]
+    assert video_frames(out / "a.mp4") == expected_frames(speech)
+
+
+def test_a_local_cluster_that_would_listen_beyond_loopback_is_stopped_with_a_clear_error(own_cluster_env):
+    """Ray imported before :func:`init_ray` could put its local cluster on loopback: the cluster comes up on the
+    machine's interface address, and init_ray shuts it down and says why, rather than serve on it."""
+    script = (
+        "import ray\n"  # first: Ray fixes its cluster mode now, from an environment without the setting
+        "from sonic_rt.errors import SonicError\n"
+        "from sonic_rt.serving.ray_app import init_ray\n"
+        "try:\n"
+        "    init_ray('')\n"
+        "except SonicError as e:\n"
+        "    print('refused:', e, '| still initialized:', ray.is_initialized())\n"
+    )
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=own_cluster_env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    line = r.stdout.strip()
+    assert line.startswith("refused: the local Ray cluster came up on ") and "not on loopback (127.0.0.1)" in line
+    assert line.endswith("| still initialized: False")

@@ -42,11 +42,11 @@ class Server:
 
     started: list[Server] = []
 
-    def __init__(self, root: Path, workdir: Path, port: int, log: Path, *extra: str):
+    def __init__(self, root: Path, workdir: Path, port: int, log: Path, *extra: str, environ: dict | None = None):
         self.url, self.log = f"http://127.0.0.1:{port}", log
         # PYTHONFAULTHANDLER: a server that hangs prints every thread's stack on SIGABRT (see stop)
         env = {
-            **os.environ,
+            **(os.environ if environ is None else environ),
             "SONIC_RT_CACHE": str(root / "cache"),
             "TMPDIR": str(root / "tmp"),
             "PYTHONFAULTHANDLER": "1",
@@ -62,7 +62,7 @@ class Server:
             try:
                 if requests.get(f"{self.url}/healthz", timeout=2).status_code == 200:
                     return
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # not listening yet; Ray Serve's proxy starting
                 pass
             assert time.monotonic() < deadline, "the server did not start in time"
             time.sleep(0.3)
@@ -135,11 +135,11 @@ def submit_four(server: Server, receiver: Receiver, portrait, speech, long_speec
         time.sleep(0.05)
 
 
-def check_all_ended_once(server: Server, receiver: Receiver, earlier: list[dict], workdir: Path) -> list[dict]:
+def check_all_ended_once(server: Server, receiver: Receiver, earlier: list[dict] | None, workdir: Path) -> list[dict]:
     """Every prediction succeeded, with one completed webhook and one finished log line each (in ``earlier``, the
-    log of the server before, and in this one's); 4 mp4s, no other
-    file in the outputs. Returns the predictions. (A waiting prediction sends no webhook after ``start``, so the
-    ``starting`` bodies are its ``start`` events.)"""
+    log of the server before, and in this one's; None: the logs are not read, as under ``--ray``, where the
+    ingress logs to Ray's files); 4 mp4s, no other file in the outputs folder. Returns the predictions. (A waiting
+    prediction sends no webhook after ``start``, so the ``starting`` bodies are its ``start`` events.)"""
     deadline = time.monotonic() + DEADLINE_S
     while (preds := [server.get(p) for p in IDS]) and any(p["status"] not in ("succeeded", "failed") for p in preds):
         assert time.monotonic() < deadline, preds
@@ -150,14 +150,20 @@ def check_all_ended_once(server: Server, receiver: Receiver, earlier: list[dict]
         assert time.monotonic() < deadline, "a completed webhook is missing"
         time.sleep(0.05)
     time.sleep(1.0)  # time for a duplicate to arrive, if there were one
-    logs = earlier + server.events()
     for pred_id in IDS:
         statuses = [b["status"] for b in receiver.bodies if b["id"] == pred_id]
         assert statuses.count("succeeded") == 1 and statuses.count("starting") == 1, (pred_id, statuses)
-        finished = [e for e in logs if e["event"] == "finished" and e.get("prediction_id") == pred_id]
-        assert [e["status"] for e in finished] == ["succeeded"], (pred_id, finished)
-    outputs = sorted(p.name for p in (workdir / "outputs").iterdir())
-    assert outputs == sorted(Path(p["output"]).name for p in preds), outputs
+        if earlier is not None:
+            logs = earlier + server.events()
+            finished = [e for e in logs if e["event"] == "finished" and e.get("prediction_id") == pred_id]
+            assert [e["status"] for e in finished] == ["succeeded"], (pred_id, finished)
+    outputs = workdir / "outputs"
+    assert sorted(p.name for p in outputs.iterdir() if p.is_file()) == sorted(Path(p["output"]).name for p in preds)
+    # under --ray the outputs folder also holds the attempts' folders (empty once each ended) and the live streams,
+    # each one finished (its playlist closed)
+    assert not [p for p in (outputs / ".partial").rglob("*") if p.is_file()]
+    streams = sorted((outputs / ".streams").glob("*/live.m3u8"))
+    assert len(streams) in (0, 4) and all("#EXT-X-ENDLIST" in p.read_text() for p in streams), streams
     for pred in preds:
         assert requests.get(pred["output"], timeout=30).content[4:8] == b"ftyp"
     return preds
@@ -213,6 +219,65 @@ def test_after_sigkill_the_next_start_runs_the_interrupted_and_the_waiting_jobs_
         assert [p["attempts"] for p in preds] == [2, 1, 1, 1]  # the first ran again from the start
         assert "the server restarted while this prediction was running" in preds[0]["logs"]
         assert preds[0]["metrics"]["frames"] > preds[1]["metrics"]["frames"]
+        assert second.stop() == 0
+    finally:
+        receiver.close()
+
+
+def listening_addresses(pid: int) -> dict[str, set[str]]:
+    """The addresses each process of ``pid``'s tree listens on (TCP), by process name."""
+    import psutil
+
+    root = psutil.Process(pid)
+    found: dict[str, set[str]] = {}
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            addresses = {c.laddr.ip for c in proc.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+            found.setdefault(proc.name(), set()).update(addresses)
+        except psutil.Error:  # it ended meanwhile
+            pass
+    return found
+
+
+@pytest.mark.slow
+def test_under_ray_sigterm_lets_the_running_job_finish_and_the_next_start_runs_the_waiting_ones(
+    root, own_cluster_env, portrait, speech, long_speech
+):
+    """``serve --ray`` with no address: a local Ray cluster of its own, on loopback by its own doing (Ray Serve's
+    replicas aside, see below), and SIGTERM drains it as it drains one process, though Ray's own SIGTERM handler
+    would stop the cluster at once."""
+    workdir, port, receiver = root / "work", free_port(), Receiver()
+    try:
+        first = Server(
+            root, workdir, port, root / "first.log", "--ray", "--grace-seconds", "120", environ=own_cluster_env
+        )
+        assert "started a local Ray cluster on 127.0.0.1" in first.log.read_text()
+        listening = listening_addresses(first.proc.pid)
+        assert "gcs_server" in listening and "raylet" in listening, listening
+        loopback = {"127.0.0.1", "::ffff:127.0.0.1", "::1"}
+        # Ray Serve 2.x opens each replica's inter-deployment gRPC server on every interface ("[::]:0" in
+        # ray/serve/_private/replica.py, not configurable); every other port of the cluster is on loopback.
+        wide = {name: found - loopback for name, found in listening.items() if found - loopback}
+        assert all(name.startswith("ray::ServeReplica:") for name in wide), wide
+
+        submit_four(first, receiver, portrait, speech, long_speech)
+        first.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while (health := requests.get(f"{first.url}/health-check", timeout=10).json())["status"] != "STOPPING":
+            assert time.monotonic() < deadline, health
+            time.sleep(0.05)
+        late = requests.put(
+            f"{first.url}/predictions/late", json={"input": inputs(portrait, speech)}, headers=ASYNC, timeout=30
+        )
+        assert late.status_code == 503 and int(late.headers["Retry-After"]) >= 1
+        assert first.stop(None, timeout=180) == 0  # it exits by itself once the running job is done
+        assert [b["id"] for b in receiver.bodies if b["status"] == "succeeded"] == ["first"]
+        assert "the running jobs may finish for 120 s" in first.log.read_text()
+
+        second = Server(root, workdir, port, root / "second.log", "--ray", environ=own_cluster_env)
+        preds = check_all_ended_once(second, receiver, None, workdir)
+        assert [p["attempts"] for p in preds] == [1, 1, 1, 1]
+        assert requests.get(f"{second.url}/predictions/late", timeout=10).status_code == 404
         assert second.stop() == 0
     finally:
         receiver.close()

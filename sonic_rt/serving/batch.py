@@ -226,8 +226,9 @@ def run_batch(
         jobs_file: the ``jobs.jsonl``.
         out_dir: the output folder (created); ``results.jsonl`` goes there too. One batch per folder at a time.
         load: builds a Runtime (in this process, or once in each Ray worker).
-        ray_address: None: run here, in this process. A string: run on Ray Data, connecting with
-            ``ray.init(address=ray_address or None)`` unless this process is connected already.
+        ray_address: None: run here, in this process. A string: run on Ray Data, through
+            :func:`~sonic_rt.serving.ray_app.init_ray` (an address connects, an empty string starts a local
+            cluster on loopback) unless this process is connected already.
         workers: Ray workers (default: the cluster's GPUs divided by ``num_gpus``, or 1 without GPUs).
         num_gpus, num_cpus: per Ray worker (``num_gpus`` default: 1 where the cluster has GPUs, else 0).
         progress: show the tqdm bar.
@@ -286,16 +287,16 @@ def _run_here(todo: list[BatchJob], out_dir: Path, load) -> Iterable[dict[str, A
 
 
 def _run_on_ray(todo, out_dir: Path, load, address: str, workers, num_gpus, num_cpus) -> Iterable[dict[str, Any]]:
-    from .ray_app import import_ray
+    from .ray_app import import_ray, init_ray
 
-    import_ray()
+    import_ray(address)
     if not todo:
         return
     import ray
     import ray.data
 
     if not ray.is_initialized():
-        ray.init(address=address or None, log_to_driver=False)
+        print(f"sonic_rt batch --ray: {init_ray(address)}", file=sys.stderr, flush=True)
     gpus = ray.cluster_resources().get("GPU", 0)
     per_worker_gpus = num_gpus if num_gpus is not None else (1.0 if gpus else 0.0)
     if workers is None:
@@ -347,8 +348,8 @@ def add_parser(sub) -> None:
         const="",
         default=None,
         metavar="ADDRESS",
-        help="run on a Ray cluster (Ray Data; extra: cluster): ADDRESS of a running one, or none to connect to "
-        "this machine's cluster or start one. Without --ray: in this process",
+        help="run on a Ray cluster (Ray Data; extra: cluster): ADDRESS of a running one ('auto' for this "
+        "machine's), or none to start a local one for this batch alone, on loopback. Without --ray: in this process",
     )
     p.add_argument("--workers", type=int, default=None, help="Ray workers, one Runtime each (default: one per GPU)")
     gpus = p.add_mutually_exclusive_group()
@@ -376,7 +377,7 @@ def run(args: argparse.Namespace) -> int:
     from .ray_app import RuntimeLoader, import_ray
 
     if args.ray is not None:
-        import_ray()  # a missing Ray fails now, in one line
+        import_ray(args.ray)  # a missing Ray fails now, in one line
     for name in ("workers", "gpus_per_worker"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise SonicError(f"--{name.replace('_', '-')} must be at least 1")

@@ -32,8 +32,10 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +50,8 @@ if TYPE_CHECKING:
 MODEL_APP, MODEL_DEPLOYMENT = "sonic-model", "SonicModel"
 API_APP, INGRESS_DEPLOYMENT = "sonic", "SonicIngress"
 INSTALL_HINT = "pip install -e '.[cluster]'"
+# A local cluster (``--ray`` with no address) stays on loopback: Ray reads this at import (see import_ray).
+LOCAL_CLUSTER_ENV, LOOPBACK = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "127.0.0.1"
 PARTIAL = ".partial"  # under the outputs folder: one folder per attempt, removed when the attempt ends
 # The ingress: one replica serving every HTTP connection (a synchronous POST or an event stream stays open for
 # the whole job, so it needs many at once). Past INGRESS_MAX_QUEUED requests waiting for it, Serve's proxy answers
@@ -62,18 +66,71 @@ class ReplicaLost(SonicError):
     cause."""
 
 
-def import_ray():
+def import_ray(address: str | None = None):
     """Import Ray (and Ray Serve); without them raise a one-line :class:`SonicError` naming the extra to install.
+
+    Args:
+        address: the ``--ray`` value this process will give :func:`init_ray`, when known. Where that starts a
+            local cluster (empty, and no ``RAY_ADDRESS``) and Ray is not imported yet, the cluster is put on
+            loopback here: Ray reads ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` once, at import, and with ``0`` every
+            process of a local cluster registers as, and listens on, 127.0.0.1 (otherwise they listen on every
+            interface of the machine).
 
     Returns:
         the ``ray`` module.
     """
+    if _starts_local_cluster(address) and "ray" not in sys.modules:
+        os.environ[LOCAL_CLUSTER_ENV] = "0"  # inherited by the cluster's own processes (GCS, raylet, workers)
     try:
         import ray
         from ray import serve  # noqa: F401
     except ImportError:
         raise SonicError(f"--ray needs Ray, which is not installed here: {INSTALL_HINT}") from None
     return ray
+
+
+def _starts_local_cluster(address: str | None) -> bool:
+    return address == "" and not os.environ.get("RAY_ADDRESS")
+
+
+def init_ray(address: str) -> str:
+    """Connect this process to Ray for ``serve --ray`` and ``batch --ray``; returns one line saying how.
+
+    Args:
+        address: ``--ray``'s value. A cluster's address (``auto`` for the one running on this machine,
+            ``HOST:6379``, ``ray://HOST:10001``) connects to it, as does an empty one with ``RAY_ADDRESS`` set.
+            An empty one otherwise starts a local cluster for this process alone, on loopback: none of its ports
+            is reachable from another machine, and no other machine can join it (``ray start`` on each node,
+            then ``--ray ADDRESS``, makes a cluster that spans machines). Ray Serve's replicas still open their
+            inter-deployment gRPC port on every interface (fixed in Ray Serve). The local cluster stops when this
+            process exits; the SIGTERM handler this process had is kept (Ray's would stop the cluster at once).
+
+    Raises:
+        SonicError: Ray is not installed; the local cluster came up on another address than 127.0.0.1 (Ray was
+            imported in this process before :func:`import_ray` could put it on loopback): it is shut down again.
+    """
+    ray = import_ray(address)
+    if not _starts_local_cluster(address):
+        ray.init(address=address or None, log_to_driver=False)
+        return f"connected to the Ray cluster at {address or os.environ['RAY_ADDRESS']}"
+    on_sigterm = signal.getsignal(signal.SIGTERM)
+    ray.init(address="local", log_to_driver=False)
+    if on_sigterm is not None and threading.current_thread() is threading.main_thread():  # where Ray set its own
+        # Ray's handler for a cluster of this process's own kills it at once; ours lets the jobs drain first (serve
+        # --ray) or unwinds like Ctrl-C (batch), and Ray's exit hook stops the cluster after that.
+        signal.signal(signal.SIGTERM, on_sigterm)
+    node = ray.util.get_node_ip_address()
+    if node != LOOPBACK:
+        ray.shutdown()
+        raise SonicError(
+            f"the local Ray cluster came up on {node}, not on loopback ({LOOPBACK}): Ray was imported before "
+            f"{LOCAL_CLUSTER_ENV}=0 could be set; set it in the environment, or start a cluster with `ray start` "
+            "and give --ray ADDRESS"
+        )
+    return (
+        f"started a local Ray cluster on {LOOPBACK} (this machine only; for a cluster of several machines start "
+        "it with `ray start` and give --ray ADDRESS)"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ the model side
@@ -561,8 +618,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         const="",
         default=None,
         metavar="ADDRESS",
-        help="serve on a Ray cluster: ADDRESS of a running one ('auto', 'ray://head:10001'), or none to connect "
-        "to this machine's cluster or start one",
+        help="serve on a Ray cluster: ADDRESS of a running one ('auto' for this machine's, 'HEAD:6379', "
+        "'ray://HEAD:10001'), or none to start a local one for this server alone, on loopback",
     )
     g.add_argument("--replicas", type=int, default=1, help="model replicas, one Runtime each (with --ray)")
     gpus = g.add_mutually_exclusive_group()
@@ -602,7 +659,7 @@ def run(args: argparse.Namespace) -> int:
     from . import logs
     from .security import check_bind
 
-    ray = import_ray()
+    ray = import_ray(args.ray)
     args.api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     warning = check_bind(args.host, args.api_key, args.insecure)
     if args.gpus_per_replica is not None:
@@ -612,7 +669,7 @@ def run(args: argparse.Namespace) -> int:
             raise SonicError(f"--{name.replace('_', '-')} must be at least 1")
     if args.model is not None and not Path(args.model).is_dir():
         raise SonicError("not a directory (give an official-layout checkpoint folder)", args.model)
-    ray.init(address=args.ray or None, log_to_driver=False)
+    cluster = init_ray(args.ray)
     logs.configure(args.log_format)
     gpus = ray.cluster_resources().get("GPU", 0)
     nodes = [n for n in ray.nodes() if n.get("Alive")]
@@ -644,7 +701,7 @@ def run(args: argparse.Namespace) -> int:
     )
     layout = f"autoscaling {json.dumps(options.autoscaling)}" if options.autoscaling else f"{options.replicas}"
     print(
-        f"sonic_rt serve --ray: {len(nodes)} node(s), {gpus:g} GPU(s); loading the model on {layout} replica(s) "
+        f"sonic_rt serve --ray: {cluster}: {len(nodes)} node(s), {gpus:g} GPU(s); loading the model on {layout} replica(s) "
         f"({options.num_gpus:g} GPU, {options.num_cpus:g} CPU each)" + ("" if args.no_page else "; no page with --ray"),
         file=sys.stderr,
         flush=True,
@@ -694,6 +751,7 @@ __all__ = [
     "add_flags",
     "deploy",
     "import_ray",
+    "init_ray",
     "place_once",
     "placement",
     "remove",
