@@ -104,18 +104,32 @@ def run_child(backend: str, args, model_dir: Path, image: Path, audio: Path) -> 
     return json.loads(lines[-1][len(RESULT_MARK) :])
 
 
+COLUMNS = ("peak_mb", "imported_mb", "loaded_mb", "before_animate_mb", "animate_added_mb", "load_s", "animate_s")
+
+
+def table(report: dict[str, Any]) -> str:
+    """Each process's figures, one row per run."""
+    rows = [[r["backend"]] + [f"{r[c]:.1f}" for c in COLUMNS] for r in report["runs"]]
+    return fmt_table(["backend", *COLUMNS], rows)
+
+
+def summary(report: dict[str, Any]) -> str:
+    """The default / eager ratios in one line."""
+    peak, added = report["peak_mb"], report["animate_added_mb"]
+    return (
+        f"default / eager, each in a fresh process: peak RSS x{report['peak_ratio']:.3f} "
+        f"({peak['torch']:.0f} / {peak['eager']:.0f} MB); added by animate x{report['animate_added_ratio']:.3f} "
+        f"({added['torch']:.0f} / {added['eager']:.0f} MB)"
+    )
+
+
 def markdown(report: dict[str, Any]) -> str:
-    """The report as Markdown: the command, date and CPU, each process's figures, the default / eager ratios."""
-    settings, peak, added = report["settings"], report["peak_mb"], report["animate_added_mb"]
-    columns = ["peak_mb", "imported_mb", "loaded_mb", "before_animate_mb", "animate_added_mb", "load_s", "animate_s"]
-    rows = [[r["backend"]] + [f"{r[c]:.1f}" for c in columns] for r in report["runs"]]
+    """The report as Markdown: the command, date and CPU, :func:`table`, :func:`summary`."""
+    settings = report["settings"]
     return (
         f"# bench.peak_memory: {settings['preset']}, {settings['seconds']:g} s of speech, {settings['steps']} "
         f"step(s), {settings['resolution']} px, CPU\n\n`{report['command']}`, {report['date']}, "
-        f"{report['machine'].get('cpu', 'CPU unknown')}\n\n```\n{fmt_table(['backend', *columns], rows)}\n```\n\n"
-        f"default / eager, each in a fresh process: peak RSS x{report['peak_ratio']:.3f} "
-        f"({peak['torch']:.0f} / {peak['eager']:.0f} MB); added by animate x{report['animate_added_ratio']:.3f} "
-        f"({added['torch']:.0f} / {added['eager']:.0f} MB)\n"
+        f"{report['machine'].get('cpu', 'CPU unknown')}\n\n```\n{table(report)}\n```\n\n{summary(report)}\n"
     )
 
 
@@ -184,10 +198,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     out = args.out or Path(__file__).resolve().parent / "results" / f"peak_memory-{args.preset}-cpu.json"
     write_json(out, report)
-    text = markdown(report)
-    out.with_suffix(".md").write_text(text)
-    print(text.split("```\n")[1].rstrip("\n"))  # the table
-    print(text.rstrip("\n").rsplit("\n", 1)[-1])  # the summary
+    out.with_suffix(".md").write_text(markdown(report))
+    print(table(report))
+    print(summary(report))
     print(f"wrote {out}")
     return 0
 

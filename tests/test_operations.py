@@ -169,6 +169,24 @@ def check_all_ended_once(server: Server, receiver: Receiver, earlier: list[dict]
     return preds
 
 
+def sigterm_drains(server: Server, receiver: Receiver, portrait, speech, exit_timeout: float) -> None:
+    """SIGTERM to ``server`` (running ``first``, three waiting): health says ``STOPPING``, ``/healthz`` 503, a new
+    prediction gets 503 with ``Retry-After``; the server exits 0 by itself once ``first`` is done, its only
+    completed webhook."""
+    server.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while (health := requests.get(f"{server.url}/health-check", timeout=10).json())["status"] != "STOPPING":
+        assert time.monotonic() < deadline, health
+        time.sleep(0.05)
+    late = requests.put(
+        f"{server.url}/predictions/late", json={"input": inputs(portrait, speech)}, headers=ASYNC, timeout=30
+    )
+    assert late.status_code == 503 and int(late.headers["Retry-After"]) >= 1
+    assert requests.get(f"{server.url}/healthz", timeout=10).status_code == 503
+    assert server.stop(None, timeout=exit_timeout) == 0  # it exits by itself once the running job is done
+    assert [b["id"] for b in receiver.bodies if b["status"] == "succeeded"] == ["first"]
+
+
 @pytest.mark.slow
 def test_sigterm_lets_the_running_job_finish_and_the_next_start_runs_the_waiting_ones(
     root, portrait, speech, long_speech
@@ -177,18 +195,7 @@ def test_sigterm_lets_the_running_job_finish_and_the_next_start_runs_the_waiting
     try:
         first = Server(root, workdir, port, root / "first.log", "--grace-seconds", "120")
         submit_four(first, receiver, portrait, speech, long_speech)
-        first.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 30
-        while (health := requests.get(f"{first.url}/health-check", timeout=10).json())["status"] != "STOPPING":
-            assert time.monotonic() < deadline, health
-            time.sleep(0.05)
-        late = requests.put(
-            f"{first.url}/predictions/late", json={"input": inputs(portrait, speech)}, headers=ASYNC, timeout=30
-        )
-        assert late.status_code == 503 and int(late.headers["Retry-After"]) >= 1
-        assert requests.get(f"{first.url}/healthz", timeout=10).status_code == 503
-        assert first.stop(None, timeout=150) == 0  # it exits by itself once the running job is done
-        assert [b["id"] for b in receiver.bodies if b["status"] == "succeeded"] == ["first"]
+        sigterm_drains(first, receiver, portrait, speech, exit_timeout=150)
         events = first.events()
         assert [e["event"] for e in events if e["event"] in ("stopping", "interrupted")] == ["stopping"]
 
@@ -261,17 +268,7 @@ def test_under_ray_sigterm_lets_the_running_job_finish_and_the_next_start_runs_t
         assert all(name.startswith("ray::ServeReplica:") for name in wide), wide
 
         submit_four(first, receiver, portrait, speech, long_speech)
-        first.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 30
-        while (health := requests.get(f"{first.url}/health-check", timeout=10).json())["status"] != "STOPPING":
-            assert time.monotonic() < deadline, health
-            time.sleep(0.05)
-        late = requests.put(
-            f"{first.url}/predictions/late", json={"input": inputs(portrait, speech)}, headers=ASYNC, timeout=30
-        )
-        assert late.status_code == 503 and int(late.headers["Retry-After"]) >= 1
-        assert first.stop(None, timeout=180) == 0  # it exits by itself once the running job is done
-        assert [b["id"] for b in receiver.bodies if b["status"] == "succeeded"] == ["first"]
+        sigterm_drains(first, receiver, portrait, speech, exit_timeout=180)
         assert "the running jobs may finish for 120 s" in first.log.read_text()
 
         second = Server(root, workdir, port, root / "second.log", "--ray", environ=own_cluster_env)
